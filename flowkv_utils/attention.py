@@ -1,0 +1,76 @@
+"""The one place that computes queries/keys/values and attention weights.
+
+Shapes use H query heads, G KV heads (group size r = H // G), head dim d, model dim D, n cached tokens,
+w window queries. Softmax is always taken in float32, whatever the model dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in the Hugging Face (half-split) layout; x (..., T, d), cos/sin broadcast to it."""
+    return x * cos + rotate_half(x) * sin
+
+
+def project_qkv(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """q (B,H,T,d), k (B,G,T,d), v (B,G,T,d) of a HF attention module (Llama/Mistral/Qwen2/Qwen3 layout),
+    after the optional per-head q/k norms (Qwen3) and RoPE. x: (B, T, D) normed hidden states; cos/sin (B,T,d)."""
+    B, T, _ = x.shape
+    d = attn.head_dim
+    q = attn.q_proj(x).view(B, T, -1, d)
+    k = attn.k_proj(x).view(B, T, -1, d)
+    v = attn.v_proj(x).view(B, T, -1, d).transpose(1, 2)
+    if getattr(attn, "q_norm", None) is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, d)
+    return apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin), v
+
+
+def scaling_of(attn) -> float:
+    return float(getattr(attn, "scaling", attn.head_dim ** -0.5))
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, scaling: float, n_past: int | None = None) -> torch.Tensor:
+    """Attention weights A (H, w, n) of w window queries over n keys, float32, causal.
+
+    q: (H, w, d), the queries at positions n_past .. n_past + w - 1 (default: the last w of the n keys);
+    k: (G, n, d). Query head h reads KV head h // (H // G)."""
+    H, w, _ = q.shape
+    G, n, _ = k.shape
+    n_past = n - w if n_past is None else n_past
+    qf = q.float().view(G, H // G, w, -1)
+    logits = torch.einsum("grwd,gnd->grwn", qf, k.float()).reshape(H, w, n) * scaling
+    pos_q = torch.arange(n_past, n_past + w, device=q.device).unsqueeze(1)
+    pos_k = torch.arange(n, device=q.device).unsqueeze(0)
+    logits = logits.masked_fill(pos_k > pos_q, float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
+                     chunk: int | None = None) -> torch.Tensor:
+    """Causal self-attention output (B, H, T, d) for a full prompt, GQA-aware, via SDPA.
+
+    `chunk` splits the queries so that no T×T matrix is ever materialised (long prompts on GPU)."""
+    B, H, T, d = q.shape
+    G = k.shape[1]
+    if G != H:
+        k = k.repeat_interleave(H // G, dim=1) if chunk is None else k
+        v = v.repeat_interleave(H // G, dim=1) if chunk is None else v
+    if chunk is None or chunk >= T:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
+    out = torch.empty_like(q)
+    pos_k = torch.arange(T, device=q.device)
+    for s in range(0, T, chunk):
+        e = min(T, s + chunk)
+        mask = pos_k[:e].unsqueeze(0) <= torch.arange(s, e, device=q.device).unsqueeze(1)  # (e-s, e)
+        out[:, :, s:e] = F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, :e], v[:, :, :e], attn_mask=mask,
+                                                        scale=scaling, enable_gqa=G != H)
+    return out

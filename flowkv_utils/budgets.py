@@ -1,0 +1,157 @@
+"""KV budgets: parsing, exact totals, and the allocation schedules of the layer-adaptive policies.
+
+A budget B is the *average* number of kept tokens per KV head per layer, sinks and observation window included
+(as in every official repository). A layer of G KV heads keeps B·G entries in total, the model B·G·L. It is given
+as a token count (int ≥ 1) or as a fraction of the prompt (float in (0, 1]); fractions round so that the model
+total is exact. A budget ≥ n keeps everything.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A resolved budget for a prompt of n tokens in a model of L layers × G KV heads."""
+
+    total: int  # kept (layer, KV head, token) entries in the whole model
+    n: int
+    layers: int
+    kv_heads: int
+
+    @property
+    def per_head(self) -> float:
+        """Average kept tokens per KV head per layer (the literature's budget axis)."""
+        return self.total / (self.layers * self.kv_heads)
+
+    @property
+    def full(self) -> bool:
+        return self.total >= self.n * self.layers * self.kv_heads
+
+    def per_layer(self) -> torch.Tensor:
+        """Uniform split of the total over layers (L,), bottom layers take the remainder."""
+        return split_evenly(self.total, self.layers)
+
+    def per_slot(self) -> torch.Tensor:
+        """Uniform split over (layer, KV head) slots (L, G); entries differ by at most one token."""
+        return split_evenly(self.total, self.layers * self.kv_heads).view(self.layers, self.kv_heads)
+
+
+def resolve_budget(budget: int | float, n: int, layers: int, kv_heads: int) -> Budget:
+    """Turn a user budget (tokens per KV head, or fraction of the prompt) into an exact model total."""
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
+        raise TypeError(f"budget={budget!r}: must be a positive token count (int) or a fraction in (0, 1] (float)")
+    if isinstance(budget, numbers.Integral):
+        if budget <= 0:
+            raise ValueError(f"budget={budget}: must be a positive token count or a fraction in (0, 1]")
+        per_head = float(budget)
+    else:
+        if not 0.0 < float(budget) <= 1.0:
+            raise ValueError(f"budget={budget}: a fractional budget must lie in (0, 1]; "
+                             "token budgets are positive integers (e.g. 64, 128, ... 2048)")
+        per_head = float(budget) * n
+    per_head = min(per_head, float(n))
+    total = max(1, round(per_head * layers * kv_heads))
+    return Budget(total=int(total), n=n, layers=layers, kv_heads=kv_heads)
+
+
+def split_evenly(total: int, parts: int) -> torch.Tensor:
+    """Integer shares of `total` over `parts` that differ by at most 1; the first ones get the remainder."""
+    base, rem = divmod(int(total), parts)
+    out = torch.full((parts,), base, dtype=torch.long)
+    out[:rem] += 1
+    return out
+
+
+def check_window(n: int, window: int, slot_budget_min: int, policy: str) -> None:
+    """Errors for windows that do not fit: w ≥ n, or a budget that cannot hold the window it includes."""
+    if window >= n:
+        raise ValueError(f"{policy}: window={window} ≥ prompt length n={n}; the observation window must be "
+                         f"shorter than the prompt (use window < {n})")
+    if slot_budget_min < window:
+        raise ValueError(f"{policy}: budget of {slot_budget_min} tokens per KV head is smaller than the "
+                         f"window={window} it includes; use a budget ≥ {window} or a smaller window")
+
+
+def pyramid_layer_budgets(selectable: int, layers: int, n_prefix: int, beta: int = 20) -> torch.Tensor:
+    """PyramidKV's per-layer selectable budgets B'_ℓ (outside the window), bottom layer largest.
+
+    selectable = B' = B − w (mean over layers); n_prefix = n − w tokens that can be selected. [lit] schedule:
+    min = ⌊B'/β⌋, max = 2B' − min (capped at n − w, then min = 2B' − max), step = ⌊(max − min)/(L − 1)⌋,
+    B'_ℓ = max − ℓ·step. If n − w < 2B' every layer uses B' (SnapKV). [proj] the tokens lost to the floored step
+    go to the bottom layers (capped at n − w) so the model total is exactly L·B'."""
+    if layers == 1 or n_prefix < 2 * selectable:
+        return torch.full((layers,), min(selectable, n_prefix), dtype=torch.long)
+    lo = selectable // beta
+    hi = 2 * selectable - lo
+    if hi >= n_prefix:
+        hi = n_prefix
+        lo = 2 * selectable - hi
+    step = (hi - lo) // (layers - 1)
+    out = torch.tensor([hi - i * step for i in range(layers)], dtype=torch.long)
+    return fill_to_total(out, layers * selectable, cap=n_prefix)
+
+
+def fill_to_total(alloc: torch.Tensor, total: int, cap: int | torch.Tensor) -> torch.Tensor:
+    """Add (or remove) single tokens, bottom entries first, until alloc sums to total, never exceeding cap
+    nor going below 0. Used wherever flooring loses a few tokens."""
+    alloc = alloc.clone()
+    cap_t = torch.as_tensor(cap).expand_as(alloc)
+    diff = int(total - alloc.sum())
+    i = 0
+    guard = 0
+    while diff != 0:
+        j = i % len(alloc)
+        if diff > 0 and alloc[j] < cap_t[j]:
+            alloc[j] += 1
+            diff -= 1
+        elif diff < 0 and alloc[j] > 0:
+            alloc[j] -= 1
+            diff += 1
+        i += 1
+        guard += 1
+        if guard > 4 * len(alloc) * (abs(diff) + 1) + 10 * len(alloc):
+            raise ValueError(f"cannot place total={total} into {len(alloc)} slots capped at {cap}")
+    return alloc
+
+
+def proportional_allocation(weights: torch.Tensor, total: int, cap: int) -> torch.Tensor:
+    """Integer allocation ∝ weights with each entry ≤ cap and an exact sum (CAKE's layer budgets).
+
+    Clipped entries give their excess to the unclipped ones in proportion to their weights (repeated until no
+    entry exceeds cap); largest-remainder rounding makes the total exact."""
+    L = weights.numel()
+    if total > L * cap:
+        raise ValueError(f"total={total} exceeds {L} × cap {cap}")
+    w = weights.double().clamp_min(0)
+    if w.sum() <= 0:
+        w = torch.ones_like(w)
+    alloc = torch.zeros(L, dtype=torch.double)
+    free = torch.ones(L, dtype=torch.bool)
+    remaining = float(total)
+    while True:
+        share = torch.zeros(L, dtype=torch.double)
+        share[free] = w[free] / w[free].sum() * remaining
+        over = free & (share > cap)
+        if not over.any():
+            alloc[free] = share[free]
+            break
+        alloc[over] = cap
+        remaining -= cap * int(over.sum())
+        free &= ~over
+        if not free.any():
+            break
+    base = torch.floor(alloc).long()
+    rem = total - int(base.sum())
+    order = torch.argsort(alloc - base, descending=True, stable=True)
+    for j in order.tolist():
+        if rem <= 0:
+            break
+        if base[j] < cap:
+            base[j] += 1
+            rem -= 1
+    return fill_to_total(base, total, cap)

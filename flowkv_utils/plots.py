@@ -1,0 +1,69 @@
+"""Figure helpers: one style, one way to save (PNG + PDF into figures/), a caption line with model and budget."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+
+# one colour and marker per policy, so every figure of the project reads the same
+POLICY_STYLE = {
+    "fullkv": ("black", "o"), "streamingllm": ("#8c8c8c", "v"), "snapkv": ("#1f77b4", "s"),
+    "pyramidkv": ("#17becf", "^"), "adakv": ("#2ca02c", "D"), "criticalkv": ("#bcbd22", "P"),
+    "criticaladakv": ("#9edae5", "p"), "cake": ("#9467bd", "X"), "flowkv": ("#d62728", "*"),
+    "flowkv_global": ("#ff7f0e", "h"), "smoothevict": ("#e377c2", "d"),
+}
+POLICY_LABEL = {
+    "fullkv": "FullKV", "streamingllm": "StreamingLLM", "snapkv": "SnapKV", "pyramidkv": "PyramidKV",
+    "adakv": "AdaKV", "criticalkv": "CriticalKV", "criticaladakv": "CriticalAdaKV", "cake": "CAKE",
+    "flowkv": "FlowKV (derived, layer-wise)", "flowkv_global": "FlowKV (derived, global)",
+    "smoothevict": "SmoothEvict (project interpretation)",
+}
+
+
+def figures_dir() -> Path:
+    """$FLOWKV_FIGURES, else the repo's figures/ (found from this file), else ./figures."""
+    env = os.environ.get("FLOWKV_FIGURES")
+    if env:
+        d = Path(env)
+    else:
+        repo = Path(__file__).resolve().parent.parent
+        d = repo / "figures" if (repo / "pyproject.toml").exists() else Path("figures")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def style() -> None:
+    import seaborn as sns
+
+    sns.set_theme(context="notebook", style="whitegrid", font_scale=0.95)
+    plt.rcParams.update({"figure.dpi": 110, "savefig.dpi": 150, "savefig.bbox": "tight",
+                         "axes.titlesize": 11, "axes.titleweight": "bold"})
+
+
+def caption(fig, text: str) -> None:
+    """A small caption line under the axes (model, budget, data) — every figure carries one."""
+    fig.text(0.01, -0.02, text, fontsize=8, color="#444444", ha="left", va="top")
+
+
+def save_figure(fig, notebook: str, name: str, formats: tuple[str, ...] = ("png", "pdf")) -> list[Path]:
+    """Save to figures/<notebook>_<name>.{png,pdf}; returns the paths."""
+    out = []
+    for ext in formats:
+        p = figures_dir() / f"{notebook}_{name}.{ext}"
+        fig.savefig(p)
+        out.append(p)
+    return out
+
+
+def policy_color(name: str) -> str:
+    return POLICY_STYLE.get(name, ("#333333", "o"))[0]
+
+
+def policy_marker(name: str) -> str:
+    return POLICY_STYLE.get(name, ("#333333", "o"))[1]
+
+
+def policy_label(name: str) -> str:
+    return POLICY_LABEL.get(name, name)

@@ -1,0 +1,45 @@
+"""AdaKV [lit] (Feng et al., 2024), kvpress-style safeguard with exact totals: head-adaptive budgets.
+
+SnapKV scores; per layer every KV head is guaranteed its own top ⌊α·B'⌋ (α = 0.2, B' = B − w), then one top-k
+over the flattened G·(n − w) scores of the layer fills the layer total G·B'. Each head keeps its window too.
+Head budgets vary; the layer total does not."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..budgets import Budget
+from ..capture import Prefill
+from .base import masked, pad_scores, stack_layers, topk_flat, topk_per_row, with_window
+from .snapkv import SnapKV
+
+
+def adaptive_head_mask(scores: torch.Tensor, layer_total: int, alpha: float) -> torch.Tensor:
+    """(G, m) bool: each head's top ⌊α·total/G⌋, then the flattened top-k fills the layer total exactly."""
+    G = scores.shape[0]
+    floor = int(alpha * (layer_total // G))
+    keep = topk_per_row(scores, floor)
+    keep |= topk_flat(masked(scores, keep), layer_total - int(keep.sum()))
+    return keep
+
+
+@dataclass
+class AdaKV(SnapKV):
+    alpha: float = 0.2
+    name = "adakv"
+
+    def head_masks(self, pf: Prefill, b: Budget):
+        """Per layer: (SnapKV scores (G, n − w), adaptive prefix mask (G, n − w))."""
+        for li, total in enumerate(self.layer_selectable(b).tolist()):
+            s = self.layer_scores(pf, li)
+            yield s, adaptive_head_mask(s, total, self.alpha)
+
+    def select(self, pf: Prefill, b: Budget):
+        keeps, scores = [], []
+        for s, m in self.head_masks(pf, b):
+            keeps.append(with_window(m, self.window))
+            scores.append(pad_scores(s, self.window))
+        keep, sc = stack_layers(keeps, scores)
+        return keep, sc, {}

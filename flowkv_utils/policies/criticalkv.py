@@ -1,0 +1,72 @@
+"""CriticalKV [lit] (Feng et al., 2025, "Identify critical KV cache"): attention alone misses how much a token
+changes the *output*; weight it by the norm of its value projected through W_O.
+
+Base score s_g = SnapKV; projected-value norm pn_g[j] = mean_{h∈g} ‖V_g[j] W_O^h‖₁ (L1 over D). Two stages per
+head: top ⌊0.5·(B − w)⌋ by s_g alone, then fill to B − w by (s_g[j] + 1e-4)·pn_g[j] among the rest; plus the
+window. CriticalAdaKV: AdaKV's head budgets (on attention), then the two stages inside each head's budget."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..budgets import Budget
+from ..capture import Prefill
+from .adakv import AdaKV
+from .base import masked, pad_scores, rank_desc, stack_layers, with_window
+from .snapkv import SnapKV
+
+
+def projected_value_l1(pf: Prefill, layer: int, m: int) -> torch.Tensor:
+    """pn_g[j] = mean_{h∈g} ‖V_g[j] W_O^h‖₁ for the first m tokens: (G, m)."""
+    s = pf.shape
+    v = pf.layers[layer].v[:, :m].float()  # (G, m, d)
+    wo = pf.w_o(layer).float().view(s.kv_heads, s.group, s.head_dim, s.hidden)  # (G, r, d, D)
+    return torch.einsum("gmd,grdD->grmD", v, wo).abs().sum(-1).mean(1)
+
+
+def critical_scores(pf: Prefill, layer: int, s: torch.Tensor) -> torch.Tensor:
+    """Stage-2 score (s_g[j] + 1e-4)·pn_g[j]: attention × projected-value norm."""
+    return (s + 1e-4) * projected_value_l1(pf, layer, s.shape[-1])
+
+
+def two_stage(base: torch.Tensor, critical: torch.Tensor, k: torch.Tensor, first: float = 0.5) -> torch.Tensor:
+    """(G, m) mask: per head top ⌊first·k⌋ by base, then the rest of k by critical among the others."""
+    k = torch.as_tensor(k).reshape(-1, 1)
+    k1 = torch.floor(k * first).long()
+    stage1 = rank_desc(base) < k1
+    stage2 = rank_desc(masked(critical, stage1)) < (k - k1)
+    return stage1 | stage2
+
+
+@dataclass
+class CriticalKV(SnapKV):
+    first_stage: float = 0.5
+    name = "criticalkv"
+
+    def select(self, pf: Prefill, b: Budget):
+        slots = b.per_slot() - self.window
+        keeps, scores = [], []
+        for li in range(b.layers):
+            s = self.layer_scores(pf, li)
+            c = critical_scores(pf, li, s)
+            keeps.append(with_window(two_stage(s, c, slots[li], self.first_stage), self.window))
+            scores.append(pad_scores(c, self.window))
+        keep, sc = stack_layers(keeps, scores)
+        return keep, sc, {}
+
+
+@dataclass
+class CriticalAdaKV(AdaKV):
+    first_stage: float = 0.5
+    name = "criticaladakv"
+
+    def select(self, pf: Prefill, b: Budget):
+        keeps, scores = [], []
+        for li, (s, m) in enumerate(self.head_masks(pf, b)):
+            c = critical_scores(pf, li, s)
+            keeps.append(with_window(two_stage(s, c, m.sum(-1), self.first_stage), self.window))
+            scores.append(pad_scores(c, self.window))
+        keep, sc = stack_layers(keeps, scores)
+        return keep, sc, {}

@@ -1,0 +1,175 @@
+"""FlowKV — the project's *derived* reading of LaProx (arXiv 2605.07234; only the abstract is public).
+
+Eviction as an output-aware, layer-wise approximate matrix multiplication (notebook 01): the window output of a
+layer is O = X·Y with one inner index per (query head, token); evicting token j of KV head g removes the inner
+indices (h, j) for all h in g. Its score is the Frobenius norm of everything that entry contributes to O:
+
+    s_g[j] = ‖ Σ_{h∈g} A_h[:, j] P_h[j, :]ᵀ ‖_F,   P_h = V_g W_O^h,
+    s_g[j]² = Σ_{h,h'∈g} (A_h[:, j]·A_{h'}[:, j]) (V_g[j] M_{hh'} V_g[j]ᵀ),   M_{hh'} = W_O^h W_O^{h'ᵀ} (d × d).
+
+Cross terms capture reinforcement/cancellation between query heads sharing an entry; with G = H it is DKM's
+column–row product ‖A_h[:, j]‖·‖V_h[j] W_O^h‖. The Gram blocks M are computed once per layer weight.
+
+FlowKV (layer-wise): one top-k over all (g, j) of a layer fills its total. FlowKV (global): scores divided by a
+per-layer norm so layers compare (N2 default: ‖h_ℓ‖_F of the residual stream entering layer ℓ at the window rows;
+N1: ‖O_ℓ‖_F; N0: raw; N3: per-layer sum = 1), then one top-k over every (ℓ, g, j) fills the model total.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from ..budgets import Budget
+from ..capture import Prefill
+from .base import Policy, masked, pad_scores, pool1d, stack_layers, topk_flat, topk_per_row, with_window
+
+_GRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def gram_blocks(w_o: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """M[g, a, b] = W_O^{h_a} W_O^{h_b ᵀ} for the heads h_a, h_b of group g: (G, r, r, d, d), float32."""
+    H, d, D = w_o.shape
+    wg = w_o.float().view(kv_heads, H // kv_heads, d, D)
+    return torch.einsum("gadD,gbeD->gabde", wg, wg)
+
+
+def cached_gram(pf: Prefill, layer: int) -> torch.Tensor:
+    """Gram blocks of a layer, computed once per weight tensor (and recomputed if it changes)."""
+    o_proj = pf.model.model.layers[layer].self_attn.o_proj
+    hit = _GRAMS.get(o_proj)
+    if hit is None or hit[0] != o_proj.weight._version:
+        hit = (o_proj.weight._version, gram_blocks(pf.w_o(layer), pf.shape.kv_heads))
+        _GRAMS[o_proj] = hit
+    return hit[1]
+
+
+def flowkv_scores(A: torch.Tensor, v: torch.Tensor, gram: torch.Tensor, m: int | None = None,
+                  chunk: int = 16384) -> torch.Tensor:
+    """s_g[j] for j < m: exact group output-contribution norms via Gram blocks. A (H, w, n), v (G, n, d),
+    gram (G, r, r, d, d) → (G, m) float32. Chunked over tokens so nothing of size n·r²·d is held at once."""
+    G, r = gram.shape[:2]
+    n = A.shape[-1]
+    m = n if m is None else m
+    Ag = A.float().view(G, r, A.shape[1], n)  # (G, r, w, n)
+    out = torch.empty(G, m, dtype=torch.float32, device=A.device)
+    for s in range(0, m, chunk):
+        e = min(m, s + chunk)
+        aa = torch.einsum("gawj,gbwj->gabj", Ag[..., s:e], Ag[..., s:e])  # (G, r, r, c) attention inner products
+        vv = v[:, s:e].float()
+        pp = torch.einsum("gjd,gabde,gje->gabj", vv, gram, vv)  # (G, r, r, c) projected-value inner products
+        out[:, s:e] = (aa * pp).sum((1, 2)).clamp_min(0).sqrt()
+    return out
+
+
+NORMALISATIONS = ("N0", "N1", "N2", "N3")
+
+
+@dataclass
+class FlowKV(Policy):
+    """FlowKV layer-wise (derived): heads of a layer compete for its budget by their effect on the output."""
+
+    sinks: int = 0  # optional attention sinks kept in every head, counted inside the budget
+    kernel: int = 1  # optional max-pooling of the scores (ablation; 1 = the pure derived score)
+    name = "flowkv"
+
+    def layer_scores(self, pf: Prefill, layer: int) -> torch.Tensor:
+        """(G, n − w) derived scores; sinks (if any) get +inf so they are always kept."""
+        m = pf.n - self.window
+        s = flowkv_scores(self.attn(pf, layer), pf.layers[layer].v, cached_gram(pf, layer), m)
+        s = pool1d(s, self.kernel)
+        if self.sinks:
+            s[:, : self.sinks] = float("inf")
+        return s
+
+    def select(self, pf: Prefill, b: Budget):
+        keeps, scores = [], []
+        for li, total in enumerate(self.layer_selectable(b).tolist()):
+            s = self.layer_scores(pf, li)
+            keeps.append(with_window(topk_flat(s, total), self.window))
+            scores.append(pad_scores(s.masked_fill(s.isinf(), float("nan")), self.window))
+        keep, sc = stack_layers(keeps, scores)
+        return keep, sc, {}
+
+
+def layer_norm_factor(pf: Prefill, layer: int, norm: str, raw: torch.Tensor) -> float:
+    """Divisor that makes layer scores comparable: N0 1, N1 ‖O_ℓ‖_F, N2 ‖h_ℓ‖_F, N3 Σ raw scores."""
+    if norm == "N0":
+        return 1.0
+    if norm == "N1":
+        return float(pf.layers[layer].attn_out.float().norm())
+    if norm == "N2":
+        return float(pf.layers[layer].resid.float().norm())
+    if norm == "N3":
+        return float(raw[torch.isfinite(raw)].sum())
+    raise ValueError(f"norm={norm!r}: allowed are {', '.join(NORMALISATIONS)}")
+
+
+@dataclass
+class FlowKVGlobal(FlowKV):
+    """FlowKV with one model-wide budget (derived): normalised scores, one top-k over every (ℓ, g, j)."""
+
+    norm: str = "N2"
+    head_floor: int = 0  # optional: tokens every head keeps beyond its window, so no head is emptied
+    name = "flowkv_global"
+
+    def normalised_scores(self, pf: Prefill, layers: int) -> list[torch.Tensor]:
+        out = []
+        for li in range(layers):
+            raw = self.layer_scores(pf, li)
+            out.append(raw / max(layer_norm_factor(pf, li, self.norm, raw), 1e-30))
+        return out
+
+    def select(self, pf: Prefill, b: Budget):
+        s = torch.stack(self.normalised_scores(pf, b.layers))  # (L, G, m)
+        keep = topk_per_row(s.flatten(0, 1), self.head_floor).view_as(s) if self.head_floor else torch.zeros_like(s, dtype=torch.bool)
+        keep |= topk_flat(masked(s, keep), self.selectable(b) - int(keep.sum()))
+        keeps = [with_window(k, self.window) for k in keep]
+        keep_all, sc = stack_layers(keeps, [pad_scores(x.masked_fill(x.isinf(), float("nan")), self.window) for x in s])
+        return keep_all, sc, {"layer_budgets": keep_all.sum((1, 2)).tolist(), "norm": self.norm}
+
+
+class GlobalCascade:
+    """Cascading FlowKV (global): as each layer finishes prefill, merge its scores into the running selection and
+    evict everything below the running k-th largest. Global top-k over a growing set is monotone, so the final
+    selection equals the one-shot one exactly (tested), while only ≈ budget + one layer is ever held.
+
+    Use: c = GlobalCascade(k); per layer `evicted = c.add(layer, scores (G, m))` → {layer: bool mask of newly
+    evicted (G, m)}; at the end `c.keep_masks()` → {layer: (G, m) bool}."""
+
+    def __init__(self, k: int):
+        self.k = int(k)
+        self.vals = torch.empty(0)
+        self.ids = torch.empty(0, dtype=torch.long)  # flat ids (layer, g, j) packed in one int64, kept in order
+        self.shapes: dict[int, tuple[int, int]] = {}
+        self.offset: dict[int, int] = {}
+        self._next = 0
+
+    def add(self, layer: int, scores: torch.Tensor) -> dict[int, torch.Tensor]:
+        G, m = scores.shape
+        self.shapes[layer], self.offset[layer] = (G, m), self._next
+        self._next += G * m
+        ids = torch.arange(self.offset[layer], self._next)
+        vals = torch.cat([self.vals, scores.detach().float().cpu().reshape(-1)])
+        ids = torch.cat([self.ids, ids])
+        keep = topk_flat(vals, min(self.k, vals.numel()))
+        dropped = ids[~keep]
+        self.vals, self.ids = vals[keep], ids[keep]
+        return self._masks(dropped, only_layers=True)
+
+    def _masks(self, ids: torch.Tensor, only_layers: bool = False) -> dict[int, torch.Tensor]:
+        out = {}
+        for layer, (G, m) in self.shapes.items():
+            o = self.offset[layer]
+            sel = ids[(ids >= o) & (ids < o + G * m)] - o
+            if only_layers and sel.numel() == 0:
+                continue
+            mask = torch.zeros(G * m, dtype=torch.bool)
+            mask[sel] = True
+            out[layer] = mask.view(G, m)
+        return out
+
+    def keep_masks(self) -> dict[int, torch.Tensor]:
+        return self._masks(self.ids)

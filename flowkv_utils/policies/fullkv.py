@@ -1,0 +1,24 @@
+"""FullKV: keep every token — the reference every other policy is compared with."""
+
+from __future__ import annotations
+
+import torch
+
+from ..budgets import Budget, resolve_budget
+from ..capture import Prefill
+from .base import Policy, PolicyResult
+
+
+class FullKV(Policy):
+    name = "fullkv"
+    uses_window = False
+
+    def __call__(self, pf: Prefill, budget: int | float | None = None) -> PolicyResult:
+        """The budget is ignored: FullKV always keeps all n tokens of every KV head."""
+        s = pf.shape
+        b = resolve_budget(pf.n, pf.n, s.layers, s.kv_heads)
+        return PolicyResult(self.name, b, torch.ones(s.layers, s.kv_heads, pf.n, dtype=torch.bool),
+                            info={"full": True})
+
+    def select(self, pf: Prefill, b: Budget):  # pragma: no cover - __call__ never reaches it
+        raise AssertionError
