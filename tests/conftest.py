@@ -1,0 +1,45 @@
+"""Shared fixtures: the embedded model (loaded once per session) and one real-prompt prefill on it.
+
+`embedded` → (model, tok) from `load_model()` in float32; `small_prefill` → `prefill()` of PROMPT (a real
+English paragraph of ~300 tokens with a question at the end, chat template applied) with window 32.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flowkv_utils.capture import prefill
+from flowkv_utils.models import chat_ids, load_model
+
+PROMPT = (
+    "The lighthouse on Skerry Point was built in 1874 after a winter storm drove three fishing boats onto the "
+    "rocks below the cliffs. Its first keeper, a former ship's carpenter named Thomas Reid, lived in the small "
+    "stone cottage at the foot of the tower with his wife Margaret and their two daughters. Every evening at "
+    "sunset he climbed the one hundred and twelve steps to light the paraffin lamp, and every morning he "
+    "trimmed the wicks, polished the brass and cleaned the great glass lens, which had been made in Paris and "
+    "shipped north in eleven wooden crates. Reid kept a daily log for thirty-one "
+    "years: the weather, the ships that passed, and the supply boat that came from the harbour town of "
+    "Kilbride every second Thursday. When he retired in 1905 his younger daughter, Agnes, who had helped him in the tower since she "
+    "was twelve, applied to take his place. The lighthouse board refused at first, but after the captain of the "
+    "supply boat and forty fishermen signed a letter in her support, she was appointed assistant keeper in 1906 "
+    "and principal keeper in 1911. She served until the light was automated in 1948, and her logbooks are now "
+    "kept in the county museum at Kilbride.\n\n"
+    "Question: Who became principal keeper of the Skerry Point lighthouse in 1911, and what was her father's "
+    "profession before he became a keeper?"
+)
+WINDOW = 32
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """(model, tok): the embedded SmolLM2-135M-Instruct in float32, eval mode (cached after the first load)."""
+    torch.manual_seed(0)
+    return load_model("embedded", dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def small_prefill(embedded):
+    """Prefill of PROMPT (~300 tokens, question at the end) on the embedded model, window 32."""
+    model, tok = embedded
+    return prefill(model, chat_ids(tok, PROMPT), window=WINDOW)
