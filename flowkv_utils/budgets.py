@@ -33,8 +33,9 @@ class Budget:
         return self.total >= self.n * self.layers * self.kv_heads
 
     def per_layer(self) -> torch.Tensor:
-        """Uniform split of the total over layers (L,), bottom layers take the remainder."""
-        return split_evenly(self.total, self.layers)
+        """Layer totals (L,) of the uniform per-slot split (so per-layer and per-head policies spend the same
+        entries in every layer); bottom layers take the remainder."""
+        return self.per_slot().sum(1)
 
     def per_slot(self) -> torch.Tensor:
         """Uniform split over (layer, KV head) slots (L, G); entries differ by at most one token."""
@@ -77,14 +78,17 @@ def check_window(n: int, window: int, slot_budget_min: int, policy: str) -> None
                          f"window={window} it includes; use a budget ≥ {window} or a smaller window")
 
 
-def pyramid_layer_budgets(selectable: int, layers: int, n_prefix: int, beta: int = 20) -> torch.Tensor:
+def pyramid_layer_budgets(selectable: int, layers: int, n_prefix: int, beta: int = 20,
+                          window: int = 0) -> torch.Tensor:
     """PyramidKV's per-layer selectable budgets B'_ℓ (outside the window), bottom layer largest.
 
-    selectable = B' = B − w (mean over layers); n_prefix = n − w tokens that can be selected. [lit] schedule:
-    min = ⌊B'/β⌋, max = 2B' − min (capped at n − w, then min = 2B' − max), step = ⌊(max − min)/(L − 1)⌋,
-    B'_ℓ = max − ℓ·step. If n − w < 2B' every layer uses B' (SnapKV). [proj] the tokens lost to the floored step
-    go to the bottom layers (capped at n − w) so the model total is exactly L·B'."""
-    if layers == 1 or n_prefix < 2 * selectable:
+    selectable = B' = B − w (mean over layers); n_prefix = n − w tokens that can be selected; window = w, so
+    that n = n_prefix + window. [lit] schedule: min = ⌊B'/β⌋, max = 2B' − min (capped at n − w, then
+    min = 2B' − max), step = ⌊(max − min)/(L − 1)⌋, B'_ℓ = max − ℓ·step. If n < 2B' every layer uses B' (SnapKV,
+    as the official `q_len < (max_capacity_prompt − window_size)·2`). [proj] flooring the step can only leave
+    the schedule *over* L·B' (top layer ≥ min): the excess is taken back one token per layer from the top layer
+    down, cyclically, so the model total is exactly L·B' and the schedule stays non-increasing with depth."""
+    if layers == 1 or n_prefix + window < 2 * selectable:
         return torch.full((layers,), min(selectable, n_prefix), dtype=torch.long)
     lo = selectable // beta
     hi = 2 * selectable - lo
@@ -93,7 +97,7 @@ def pyramid_layer_budgets(selectable: int, layers: int, n_prefix: int, beta: int
         lo = 2 * selectable - hi
     step = (hi - lo) // (layers - 1)
     out = torch.tensor([hi - i * step for i in range(layers)], dtype=torch.long)
-    return fill_to_total(out, layers * selectable, cap=n_prefix)
+    return fill_to_total(out.flip(0), layers * selectable, cap=n_prefix).flip(0)  # top layer first
 
 
 def fill_to_total(alloc: torch.Tensor, total: int, cap: int | torch.Tensor) -> torch.Tensor:
@@ -102,28 +106,30 @@ def fill_to_total(alloc: torch.Tensor, total: int, cap: int | torch.Tensor) -> t
     alloc = alloc.clone()
     cap_t = torch.as_tensor(cap).expand_as(alloc)
     diff = int(total - alloc.sum())
-    i = 0
-    guard = 0
+    i = stalled = 0
     while diff != 0:
         j = i % len(alloc)
         if diff > 0 and alloc[j] < cap_t[j]:
             alloc[j] += 1
             diff -= 1
+            stalled = 0
         elif diff < 0 and alloc[j] > 0:
             alloc[j] -= 1
             diff += 1
+            stalled = 0
+        else:
+            stalled += 1
+            if stalled >= len(alloc):  # a full pass moved nothing: every entry is at its cap (or at 0)
+                raise ValueError(f"cannot place total={total} into {len(alloc)} slots capped at {cap}")
         i += 1
-        guard += 1
-        if guard > 4 * len(alloc) * (abs(diff) + 1) + 10 * len(alloc):
-            raise ValueError(f"cannot place total={total} into {len(alloc)} slots capped at {cap}")
     return alloc
 
 
-def proportional_allocation(weights: torch.Tensor, total: int, cap: int) -> torch.Tensor:
-    """Integer allocation ∝ weights with each entry ≤ cap and an exact sum (CAKE's layer budgets).
+def proportional_shares(weights: torch.Tensor, total: int, cap: int) -> torch.Tensor:
+    """Real-valued shares (float64) ∝ weights, each ≤ cap, summing to total (water-filling).
 
     Clipped entries give their excess to the unclipped ones in proportion to their weights (repeated until no
-    entry exceeds cap); largest-remainder rounding makes the total exact."""
+    entry exceeds cap). Adding an entry never increases the others' shares (CAKE's cascade relies on it)."""
     L = weights.numel()
     if total > L * cap:
         raise ValueError(f"total={total} exceeds {L} × cap {cap}")
@@ -135,7 +141,8 @@ def proportional_allocation(weights: torch.Tensor, total: int, cap: int) -> torc
     remaining = float(total)
     while True:
         share = torch.zeros(L, dtype=torch.double)
-        share[free] = w[free] / w[free].sum() * remaining
+        wf = w[free] if w[free].sum() > 0 else torch.ones_like(w[free])  # only zero weights left: equal split
+        share[free] = wf / wf.sum() * remaining
         over = free & (share > cap)
         if not over.any():
             alloc[free] = share[free]
@@ -145,6 +152,13 @@ def proportional_allocation(weights: torch.Tensor, total: int, cap: int) -> torc
         free &= ~over
         if not free.any():
             break
+    return alloc
+
+
+def proportional_allocation(weights: torch.Tensor, total: int, cap: int) -> torch.Tensor:
+    """Integer allocation ∝ weights with each entry ≤ cap and an exact sum (CAKE's layer budgets):
+    `proportional_shares`, then largest-remainder rounding (ties to the earlier entry) makes the total exact."""
+    alloc = proportional_shares(weights, total, cap)
     base = torch.floor(alloc).long()
     rem = total - int(base.sum())
     order = torch.argsort(alloc - base, descending=True, stable=True)

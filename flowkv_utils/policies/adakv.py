@@ -12,7 +12,7 @@ import torch
 
 from ..budgets import Budget
 from ..capture import Prefill
-from .base import masked, pad_scores, stack_layers, topk_flat, topk_per_row, with_window
+from .base import check_param, masked, pad_scores, stack_layers, topk_flat, topk_per_row, with_window
 from .snapkv import SnapKV
 
 
@@ -29,6 +29,11 @@ def adaptive_head_mask(scores: torch.Tensor, layer_total: int, alpha: float) -> 
 class AdaKV(SnapKV):
     alpha: float = 0.2
     name = "adakv"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_param(self.name, "alpha", self.alpha, isinstance(self.alpha, (int, float)) and 0 <= self.alpha <= 1,
+                    "a number in [0, 1] (share of each head's budget guaranteed to it)")
 
     def head_masks(self, pf: Prefill, b: Budget):
         """Per layer: (SnapKV scores (G, n − w), adaptive prefix mask (G, n − w))."""

@@ -53,10 +53,17 @@ class Policy:
     name = "policy"
     uses_window = True  # False for policies that keep no observation window (StreamingLLM, FullKV)
 
+    def __post_init__(self) -> None:
+        check_param(self.name, "window", self.window, isinstance(self.window, int) and self.window >= 1,
+                    "a positive int (number of last prompt queries)")
+
+    @torch.no_grad()
     def __call__(self, pf: Prefill, budget: int | float) -> PolicyResult:
         s = pf.shape
         b = resolve_budget(budget, pf.n, s.layers, s.kv_heads)
         if self.uses_window:
+            if self.window >= pf.n:
+                check_window(pf.n, self.window, int(b.per_slot().min()), self.name)
             if pf.window < self.window:
                 raise ValueError(f"{self.name}: window={self.window} but the prefill captured only "
                                  f"{pf.window} window queries; prefill with window ≥ {self.window}")
@@ -84,8 +91,14 @@ class Policy:
         return b.total - self.window * b.layers * b.kv_heads
 
     def layer_selectable(self, b: Budget) -> torch.Tensor:
-        """(L,) uniform per-layer selectable totals."""
-        return b.per_layer() - self.window * b.kv_heads
+        """(L,) uniform per-layer selectable totals (the layer sums of the per-slot budgets, minus windows)."""
+        return b.per_slot().sum(1) - self.window * b.kv_heads
+
+
+def check_param(policy: str, name: str, value, ok: bool, allowed: str) -> None:
+    """Raise ValueError naming the policy, the parameter, its bad value and what is allowed."""
+    if not ok:
+        raise ValueError(f"{policy}: {name}={value!r} is invalid; allowed: {allowed}")
 
 
 def window_mass(A: torch.Tensor) -> torch.Tensor:

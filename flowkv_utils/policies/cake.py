@@ -7,8 +7,11 @@ uniform over a layer's KV heads. Eviction indicator per query head I[j] = mean_i
 (γ = 200; Var is torch's default unbiased variance over the w window rows), avg-pooled (k = 5), then group-mean.
 τ₁ = τ₂ = 1 by default [proj] (CAKE tunes them per model, e.g. Llama-3.1-8B 1.6/0.4 at budget 1024).
 
-Cascading (`cascade_budgets`): after layer m is prefilled the total is re-split over layers 0..m by P_0..P_m;
-each layer's budget only shrinks, so evicting at every step ends at the one-shot allocation (tested)."""
+Cascading (`cascade_budgets`): after layer m is prefilled the total is re-split over layers 0..m by P_0..P_m.
+The real-valued shares only shrink as layers join (water-filling), but largest-remainder rounding of each step
+could give a layer one token back; so [proj] the intermediate steps use the *ceiling* of the real shares (never
+growing, ≥ the final allocation; the cache may briefly hold up to one extra entry per layer) and the last step
+the exact one-shot allocation. Evicting at every step therefore ends at the one-shot keep-set (tested)."""
 
 from __future__ import annotations
 
@@ -16,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..budgets import Budget, proportional_allocation, split_evenly
+from ..budgets import Budget, proportional_allocation, proportional_shares, split_evenly
 from ..capture import Prefill
-from .base import Policy, group_mean, pad_scores, pool1d, stack_layers, topk_per_row, with_window
+from .base import Policy, check_param, group_mean, pad_scores, pool1d, stack_layers, topk_per_row, with_window
 
 
 def preference(A_prefix: torch.Tensor, tau1: float = 1.0, tau2: float = 1.0) -> float:
@@ -43,8 +46,18 @@ def layer_allocation(prefs: torch.Tensor, selectable: int, kv_heads: int, n_pref
 
 
 def cascade_budgets(prefs: torch.Tensor, selectable: int, kv_heads: int, n_prefix: int) -> list[torch.Tensor]:
-    """Budgets after each prefill step m: allocation of the whole total over layers 0..m (list of (m+1, G))."""
-    return [layer_allocation(prefs[: m + 1], selectable, kv_heads, n_prefix) for m in range(prefs.numel())]
+    """Budgets after each prefill step m (list of (m+1, G)): the whole total re-split over layers 0..m.
+
+    Steps m < L − 1 take the ceiling of the real shares (capped at G·(n − w)), split evenly over the heads; the
+    last step is `layer_allocation`, the one-shot budgets. Every layer's budget is non-increasing in m."""
+    L, cap = prefs.numel(), kv_heads * n_prefix
+    out = []
+    for m in range(L - 1):
+        shares = proportional_shares(prefs[: m + 1], min(selectable, (m + 1) * cap), cap)
+        totals = torch.ceil(shares - 1e-9).long().clamp(0, cap)  # 1e-9: float noise must not add a token
+        out.append(torch.stack([split_evenly(int(t), kv_heads) for t in totals]))
+    out.append(layer_allocation(prefs, selectable, kv_heads, n_prefix))
+    return out
 
 
 @dataclass
@@ -54,6 +67,19 @@ class CAKE(Policy):
     gamma: float = 200.0
     kernel: int = 5
     name = "cake"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for k in ("tau1", "tau2"):
+            v = getattr(self, k)
+            check_param(self.name, k, v, isinstance(v, (int, float)) and v > 0, "a positive number (temperature)")
+        check_param(self.name, "gamma", self.gamma, isinstance(self.gamma, (int, float)) and self.gamma >= 0,
+                    "a number ≥ 0 (weight of the variance in the indicator)")
+        check_param(self.name, "kernel", self.kernel, isinstance(self.kernel, int) and self.kernel >= 1
+                    and self.kernel % 2 == 1, "an odd positive int (avg-pooling width; 1 = no pooling)")
+        if self.window < 2:
+            raise ValueError(f"{self.name}: window={self.window} is invalid; CAKE needs ≥ 2 window rows "
+                             "(its variance over window rows is undefined for one row)")
 
     def select(self, pf: Prefill, b: Budget):
         w, G = self.window, b.kv_heads

@@ -14,7 +14,7 @@ import torch
 from ..budgets import Budget
 from ..capture import Prefill
 from .adakv import AdaKV
-from .base import masked, pad_scores, rank_desc, stack_layers, with_window
+from .base import check_param, masked, pad_scores, rank_desc, stack_layers, with_window
 from .snapkv import SnapKV
 
 
@@ -40,10 +40,20 @@ def two_stage(base: torch.Tensor, critical: torch.Tensor, k: torch.Tensor, first
     return stage1 | stage2
 
 
+def _check_first_stage(p) -> None:
+    check_param(p.name, "first_stage", p.first_stage,
+                isinstance(p.first_stage, (int, float)) and 0 <= p.first_stage <= 1,
+                "a number in [0, 1] (share of the budget chosen by attention alone)")
+
+
 @dataclass
 class CriticalKV(SnapKV):
     first_stage: float = 0.5
     name = "criticalkv"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_first_stage(self)
 
     def select(self, pf: Prefill, b: Budget):
         slots = b.per_slot() - self.window
@@ -61,6 +71,10 @@ class CriticalKV(SnapKV):
 class CriticalAdaKV(AdaKV):
     first_stage: float = 0.5
     name = "criticaladakv"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_first_stage(self)
 
     def select(self, pf: Prefill, b: Budget):
         keeps, scores = [], []

@@ -24,7 +24,17 @@ import torch
 
 from ..budgets import Budget
 from ..capture import Prefill
-from .base import Policy, masked, pad_scores, pool1d, stack_layers, topk_flat, topk_per_row, with_window
+from .base import (
+    Policy,
+    check_param,
+    masked,
+    pad_scores,
+    pool1d,
+    stack_layers,
+    topk_flat,
+    topk_per_row,
+    with_window,
+)
 
 _GRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -41,7 +51,7 @@ def cached_gram(pf: Prefill, layer: int) -> torch.Tensor:
     o_proj = pf.model.model.layers[layer].self_attn.o_proj
     hit = _GRAMS.get(o_proj)
     if hit is None or hit[0] != o_proj.weight._version:
-        hit = (o_proj.weight._version, gram_blocks(pf.w_o(layer), pf.shape.kv_heads))
+        hit = (o_proj.weight._version, gram_blocks(pf.w_o(layer).detach(), pf.shape.kv_heads))
         _GRAMS[o_proj] = hit
     return hit[1]
 
@@ -75,6 +85,13 @@ class FlowKV(Policy):
     kernel: int = 1  # optional max-pooling of the scores (ablation; 1 = the pure derived score)
     name = "flowkv"
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_param(self.name, "sinks", self.sinks, isinstance(self.sinks, int) and self.sinks >= 0,
+                    "an int ≥ 0 (first tokens always kept, counted in the budget)")
+        check_param(self.name, "kernel", self.kernel, isinstance(self.kernel, int) and self.kernel >= 1
+                    and self.kernel % 2 == 1, "an odd positive int (max-pooling width; 1 = no pooling)")
+
     def layer_scores(self, pf: Prefill, layer: int) -> torch.Tensor:
         """(G, n − w) derived scores; sinks (if any) get +inf so they are always kept."""
         m = pf.n - self.window
@@ -94,14 +111,16 @@ class FlowKV(Policy):
         return keep, sc, {}
 
 
-def layer_norm_factor(pf: Prefill, layer: int, norm: str, raw: torch.Tensor) -> float:
-    """Divisor that makes layer scores comparable: N0 1, N1 ‖O_ℓ‖_F, N2 ‖h_ℓ‖_F, N3 Σ raw scores."""
+def layer_norm_factor(pf: Prefill, layer: int, norm: str, raw: torch.Tensor, window: int | None = None) -> float:
+    """Divisor that makes layer scores comparable: N0 1, N1 ‖O_ℓ‖_F, N2 ‖h_ℓ‖_F, N3 Σ raw scores.
+    O_ℓ and h_ℓ are taken on the last `window` rows (the policy's window; None: every captured row)."""
+    rows = slice(-window, None) if window else slice(None)
     if norm == "N0":
         return 1.0
     if norm == "N1":
-        return float(pf.layers[layer].attn_out.float().norm())
+        return float(pf.layers[layer].attn_out[rows].float().norm())
     if norm == "N2":
-        return float(pf.layers[layer].resid.float().norm())
+        return float(pf.layers[layer].resid[rows].float().norm())
     if norm == "N3":
         return float(raw[torch.isfinite(raw)].sum())
     raise ValueError(f"norm={norm!r}: allowed are {', '.join(NORMALISATIONS)}")
@@ -112,19 +131,27 @@ class FlowKVGlobal(FlowKV):
     """FlowKV with one model-wide budget (derived): normalised scores, one top-k over every (ℓ, g, j)."""
 
     norm: str = "N2"
-    head_floor: int = 0  # optional: tokens every head keeps beyond its window, so no head is emptied
+    head_floor: int = 0  # optional: tokens every head keeps beyond its window (capped at B − w), so no head is emptied
     name = "flowkv_global"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_param(self.name, "norm", self.norm, self.norm in NORMALISATIONS,
+                    f"one of {', '.join(NORMALISATIONS)} (N0 raw, N1 ‖O_ℓ‖, N2 ‖h_ℓ‖, N3 per-layer sum 1)")
+        check_param(self.name, "head_floor", self.head_floor,
+                    isinstance(self.head_floor, int) and self.head_floor >= 0, "an int ≥ 0 (tokens per head)")
 
     def normalised_scores(self, pf: Prefill, layers: int) -> list[torch.Tensor]:
         out = []
         for li in range(layers):
             raw = self.layer_scores(pf, li)
-            out.append(raw / max(layer_norm_factor(pf, li, self.norm, raw), 1e-30))
+            out.append(raw / max(layer_norm_factor(pf, li, self.norm, raw, self.window), 1e-30))
         return out
 
     def select(self, pf: Prefill, b: Budget):
         s = torch.stack(self.normalised_scores(pf, b.layers))  # (L, G, m)
-        keep = topk_per_row(s.flatten(0, 1), self.head_floor).view_as(s) if self.head_floor else torch.zeros_like(s, dtype=torch.bool)
+        floor = min(self.head_floor, self.selectable(b) // (b.layers * b.kv_heads))  # never over the budget
+        keep = topk_per_row(s.flatten(0, 1), floor).view_as(s) if floor else torch.zeros_like(s, dtype=torch.bool)
         keep |= topk_flat(masked(s, keep), self.selectable(b) - int(keep.sum()))
         keeps = [with_window(k, self.window) for k in keep]
         keep_all, sc = stack_layers(keeps, [pad_scores(x.masked_fill(x.isinf(), float("nan")), self.window) for x in s])

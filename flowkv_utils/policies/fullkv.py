@@ -13,9 +13,12 @@ class FullKV(Policy):
     name = "fullkv"
     uses_window = False
 
+    @torch.no_grad()
     def __call__(self, pf: Prefill, budget: int | float | None = None) -> PolicyResult:
-        """The budget is ignored: FullKV always keeps all n tokens of every KV head."""
+        """The budget is ignored (but still validated): FullKV always keeps all n tokens of every KV head."""
         s = pf.shape
+        if budget is not None:
+            resolve_budget(budget, pf.n, s.layers, s.kv_heads)  # same errors as every policy for a bad budget
         b = resolve_budget(pf.n, pf.n, s.layers, s.kv_heads)
         return PolicyResult(self.name, b, torch.ones(s.layers, s.kv_heads, pf.n, dtype=torch.bool),
                             info={"full": True})

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ..budgets import Budget, fill_to_total, pyramid_layer_budgets
 from ..capture import Prefill
-from .base import pad_scores, stack_layers, topk_per_row, with_window
+from .base import check_param, pad_scores, stack_layers, topk_per_row, with_window
 from .snapkv import SnapKV
 
 
@@ -16,11 +16,16 @@ class PyramidKV(SnapKV):
     beta: int = 20
     name = "pyramidkv"
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_param(self.name, "beta", self.beta, isinstance(self.beta, int) and self.beta >= 1,
+                    "a positive int (min budget = ⌊B'/β⌋)")
+
     def select(self, pf: Prefill, b: Budget):
         L, G, w = b.layers, b.kv_heads, self.window
         n_prefix = pf.n - w
         S = self.selectable(b)  # model-wide selectable entries
-        per_head = pyramid_layer_budgets(S // (L * G), L, n_prefix, self.beta)  # (L,) B'_ℓ
+        per_head = pyramid_layer_budgets(S // (L * G), L, n_prefix, self.beta, window=w)  # (L,) B'_ℓ
         # [proj] fractional budgets: the few entries S − L·G·⌊S/(L·G)⌋ go to the bottom slots
         slots = fill_to_total(per_head.repeat_interleave(G), S, cap=n_prefix).view(L, G)
         keeps, scores = [], []

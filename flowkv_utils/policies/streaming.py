@@ -9,7 +9,7 @@ import torch
 
 from ..budgets import Budget
 from ..capture import Prefill
-from .base import Policy, stack_layers
+from .base import Policy, check_param, stack_layers
 
 
 @dataclass
@@ -17,6 +17,11 @@ class StreamingLLM(Policy):
     sinks: int = 4
     name = "streamingllm"
     uses_window = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_param(self.name, "sinks", self.sinks, isinstance(self.sinks, int) and self.sinks >= 0,
+                    "an int ≥ 0 (first tokens always kept)")
 
     def select(self, pf: Prefill, b: Budget):
         n = pf.n

@@ -1,0 +1,594 @@
+"""Direct, naive transcriptions of /work/shared/method.md §2-3: the ground truth the policy tests compare with.
+
+Loops over layers and heads, plain-Python top-k by sorting, float64 throughout. Nothing from `flowkv_utils` is
+used except `window_attention` (the one place attention weights are computed) — no scoring, pooling, budget or
+selection helper of the package — so a shared bug cannot hide.
+
+Every reference returns a `Ref`: keep (L, G, n) bool; scores (L, G, n) float64 with NaN where a token is kept by
+rule (or None); ambiguous (L, G) bool marking rows whose selection hit a *near*-tie (two different values within
+TIE_RTOL at a top-k boundary, where float32-vs-float64 rounding may legitimately flip the choice; exact ties are
+broken deterministically and are compared); info (layer budgets, merged values, ...).
+
+Choices the method leaves open, transcribed as the project makes them ([proj]):
+- budget: model total = round(B·L·G), B = f·n for a fraction f, capped at n; slot (ℓ, g) gets ⌊total/LG⌋, plus
+  one for the first (total mod LG) slots in (ℓ, g) row-major order; a layer's total is the sum of its slots.
+- ties: the earlier index wins — token order within a head, flattened (g, j) within a layer, (ℓ, g, j) globally.
+- pooling (SnapKV max, CAKE average): over the prefix columns j < n − w only (as the official code slices
+  before pooling), width k, stride 1, 'same' padding; the average divides by k (padding counted, F.avg_pool1d).
+- Var over window rows: unbiased (÷ (w − 1)), as torch.var in CAKE's code.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from flowkv_utils.attention import window_attention
+
+TIE_RTOL = 1e-4  # relative gap below which two different scores count as a near-tie (float32 vs float64)
+ALLOC_RTOL = 1e-9  # the same for CAKE's float64 allocation
+
+
+@dataclass
+class Ref:
+    keep: torch.Tensor  # (L, G, n) bool
+    scores: torch.Tensor | None  # (L, G, n) float64, NaN where kept by rule
+    ambiguous: torch.Tensor  # (L, G) bool
+    info: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------- basics
+def geometry(pf):
+    """(L, H, G, d, D, n) read off the captures and the model weights."""
+    c = pf.layers[0]
+    H, _, d = c.q.shape
+    G, n, _ = c.k.shape
+    D = pf.model.model.layers[0].self_attn.o_proj.weight.shape[0]
+    return len(pf.layers), H, G, d, D, n
+
+
+def model_total(budget, n: int, L: int, G: int) -> int:
+    """§3: B tokens per KV head per layer (or f·n), window included; model total B·G·L, exact."""
+    B = float(budget) * n if isinstance(budget, float) else float(budget)
+    return max(1, round(min(B, n) * L * G))
+
+
+def slot_budgets(total: int, L: int, G: int) -> list[list[int]]:
+    base, rem = divmod(total, L * G)
+    return [[base + (1 if li * G + g < rem else 0) for g in range(G)] for li in range(L)]
+
+
+def attention(pf, layer: int, w: int) -> torch.Tensor:
+    """A (H, w, n) of the policy's window (the last w captured queries), float64."""
+    c = pf.layers[layer]
+    return window_attention(c.q, c.k, c.scaling)[:, -w:].double()
+
+
+def w_o(pf, layer: int, h: int) -> torch.Tensor:
+    """W_O^h (d, D) read straight from o_proj.weight (D, H·d)."""
+    W = pf.model.model.layers[layer].self_attn.o_proj.weight.detach().double()
+    d = pf.layers[layer].q.shape[-1]
+    return W[:, h * d:(h + 1) * d].T
+
+
+def top(items: list[tuple[float, tuple]], k: int) -> tuple[set, bool]:
+    """The k best (value, key) items — larger value first, then the smaller key — and whether the boundary
+    between the k-th and (k+1)-th is a near-tie."""
+    order = sorted(items, key=lambda t: (-t[0], t[1]))
+    k = max(0, min(k, len(order)))
+    chosen = {key for _, key in order[:k]}
+    amb = False
+    if 0 < k < len(order):
+        a, b = order[k - 1][0], order[k][0]
+        if a != b and math.isfinite(a) and math.isfinite(b):
+            amb = abs(a - b) <= TIE_RTOL * max(abs(a), abs(b))
+    return chosen, amb
+
+
+def pool(x: list[float], k: int, kind: str) -> list[float]:
+    """1-D pooling of a list, width k, stride 1, 'same' padding (max ignores padding, avg divides by k)."""
+    if k <= 1:
+        return list(x)
+    r, m = k // 2, len(x)
+    out = []
+    for j in range(m):
+        win = x[max(0, j - r): min(m, j + r + 1)]
+        out.append(max(win) if kind == "max" else sum(win) / k)
+    return out
+
+
+def new_ref(L: int, G: int, n: int) -> Ref:
+    return Ref(torch.zeros(L, G, n, dtype=torch.bool), torch.full((L, G, n), float("nan"), dtype=torch.float64),
+               torch.zeros(L, G, dtype=torch.bool))
+
+
+def keep_window(ref: Ref, layer: int, w: int) -> None:
+    ref.keep[layer, :, ref.keep.shape[-1] - w:] = True
+
+
+# ---------------------------------------------------------------------------------------------------- scores
+def snap_scores(pf, layer: int, w: int, kernel: int) -> list[list[float]]:
+    """s_g[j] = maxpool_k(mean_{h∈g} a_h)[j], j < n − w, a_h[j] = mean_i A_h[i, j] (group mean *before* pooling)."""
+    L, H, G, d, D, n = geometry(pf)
+    r, m = H // G, n - w
+    A = attention(pf, layer, w).tolist()
+    out = []
+    for g in range(G):
+        mean = []
+        for j in range(m):
+            tot = 0.0
+            for h in range(g * r, (g + 1) * r):
+                tot += sum(A[h][i][j] for i in range(w)) / w
+            mean.append(tot / r)
+        out.append(pool(mean, kernel, "max"))
+    return out
+
+
+def projected_l1(pf, layer: int, m: int) -> list[list[float]]:
+    """pn_g[j] = mean_{h∈g} ‖V_g[j] W_O^h‖₁."""
+    L, H, G, d, D, n = geometry(pf)
+    r = H // G
+    v = pf.layers[layer].v.double()
+    out = []
+    for g in range(G):
+        tot = torch.zeros(m, dtype=torch.float64)
+        for h in range(g * r, (g + 1) * r):
+            tot += (v[g, :m] @ w_o(pf, layer, h)).abs().sum(-1)
+        out.append((tot / r).tolist())
+    return out
+
+
+def flowkv_direct(pf, layer: int, w: int) -> torch.Tensor:
+    """s_g[j] = ‖Σ_{h∈g} A_h[:, j] P_h[j, :]ᵀ‖_F with P_h = V_g W_O^h, for j < n − w: (G, n − w) float64.
+    The w×D contribution of every entry is built explicitly (one outer product per head and token)."""
+    L, H, G, d, D, n = geometry(pf)
+    r, m = H // G, n - w
+    A = attention(pf, layer, w)
+    v = pf.layers[layer].v.double()
+    out = torch.zeros(G, m, dtype=torch.float64)
+    for g in range(G):
+        contrib = torch.zeros(m, w, D, dtype=torch.float64)
+        for h in range(g * r, (g + 1) * r):
+            P = v[g, :m] @ w_o(pf, layer, h)  # (m, D)
+            contrib += A[h, :, :m].T.unsqueeze(2) * P.unsqueeze(1)  # outer products A_h[:, j] P_h[j]ᵀ, (m, w, D)
+        out[g] = contrib.flatten(1).norm(dim=1)
+    return out
+
+
+def dkm_products(pf, layer: int, w: int) -> torch.Tensor:
+    """‖A_h[:, j]‖ · ‖V_h[j] W_O^h‖ per head (only meaningful when G == H): (H, n − w)."""
+    L, H, G, d, D, n = geometry(pf)
+    A = attention(pf, layer, w)
+    v = pf.layers[layer].v.double()
+    return torch.stack([A[h, :, : n - w].norm(dim=0) * (v[h, : n - w] @ w_o(pf, layer, h)).norm(dim=1)
+                        for h in range(H)])
+
+
+# ---------------------------------------------------------------------------------------------------- policies
+def fullkv(pf, budget=None, **_) -> Ref:
+    L, H, G, d, D, n = geometry(pf)
+    ref = new_ref(L, G, n)
+    ref.keep[:] = True
+    ref.scores = None
+    return ref
+
+
+def streamingllm(pf, budget, sinks: int = 4, **_) -> Ref:
+    """First s sinks and the last B − s tokens of every head (s capped at the slot budget)."""
+    L, H, G, d, D, n = geometry(pf)
+    total = model_total(budget, n, L, G)
+    ref = new_ref(L, G, n)
+    ref.scores = None
+    if total >= n * L * G:
+        ref.keep[:] = True
+        return ref
+    slots = slot_budgets(total, L, G)
+    for li in range(L):
+        for g in range(G):
+            b = slots[li][g]
+            s = min(sinks, b)
+            for j in range(n):
+                ref.keep[li, g, j] = j < s or j >= n - (b - s)
+    return ref
+
+
+def _per_head_topk(pf, budget, w: int, scores_of) -> Ref:
+    """Shared shape of SnapKV-like policies: per (ℓ, g) the top (slot − w) by scores_of(ℓ) plus the window."""
+    L, H, G, d, D, n = geometry(pf)
+    total = model_total(budget, n, L, G)
+    ref = new_ref(L, G, n)
+    if total >= n * L * G:
+        ref.keep[:] = True
+        return ref
+    slots = slot_budgets(total, L, G)
+    for li in range(L):
+        s = scores_of(li)
+        for g in range(G):
+            chosen, amb = top([(s[g][j], (j,)) for j in range(n - w)], slots[li][g] - w)
+            for (j,) in chosen:
+                ref.keep[li, g, j] = True
+            ref.scores[li, g, : n - w] = torch.tensor(s[g], dtype=torch.float64)
+            ref.ambiguous[li, g] = amb
+        keep_window(ref, li, w)
+    return ref
+
+
+def snapkv(pf, budget, window: int = 32, kernel: int = 7, **_) -> Ref:
+    return _per_head_topk(pf, budget, window, lambda li: snap_scores(pf, li, window, kernel))
+
+
+def pyramid_schedule(Bp: int, L: int, n: int, w: int, beta: int) -> list[int]:
+    """PyramidKV [lit] B'_ℓ, then [proj] the excess of the floored step (the schedule sums to ≥ L·B') taken back
+    one token per layer from the top layer down, cyclically, so the total is exactly L·B'."""
+    n_prefix = n - w
+    if L == 1 or n < 2 * Bp:
+        sched = [Bp] * L
+    else:
+        lo = Bp // beta
+        hi = 2 * Bp - lo
+        if hi >= n_prefix:
+            hi = n_prefix
+            lo = 2 * Bp - hi
+        step = (hi - lo) // (L - 1)
+        sched = [hi - li * step for li in range(L)]
+    diff, i = L * Bp - sum(sched), 0
+    while diff != 0:
+        li = L - 1 - i % L
+        if diff > 0 and sched[li] < n_prefix:
+            sched[li] += 1
+            diff -= 1
+        elif diff < 0 and sched[li] > 0:
+            sched[li] -= 1
+            diff += 1
+        i += 1
+    return sched
+
+
+def pyramidkv(pf, budget, window: int = 32, kernel: int = 7, beta: int = 20, **_) -> Ref:
+    L, H, G, d, D, n = geometry(pf)
+    w = window
+    total = model_total(budget, n, L, G)
+    ref = new_ref(L, G, n)
+    if total >= n * L * G:
+        ref.keep[:] = True
+        return ref
+    S = total - w * L * G
+    Bp = S // (L * G)
+    sched = pyramid_schedule(Bp, L, n, w, beta)
+    slots = [[sched[li]] * G for li in range(L)]
+    rem, i = S - L * G * Bp, 0  # [proj] fractional budgets: leftover entries to the bottom slots, one each
+    while rem > 0:
+        li, g = divmod(i % (L * G), G)
+        if slots[li][g] < n - w:
+            slots[li][g] += 1
+            rem -= 1
+        i += 1
+    for li in range(L):
+        s = snap_scores(pf, li, w, kernel)
+        for g in range(G):
+            chosen, amb = top([(s[g][j], (j,)) for j in range(n - w)], slots[li][g])
+            for (j,) in chosen:
+                ref.keep[li, g, j] = True
+            ref.scores[li, g, : n - w] = torch.tensor(s[g], dtype=torch.float64)
+            ref.ambiguous[li, g] = amb
+        keep_window(ref, li, w)
+    ref.info["layer_budgets"] = [sum(slots[li]) + G * w for li in range(L)]
+    return ref
+
+
+def adaptive_prefix(s: list[list[float]], layer_total: int, alpha: float) -> tuple[list[set], bool]:
+    """AdaKV in one layer: each head's own top ⌊α·B'⌋ (B' = ⌊layer_total / G⌋), then the flattened top over
+    all (g, j) fills layer_total. Returns per-head chosen token sets and the near-tie flag."""
+    G, m = len(s), len(s[0])
+    safe = math.floor(alpha * (layer_total // G))
+    chosen = [set() for _ in range(G)]
+    amb = False
+    for g in range(G):
+        c, a = top([(s[g][j], (j,)) for j in range(m)], safe)
+        chosen[g] = {j for (j,) in c}
+        amb |= a
+    rest = [(s[g][j], (g, j)) for g in range(G) for j in range(m) if j not in chosen[g]]
+    c, a = top(rest, layer_total - sum(len(x) for x in chosen))
+    for g, j in c:
+        chosen[g].add(j)
+    return chosen, amb or a
+
+
+def adakv(pf, budget, window: int = 32, kernel: int = 7, alpha: float = 0.2, **_) -> Ref:
+    L, H, G, d, D, n = geometry(pf)
+    w = window
+    total = model_total(budget, n, L, G)
+    ref = new_ref(L, G, n)
+    if total >= n * L * G:
+        ref.keep[:] = True
+        return ref
+    slots = slot_budgets(total, L, G)
+    heads = []
+    for li in range(L):
+        s = snap_scores(pf, li, w, kernel)
+        chosen, amb = adaptive_prefix(s, sum(slots[li]) - G * w, alpha)
+        for g in range(G):
+            for j in chosen[g]:
+                ref.keep[li, g, j] = True
+            ref.scores[li, g, : n - w] = torch.tensor(s[g], dtype=torch.float64)
+        ref.ambiguous[li] = amb
+        keep_window(ref, li, w)
+        heads.append([len(c) + w for c in chosen])
+    ref.info["head_budgets"] = heads
+    return ref
+
+
+def two_stage(base: list[float], crit: list[float], k: int, first: float) -> tuple[set, bool]:
+    """CriticalKV in one head: top ⌊first·k⌋ by base, then the rest of k by crit among the others."""
+    k1 = math.floor(k * first)
+    s1, a1 = top([(base[j], (j,)) for j in range(len(base))], k1)
+    rest = [(crit[j], (j,)) for j in range(len(base)) if (j,) not in s1]
+    s2, a2 = top(rest, k - k1)
+    return {j for (j,) in s1 | s2}, a1 or a2
+
+
+def criticalkv(pf, budget, window: int = 32, kernel: int = 7, first_stage: float = 0.5, **_) -> Ref:
+    L, H, G, d, D, n = geometry(pf)
+    w = window
+    total = model_total(budget, n, L, G)
+    ref = new_ref(L, G, n)
+    if total >= n * L * G:
+        ref.keep[:] = True
+        return ref
+    slots = slot_budgets(total, L, G)
+    for li in range(L):
+        s = snap_scores(pf, li, w, kernel)
+        pn = projected_l1(pf, li, n - w)
+        for g in range(G):
+            crit = [(s[g][j] + 1e-4) * pn[g][j] for j in range(n - w)]
+            chosen, amb = two_stage(s[g], crit, slots[li][g] - w, first_stage)
+            for j in chosen:
+                ref.keep[li, g, j] = True
+            ref.scores[li, g, : n - w] = torch.tensor(crit, dtype=torch.float64)
+            ref.ambiguous[li, g] = amb
+        keep_window(ref, li, w)
+    return ref
+
+
+def criticaladakv(pf, budget, window: int = 32, kernel: int = 7, alpha: float = 0.2, first_stage: float = 0.5,
+                  **_) -> Ref:
+    """AdaKV head budgets on attention, then CriticalKV's two stages inside each head's budget."""
+    L, H, G, d, D, n = geometry(pf)
+    w = window
+    total = model_total(budget, n, L, G)
+    ref = new_ref(L, G, n)
+    if total >= n * L * G:
+        ref.keep[:] = True
+        return ref
+    slots = slot_budgets(total, L, G)
+    for li in range(L):
+        s = snap_scores(pf, li, w, kernel)
+        pn = projected_l1(pf, li, n - w)
+        heads, amb = adaptive_prefix(s, sum(slots[li]) - G * w, alpha)
+        for g in range(G):
+            crit = [(s[g][j] + 1e-4) * pn[g][j] for j in range(n - w)]
+            chosen, a = two_stage(s[g], crit, len(heads[g]), first_stage)
+            for j in chosen:
+                ref.keep[li, g, j] = True
+            ref.scores[li, g, : n - w] = torch.tensor(crit, dtype=torch.float64)
+            ref.ambiguous[li, g] = amb or a
+        keep_window(ref, li, w)
+    return ref
+
+
+# ---------------------------------------------------------------------------------------------------- CAKE
+def cake_preference(pf, layer: int, w: int, tau1: float, tau2: float) -> float:
+    """P_ℓ = H^{1/τ₁}·V^{1/τ₂}: H = −Σ A log(A + 1e-10), V = Σ_{h, j} Var_i A[h, i, j], prefix columns only."""
+    L, H, G, d, D, n = geometry(pf)
+    A = attention(pf, layer, w)[:, :, : n - w]
+    ent = float(-(A * torch.log(A + 1e-10)).sum())
+    At = A.transpose(1, 2).tolist()  # [h][j][i]
+    var = 0.0
+    for h in range(H):
+        for j in range(n - w):
+            col = At[h][j]
+            mu = sum(col) / w
+            var += sum((x - mu) ** 2 for x in col) / (w - 1)
+    return max(ent, 0.0) ** (1 / tau1) * max(var, 0.0) ** (1 / tau2)
+
+
+def cake_indicator(pf, layer: int, w: int, gamma: float, kernel: int) -> list[list[float]]:
+    """I_h[j] = mean_i A[h, i, j] + γ·Var_i A[h, i, j], avg-pooled per query head, then the group mean."""
+    L, H, G, d, D, n = geometry(pf)
+    r, m = H // G, n - w
+    At = attention(pf, layer, w).transpose(1, 2).tolist()  # [h][j][i]
+    per_head = []
+    for h in range(H):
+        ind = []
+        for j in range(m):
+            col = At[h][j]
+            mu = sum(col) / w
+            ind.append(mu + gamma * sum((x - mu) ** 2 for x in col) / (w - 1))
+        per_head.append(pool(ind, kernel, "avg"))
+    return [[sum(per_head[h][j] for h in range(g * r, (g + 1) * r)) / r for j in range(m)] for g in range(G)]
+
+
+def cake_layer_totals(prefs: list[float], S: int, cap: int) -> tuple[list[int], bool]:
+    """Layer totals ∝ P_ℓ with each ≤ cap (excess spread over the unclipped layers in proportion), then
+    largest-remainder rounding (ties to the earlier layer) so they sum to S exactly."""
+    L = len(prefs)
+    wts = [max(p, 0.0) for p in prefs]
+    share = [0.0] * L
+    free = list(range(L))
+    remaining = float(S)
+    while free:
+        tot = sum(wts[li] for li in free)
+        prop = {li: (wts[li] / tot if tot > 0 else 1 / len(free)) * remaining for li in free}
+        over = [li for li in free if prop[li] > cap]
+        if not over:
+            for li in free:
+                share[li] = prop[li]
+            break
+        for li in over:
+            share[li] = float(cap)
+        remaining -= cap * len(over)
+        free = [li for li in free if li not in over]
+    base = [math.floor(x) for x in share]
+    fracs = [(share[li] - base[li], (li,)) for li in range(L)]
+    rem = S - sum(base)
+    order = sorted(fracs, key=lambda t: (-t[0], t[1]))
+    amb = any(abs(x - round(x)) < ALLOC_RTOL * max(1.0, x) and x != round(x) for x in share)
+    if 0 < rem < L:
+        a, b = order[rem - 1][0], order[rem][0]
+        amb |= a != b and abs(a - b) < ALLOC_RTOL
+    for _, (li,) in order[:rem]:
+        base[li] += 1
+    assert sum(base) == S and max(base) <= cap, "rounding needed the cap fallback (measure-zero)"
+    return base, amb
+
+
+def cake(pf, budget, window: int = 32, tau1: float = 1.0, tau2: float = 1.0, gamma: float = 200.0,
+         kernel: int = 5, **_) -> Ref:
+    L, H, G, d, D, n = geometry(pf)
+    w, m = window, n - window
+    total = model_total(budget, n, L, G)
+    ref = new_ref(L, G, n)
+    if total >= n * L * G:
+        ref.keep[:] = True
+        return ref
+    prefs = [cake_preference(pf, li, w, tau1, tau2) for li in range(L)]
+    totals, amb = cake_layer_totals(prefs, total - w * L * G, G * m)
+    for li in range(L):
+        ind = cake_indicator(pf, li, w, gamma, kernel)
+        for g in range(G):
+            b = totals[li] // G + (1 if g < totals[li] % G else 0)  # uniform over the layer's KV heads
+            chosen, a = top([(ind[g][j], (j,)) for j in range(m)], b)
+            for (j,) in chosen:
+                ref.keep[li, g, j] = True
+            ref.scores[li, g, :m] = torch.tensor(ind[g], dtype=torch.float64)
+            ref.ambiguous[li, g] = a or amb
+        keep_window(ref, li, w)
+    ref.info.update(preferences=prefs, layer_budgets=[t + G * w for t in totals])
+    return ref
+
+
+# ---------------------------------------------------------------------------------------------------- FlowKV
+def flowkv_layer_scores(pf, layer: int, w: int, kernel: int, sinks: int) -> list[list[float]]:
+    s = flowkv_direct(pf, layer, w).tolist()
+    s = [pool(row, kernel, "max") for row in s]
+    return [[math.inf if j < sinks else x for j, x in enumerate(row)] for row in s]
+
+
+def _nan_inf(row: list[float]) -> torch.Tensor:
+    t = torch.tensor(row, dtype=torch.float64)
+    return t.masked_fill(t.isinf(), float("nan"))
+
+
+def flowkv(pf, budget, window: int = 32, sinks: int = 0, kernel: int = 1, **_) -> Ref:
+    """Layer-wise: flatten s over (g, j < n − w), keep the top G·(B − w) (sinks counted), plus every window."""
+    L, H, G, d, D, n = geometry(pf)
+    w = window
+    total = model_total(budget, n, L, G)
+    ref = new_ref(L, G, n)
+    if total >= n * L * G:
+        ref.keep[:] = True
+        return ref
+    slots = slot_budgets(total, L, G)
+    for li in range(L):
+        s = flowkv_layer_scores(pf, li, w, kernel, sinks)
+        chosen, amb = top([(s[g][j], (g, j)) for g in range(G) for j in range(n - w)], sum(slots[li]) - G * w)
+        for g, j in chosen:
+            ref.keep[li, g, j] = True
+        for g in range(G):
+            ref.scores[li, g, : n - w] = _nan_inf(s[g])
+        ref.ambiguous[li] = amb
+        keep_window(ref, li, w)
+    return ref
+
+
+def layer_norm(pf, layer: int, norm: str, w: int, raw: list[list[float]]) -> float:
+    """N0 1; N1 ‖O_ℓ‖_F and N2 ‖h_ℓ‖_F over the window rows; N3 the sum of the layer's (finite) scores."""
+    c = pf.layers[layer]
+    if norm == "N0":
+        return 1.0
+    if norm == "N1":
+        return math.sqrt(sum(x * x for row in c.attn_out[-w:].double().tolist() for x in row))
+    if norm == "N2":
+        return math.sqrt(sum(x * x for row in c.resid[-w:].double().tolist() for x in row))
+    return sum(x for row in raw for x in row if math.isfinite(x))
+
+
+def flowkv_global(pf, budget, window: int = 32, sinks: int = 0, kernel: int = 1, norm: str = "N2",
+                  head_floor: int = 0, **_) -> Ref:
+    """Normalised scores; optional per-head floor; one top over every (ℓ, g, j) fills G·L·(B − w)."""
+    L, H, G, d, D, n = geometry(pf)
+    w, m = window, n - window
+    total = model_total(budget, n, L, G)
+    ref = new_ref(L, G, n)
+    if total >= n * L * G:
+        ref.keep[:] = True
+        return ref
+    S = total - w * L * G
+    s = []
+    for li in range(L):
+        raw = flowkv_layer_scores(pf, li, w, kernel, sinks)
+        z = layer_norm(pf, li, norm, w, raw)
+        s.append([[x / z for x in row] for row in raw])
+    floor = min(head_floor, S // (L * G))
+    chosen, amb = set(), False
+    for li in range(L):
+        for g in range(G):
+            c, a = top([(s[li][g][j], (li, g, j)) for j in range(m)], floor)
+            chosen |= c
+            amb |= a
+    c, a = top([(s[li][g][j], (li, g, j)) for li in range(L) for g in range(G) for j in range(m)
+                if (li, g, j) not in chosen], S - len(chosen))
+    for li, g, j in chosen | c:
+        ref.keep[li, g, j] = True
+    for li in range(L):
+        for g in range(G):
+            ref.scores[li, g, :m] = _nan_inf(s[li][g])
+        keep_window(ref, li, w)
+    ref.ambiguous[:] = amb or a
+    ref.info["layer_budgets"] = ref.keep.sum((1, 2)).tolist()
+    return ref
+
+
+def smoothevict(pf, budget, window: int = 32, sinks: int = 0, kernel: int = 1, **_) -> Ref:
+    """FlowKV's keep-set; each evicted (g, j) is merged into the kept (g, k) of highest key cosine (first kept
+    index on ties): v_k ← (a_k v_k + Σ_{j→k} a_j v_j) / (a_k + Σ_{j→k} a_j), a = group-mean window mass."""
+    ref = flowkv(pf, budget, window=window, sinks=sinks, kernel=kernel)
+    L, H, G, d, D, n = geometry(pf)
+    r, w = H // G, window
+    values = []
+    ref.info["merge_ambiguous"] = torch.zeros(L, G, dtype=torch.bool)  # two kept keys near-tied in cosine
+    for li in range(L):
+        k, v = pf.layers[li].k.double(), pf.layers[li].v.double()
+        mass = attention(pf, li, w).mean(1).tolist()  # a_h[j], [h][j]
+        out = v.clone()
+        for g in range(G):
+            a = [sum(mass[h][j] for h in range(g * r, (g + 1) * r)) / r for j in range(n)]
+            kept = [j for j in range(n) if ref.keep[li, g, j]]
+            gone = [j for j in range(n) if not ref.keep[li, g, j]]
+            if not gone:
+                continue
+            num = {t: a[t] * v[g, t] for t in kept}
+            den = {t: a[t] for t in kept}
+            norms = k[g].norm(dim=1)
+            cos_all = ((k[g, gone] @ k[g, kept].T) / norms[gone, None] / norms[None, kept]).tolist()
+            for j, cos in zip(gone, cos_all, strict=True):
+                t = kept[max(range(len(kept)), key=lambda i: (cos[i], -i))]
+                best = sorted(cos, reverse=True)[:2]
+                if len(best) == 2 and best[0] != best[1] and best[0] - best[1] < TIE_RTOL:
+                    ref.info["merge_ambiguous"][li, g] = True
+                num[t] = num[t] + a[j] * v[g, j]
+                den[t] += a[j]
+            for t in kept:
+                out[g, t] = num[t] / den[t] if den[t] > 0 else v[g, t]
+        values.append(out)
+    ref.info["values"] = values
+    return ref
+
+
+REFERENCES = {
+    "fullkv": fullkv, "streamingllm": streamingllm, "snapkv": snapkv, "pyramidkv": pyramidkv, "adakv": adakv,
+    "criticalkv": criticalkv, "criticaladakv": criticaladakv, "cake": cake, "flowkv": flowkv,
+    "flowkv_global": flowkv_global, "smoothevict": smoothevict,
+}
