@@ -143,7 +143,8 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype | str =
     tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
     if path is None or str(path) == EMBEDDED:
         model.config._name_or_path = EMBEDDED_NAME
-    return model.to(device).eval(), tok
+    # inference only: without this every analysis touching a weight (W_O, Gram blocks) builds an autograd graph
+    return model.to(device).eval().requires_grad_(False), tok
 
 
 def random_model(family: str = "llama", layers: int = 2, heads: int = 4, kv_heads: int = 2, head_dim: int = 16,
@@ -185,7 +186,7 @@ def random_model(family: str = "llama", layers: int = 2, heads: int = 4, kv_head
                 if proj.bias is not None:
                     proj.bias.normal_(0.0, 0.1)
     model.config._name_or_path = f"random-{family}"
-    return model.eval()
+    return model.eval().requires_grad_(False)
 
 
 def chat_ids(tok, user_text: str, chat: bool = True) -> torch.Tensor:
