@@ -102,7 +102,7 @@ def kv_entry_contribution_norms(pf: Prefill, layer: int, m: int | None = None) -
 def head_contribution_norms(pf: Prefill, layers: list[int] | None = None) -> torch.Tensor:
     """‖C_h‖_F for every analysed layer and query head: (len(layers), H), float32 (figure 01a)."""
     layers = list(range(pf.shape.layers)) if layers is None else layers
-    return torch.stack([head_contributions(pf, l).flatten(1).norm(dim=1) for l in layers])
+    return torch.stack([head_contributions(pf, li).flatten(1).norm(dim=1) for li in layers])
 
 
 @torch.no_grad()
@@ -169,11 +169,11 @@ def inner_selection_errors(pf: Prefill, layer: int, fracs: list[float]) -> list[
     H, n = pf.shape.heads, pf.n
     XY = X @ Y
     b = pf.b_o(layer)
-    O = XY + (0 if b is None else b.float())
+    out = XY + (0 if b is None else b.float())  # O, the block output
     xn, yn = X.norm(dim=0), Y.norm(dim=1)
-    norm_xy, norm_o = XY.norm().clamp_min(1e-30), O.norm().clamp_min(1e-30)
+    norm_xy, norm_o = XY.norm().clamp_min(1e-30), out.norm().clamp_min(1e-30)
     rows = []
-    for selector, scores in zip(SELECTORS, (xn, xn * yn)):
+    for selector, scores in zip(SELECTORS, (xn, xn * yn), strict=True):
         for frac in fracs:
             keep = topk_mask(scores, frac)  # (H·n,)
             drop = ~keep
@@ -183,6 +183,6 @@ def inner_selection_errors(pf: Prefill, layer: int, fracs: list[float]) -> list[
             rows.append(dict(layer=layer, selector=selector, frac=float(frac), kept=int(keep.sum()),
                              drop_error=float(err.norm() / norm_xy),
                              bound=float((xn[drop] * yn[drop]).sum() / norm_xy),
-                             renorm_error=float((renorm - O).norm() / norm_o),
+                             renorm_error=float((renorm - out).norm() / norm_o),
                              kept_mass=float(mass), sink_kept=float(keep.view(H, n)[:, 0].float().mean())))
     return rows

@@ -60,8 +60,8 @@ def test_attn_out_is_the_models_o_proj_output(family_model):
     """The captured attention-block output equals what HF's o_proj produces in its own forward."""
     ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(2))
     seen = {}
-    hooks = [layer.self_attn.o_proj.register_forward_hook(lambda m, i, o, l=l: seen.__setitem__(l, o[0].detach()))
-             for l, layer in enumerate(family_model.model.layers)]
+    hooks = [layer.self_attn.o_proj.register_forward_hook(lambda m, i, o, li=li: seen.__setitem__(li, o[0].detach()))
+             for li, layer in enumerate(family_model.model.layers)]
     try:
         with torch.no_grad():
             family_model(ids)
@@ -69,8 +69,8 @@ def test_attn_out_is_the_models_o_proj_output(family_model):
         for h in hooks:
             h.remove()
     pf = prefill(family_model, ids, window=8)
-    for l, cap in enumerate(pf.layers):
-        assert rel(cap.attn_out, seen[l][-8:]) < 1e-5
+    for li, cap in enumerate(pf.layers):
+        assert rel(cap.attn_out, seen[li][-8:]) < 1e-5
 
 
 def test_capture_shapes(small_prefill):
@@ -90,7 +90,7 @@ def test_chunked_prefill_equals_unchunked(family_model):
     ids = torch.randint(0, 128, (1, 50), generator=torch.Generator().manual_seed(3))
     a, b = prefill(family_model, ids, window=8), prefill(family_model, ids, window=8, chunk=7)
     assert rel(b.logits, a.logits) < 1e-5
-    for ca, cb in zip(a.layers, b.layers):
+    for ca, cb in zip(a.layers, b.layers, strict=True):
         assert rel(cb.attn_out, ca.attn_out) < 1e-5 and rel(cb.k, ca.k) < 1e-6
 
 
@@ -98,8 +98,8 @@ def test_on_layer_called_in_order_and_may_replace(family_model):
     ids = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(4))
     order = []
 
-    def hook(l, cap):
-        order.append(l)
+    def hook(li, cap):
+        order.append(li)
         cap.k = cap.k[:, :5]  # a replacement capture is stored as returned
         return cap
 

@@ -29,8 +29,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm().clamp_min(1e-300))
 
 
-def bias(pf, l):
-    b = pf.b_o(l)
+def bias(pf, li):
+    b = pf.b_o(li)
     return 0 if b is None else b.float()
 
 
@@ -45,16 +45,16 @@ def family_prefill(request):
 def check_identities(pf):
     """Every identity of notebook 01, on every layer."""
     m = pf.n - pf.window
-    for l in range(pf.shape.layers):
-        O = pf.layers[l].attn_out.float()
-        C = dc.head_contributions(pf, l)
-        assert rel(C.sum(0) + bias(pf, l), O) <= RTOL, f"layer {l}: Σ_h C_h + b_O = O"
-        assert rel(dc.attention_output(pf, l), O) <= RTOL, f"layer {l}: concat route"
-        X, Y = dc.mm_factors(pf, l)
-        assert rel(X @ Y, O - bias(pf, l)) <= RTOL, f"layer {l}: X·Y = O − b_O"
-        S = dc.kv_entry_contribution_norms(pf, l, m)
-        F = flowkv_scores(pf.attn(l), pf.layers[l].v, cached_gram(pf, l), m)
-        assert rel(F, S) <= RTOL, f"layer {l}: Gram form = direct score"
+    for li in range(pf.shape.layers):
+        out = pf.layers[li].attn_out.float()
+        C = dc.head_contributions(pf, li)
+        assert rel(C.sum(0) + bias(pf, li), out) <= RTOL, f"layer {li}: Σ_h C_h + b_O = O"
+        assert rel(dc.attention_output(pf, li), out) <= RTOL, f"layer {li}: concat route"
+        X, Y = dc.mm_factors(pf, li)
+        assert rel(X @ Y, out - bias(pf, li)) <= RTOL, f"layer {li}: X·Y = O − b_O"
+        S = dc.kv_entry_contribution_norms(pf, li, m)
+        F = flowkv_scores(pf.attn(li), pf.layers[li].v, cached_gram(pf, li), m)
+        assert rel(F, S) <= RTOL, f"layer {li}: Gram form = direct score"
 
 
 @pytest.mark.model
@@ -74,9 +74,9 @@ def test_bias_is_present_where_expected(family_prefill):
 
 def test_kv_entry_removal_changes_output_by_its_score(family_prefill):
     pf, s = family_prefill, family_prefill.shape
-    for l in range(s.layers):
-        X, Y = dc.mm_factors(pf, l)
-        S = dc.kv_entry_contribution_norms(pf, l)
+    for li in range(s.layers):
+        X, Y = dc.mm_factors(pf, li)
+        S = dc.kv_entry_contribution_norms(pf, li)
         for g, j in [(0, 0), (s.kv_heads - 1, pf.n - 1), divmod(int(S.argmax()), pf.n)]:
             mask = dc.kv_entry_inner_mask(s.heads, s.kv_heads, pf.n, g, j)
             assert int(mask.sum()) == s.group
@@ -85,8 +85,8 @@ def test_kv_entry_removal_changes_output_by_its_score(family_prefill):
 
 def test_per_head_product_bounds_exact_score(family_prefill):
     pf, s = family_prefill, family_prefill.shape
-    for l in range(s.layers):
-        S, Pr = dc.kv_entry_contribution_norms(pf, l), dc.per_head_product_scores(pf, l)
+    for li in range(s.layers):
+        S, Pr = dc.kv_entry_contribution_norms(pf, li), dc.per_head_product_scores(pf, li)
         assert Pr.shape == S.shape == (s.kv_heads, pf.n)
         assert bool((S <= Pr * (1 + 1e-5) + 1e-7).all()), "triangle inequality"
         if s.group == 1:  # G = H: the exact score is DKM's column–row product
@@ -97,8 +97,8 @@ def test_head_contribution_norms(family_prefill):
     pf = family_prefill
     N = dc.head_contribution_norms(pf)
     assert N.shape == (pf.shape.layers, pf.shape.heads)
-    for l in range(pf.shape.layers):
-        assert rel(N[l], dc.head_contributions(pf, l).flatten(1).norm(dim=1)) <= RTOL
+    for li in range(pf.shape.layers):
+        assert rel(N[li], dc.head_contributions(pf, li).flatten(1).norm(dim=1)) <= RTOL
     assert dc.head_contribution_norms(pf, [1]).shape == (1, pf.shape.heads)
 
 
@@ -115,9 +115,9 @@ def test_token_attention_and_contribution(family_prefill):
 
 def test_renormalised_output(family_prefill):
     pf, s = family_prefill, family_prefill.shape
-    O = pf.layers[0].attn_out.float()
+    out = pf.layers[0].attn_out.float()
     everything = torch.ones(s.heads, pf.n, dtype=torch.bool)
-    assert rel(dc.renormalised_output(pf, 0, everything), O) <= RTOL
+    assert rel(dc.renormalised_output(pf, 0, everything), out) <= RTOL
     keep = torch.rand(s.heads, pf.n, generator=torch.Generator().manual_seed(0)) < 0.5
     keep[:, -1] = True  # every head keeps at least one token
     a = dc.renormalised_output(pf, 0, keep)
