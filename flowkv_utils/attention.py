@@ -65,12 +65,16 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling:
         k = k.repeat_interleave(H // G, dim=1) if chunk is None else k
         v = v.repeat_interleave(H // G, dim=1) if chunk is None else v
     if chunk is None or chunk >= T:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=k.shape[1] != H)
     out = torch.empty_like(q)
     pos_k = torch.arange(T, device=q.device)
     for s in range(0, T, chunk):
         e = min(T, s + chunk)
-        mask = pos_k[:e].unsqueeze(0) <= torch.arange(s, e, device=q.device).unsqueeze(1)  # (e-s, e)
+        if q.is_cuda:  # bottom-right causal bias: SDPA runs flash attention, no (e-s) × e mask or logits in memory
+            from torch.nn.attention.bias import causal_lower_right
+            mask = causal_lower_right(e - s, e)
+        else:
+            mask = pos_k[:e].unsqueeze(0) <= torch.arange(s, e, device=q.device).unsqueeze(1)  # (e-s, e)
         out[:, :, s:e] = F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, :e], v[:, :, :e], attn_mask=mask,
                                                         scale=scaling, enable_gqa=G != H)
     return out

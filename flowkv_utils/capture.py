@@ -131,8 +131,10 @@ def prefill(model, input_ids: torch.Tensor, window: int = 32, chunk: int | None 
         del q, o
         if on_layer is not None:
             cap = on_layer(li, cap) or cap
-        if not keep_kv:
-            cap.k, cap.v = cap.k[:, :0], cap.v[:, :0]
+        if not keep_kv:  # fresh empty tensors: a [:, :0] view would keep the layer's whole K/V storage alive
+            G, _, d = cap.k.shape
+            cap.k, cap.v = cap.k.new_empty(G, 0, d), cap.v.new_empty(G, 0, d)
+        del k, v  # only the capture may hold this layer's K/V now
         captures.append(cap)
     logits = model.lm_head(inner.norm(h[:, -1:]))[0, -1].float()
     return Prefill(model=model, input_ids=input_ids, window=window, layers=captures, logits=logits)

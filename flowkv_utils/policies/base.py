@@ -135,7 +135,7 @@ def rank_desc(scores: torch.Tensor) -> torch.Tensor:
 
 def topk_per_row(scores: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
     """Bool mask of the top-k[r] entries of each row r of scores (R, m); k may differ per row."""
-    k = torch.as_tensor(k).reshape(-1, *([1] * (scores.dim() - 1)))
+    k = torch.as_tensor(k, device=scores.device).reshape(-1, *([1] * (scores.dim() - 1)))
     return rank_desc(scores) < k
 
 
