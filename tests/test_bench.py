@@ -1,0 +1,83 @@
+"""The benchmark harness: tidy rows with every column and the run's metadata, CSV files, the floor arithmetic, and
+one small end-to-end sweep on CPU. Timings are measured and printed, never asserted."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from flowkv_utils import bench, models
+
+
+def test_row_has_every_column_and_rejects_unknown_ones():
+    meta = bench.environment("pytest")
+    r = bench.row("decode", meta, policy="fullkv", decode_ms=1.0)
+    assert list(r) == bench.META + bench.TABLES["decode"]
+    assert r["command"] == "pytest" and r["torch"] == torch.__version__ and r["decode_ms"] == 1.0
+    assert r["floor_ms"] is None
+    with pytest.raises(ValueError, match="unknown column.*decode_msec"):
+        bench.row("decode", meta, decode_msec=1.0)
+    with pytest.raises(ValueError, match="table='speed'"):
+        bench.row("speed", meta)
+
+
+def test_recorder_writes_tidy_csv_and_meta(tmp_path):
+    rec = bench.Recorder(tmp_path, bench.environment("pytest"), echo=False)
+    rec.add("load", what="warm", seconds=0.5)
+    rec.add("load", what="cold", seconds=20.0, note="x")
+    rec.save_meta(extra=1)
+    rec.save_meta(more=2)
+    rows = list(csv.DictReader(open(tmp_path / "load.csv")))
+    assert [r["what"] for r in rows] == ["warm", "cold"] and list(rows[0]) == bench.META + bench.TABLES["load"]
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["extra"] == 1 and meta["more"] == 2 and meta["command"] == "pytest"
+    assert len(rec.frame("load")) == 2
+
+
+def test_weight_bytes_skip_the_untied_input_embedding():
+    m = models.random_model("llama", layers=1, heads=2, kv_heads=1, head_dim=8, hidden=16, vocab=50)
+    total = sum(p.numel() * p.element_size() for p in m.parameters())
+    assert bench.weight_bytes(m) == total - 50 * 16 * 4
+    m.lm_head.weight = m.model.embed_tokens.weight  # tied: read once, as the LM head
+    assert bench.weight_bytes(m) == sum(p.numel() * p.element_size() for p in m.parameters())
+
+
+def test_copy_bandwidth_is_positive():
+    bw = bench.copy_bandwidth("cpu", nbytes=1 << 20, reps=2)
+    assert bw["GBps"] > 0 and bw["bytes"] == 2 << 20
+
+
+def test_context_sweep_rows_are_complete():
+    m = models.random_model("llama", layers=2, heads=4, kv_heads=2, head_dim=16, hidden=64, vocab=64)
+    rec = bench.context_sweep(m, [160], budget=48, steps=2, warmup=1, window=16, weights=bench.RANDOM_WEIGHTS,
+                              reference_steps=1, bw={"bytes": 1, "ms": 1.0, "GBps": 10.0})
+    dec, pre, sco = rec.frame("decode"), rec.frame("prefill"), rec.frame("scoring")
+    assert list(dec.columns) == bench.META + bench.TABLES["decode"]
+    assert set(dec.policy) == {"fullkv", "snapkv", "flowkv", "flowkv_global"}
+    ctx = dec[dec.sweep == "context"]
+    for col in ("decode_ms", "tokens_per_s", "kept_bytes", "allocated_bytes", "weight_bytes", "floor_ms",
+                "floor_ratio", "bound_speedup", "device", "date"):
+        assert ctx[col].notna().all(), col
+    s = models.shape_of(m)
+    full = ctx[ctx.policy == "fullkv"].iloc[0]
+    assert full.kept_bytes == s.kv_bytes_per_token(4) * 160 == full.full_kv_bytes
+    kept = ctx[ctx.policy != "fullkv"]
+    assert (kept.kept_bytes == 48 * s.layers * s.kv_heads * s.head_dim * 2 * 4).all()  # every policy: same bytes
+    assert (kept.allocated_bytes <= 1.05 * kept.kept_bytes).all()
+    assert (ctx.floor_ms - 1e3 * (ctx.weight_bytes + ctx.kept_bytes) / 10e9).abs().max() < 1e-9
+    assert set(sco.policy) == {"snapkv", "flowkv", "flowkv_global"} and (sco.fraction > 0).all()
+    assert pre.iloc[0].policy == "flowkv_global" and pre.iloc[0].prefill_s > 0
+    assert "reference-eager" in set(dec.impl)
+
+
+@pytest.mark.model
+def test_cli_policies_on_the_embedded_model(tmp_path, embedded):
+    assert bench.main(["policies", "--n", "160", "--budget", "48", "--out", str(tmp_path)]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "scoring.csv")))
+    from flowkv_utils.policies import STUDY
+    assert [r["policy"] for r in rows] == STUDY
+    assert all(float(r["alloc_over_kept"]) <= 1.05 for r in rows)
+    assert json.loads((tmp_path / "meta.json").read_text())["command"].startswith("python -m flowkv_utils.bench")

@@ -1,0 +1,203 @@
+"""The split-KV decode path: work items, the PyTorch split-KV against `RaggedCache.attend`, the Triton tables'
+addressing, the static decode step against `generate.decode`. GPU parts skip without CUDA (CI has none); the Triton
+kernels themselves are checked on the GPU by `python -m flowkv_utils.bench gpu` (results/gpu/check.csv)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flowkv_utils import capture, generate, kernels, models, policies
+from flowkv_utils.cache import RaggedCache, RaggedLayer
+
+
+def ragged_layer(lengths, d=16, cap=8, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    G = len(lengths)
+    off = torch.zeros(G + 1, dtype=torch.long)
+    off[1:] = torch.cumsum(torch.tensor(lengths), 0)
+    N = int(off[-1])
+    k, v = (torch.randn(N, d, generator=g).to(dtype) for _ in range(2))
+    tk, tv = (torch.randn(G, cap, d, generator=g).to(dtype) for _ in range(2))
+    return RaggedLayer(k, v, off, tk, tv)
+
+
+def rel(a, b) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_module_imports_without_triton(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now raises ImportError
+    mod = importlib.reload(kernels)
+    assert mod.triton_available() is False
+    importlib.reload(kernels)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 300), min_size=1, max_size=8), st.integers(1, 70))
+def test_work_items_cover_each_segment_exactly(lengths, split):
+    off = torch.zeros(len(lengths) + 1, dtype=torch.long)
+    off[1:] = torch.cumsum(torch.tensor(lengths), 0)
+    it = kernels.work_items(off, split)
+    for s, n in enumerate(lengths):
+        a, b = int(it.seg_item_off[s]), int(it.seg_item_off[s + 1])
+        rows = [r for i in range(a, b) for r in range(int(it.start[i]), int(it.end[i]))]
+        assert rows == list(range(int(off[s]), int(off[s + 1])))  # every kept row once, in order
+        assert all(int(it.seg[i]) == s for i in range(a, b))
+        assert all(0 < int(it.end[i] - it.start[i]) <= split for i in range(a, b))
+        assert b - a == -(-n // split)  # empty segments get no item
+
+
+def test_choose_split_is_a_multiple_of_the_tile():
+    for total in (0, 1, 100, 10_000, 1_638_400):
+        s = kernels.choose_split(total, 1056, block=32)
+        assert s % 32 == 0 and 32 <= s <= 8192
+    assert kernels.choose_split(1_638_400, 1056, block=32) * 1056 >= 1_638_400
+
+
+@pytest.mark.parametrize("lengths,r,used", [([0, 1, 130, 7], 4, 0), ([300, 0], 2, 5), ([64, 64, 64], 1, 7),
+                                            ([0, 0], 3, 2), ([1000, 3, 0, 17, 250], 2, 1)])
+@pytest.mark.parametrize("split", [1, 16, 64, 4096])
+def test_split_kv_torch_matches_reference_attention(lengths, r, used, split):
+    lay = ragged_layer(lengths, seed=split + used)
+    G, d = len(lengths), lay.k.shape[1]
+    cache = RaggedCache([lay], next_pos=int(lay.offsets[-1]))
+    cache.used = used
+    q = torch.randn(G * r, 1, d, generator=torch.Generator().manual_seed(1))
+    ref = cache.attend(0, q, 1, d ** -0.5)  # (H, 1, d)
+    items = kernels.work_items(lay.offsets, split)
+    lay.tail_k[:, used + 1:] = float("nan")  # unwritten tail slots must never be read
+    lay.tail_v[:, used + 1:] = float("nan")
+    out = kernels.split_kv_torch(q.view(G, r, d), lay.k, lay.v, items, lay.tail_k, lay.tail_v, used + 1, d ** -0.5)
+    assert torch.isfinite(out).all()
+    assert rel(out.reshape(G * r, 1, d), ref) < 1e-5
+
+
+def test_split_kv_torch_bf16_within_tolerance():
+    lay = ragged_layer([500, 0, 37, 2048], d=64, dtype=torch.bfloat16)
+    cache = RaggedCache([lay], next_pos=0)
+    q = torch.randn(8, 1, 64).to(torch.bfloat16)
+    lay64 = RaggedLayer(lay.k.double(), lay.v.double(), lay.offsets, lay.tail_k.double(), lay.tail_v.double())
+    ref = RaggedCache([lay64], next_pos=0).attend(0, q.double(), 1, 0.125)
+    out = kernels.split_kv(q.view(4, 2, 64), lay.k, lay.v, kernels.work_items(lay.offsets, 64), lay.tail_k,
+                           lay.tail_v, 1, 0.125, impl="torch")
+    assert rel(out.reshape(8, 1, 64), ref) < 1e-2
+    assert cache.kept_entries() == 500 + 37 + 2048
+
+
+def test_split_kv_rejects_unknown_impl():
+    lay = ragged_layer([3])
+    with pytest.raises(ValueError, match="impl='cuda'"):
+        kernels.split_kv(torch.zeros(1, 1, 16), lay.k, lay.v, kernels.work_items(lay.offsets, 4), lay.tail_k,
+                         lay.tail_v, 1, 1.0, impl="cuda")
+
+
+def test_triton_tables_address_the_right_rows():
+    """Item i's element offsets, relative to the packed K/V, land on its first key (prefix items) or on its
+    segment's tail slot 0 (tail items); lengths and tail flags as the kernel reads them."""
+    lay = ragged_layer([0, 5, 70, 3], d=16, cap=8)
+    items = kernels.work_items(lay.offsets, 32)
+    t = kernels.triton_tables(items, lay.k, lay.v, lay.tail_k, lay.tail_v)
+    esz, base_k, base_v = lay.k.element_size(), t.k_base.data_ptr(), t.v_base.data_ptr()
+    for s in range(4):
+        a, c = int(t.seg_first[s]), int(t.seg_count[s])
+        seg_rows = []
+        for i in range(a, a + c):
+            seg, ko, vo, n, tail = (int(x) for x in t.tab[:, i])
+            assert seg == s
+            if tail:
+                assert n == 0 and base_k + ko * esz == lay.tail_k[s].data_ptr()
+                assert base_v + vo * esz == lay.tail_v[s].data_ptr()
+                assert i == a + c - 1  # the tail item comes last
+            else:
+                assert ko == vo and ko % 16 == 0
+                seg_rows += list(range(ko // 16, ko // 16 + n))
+        assert seg_rows == list(range(int(lay.offsets[s]), int(lay.offsets[s + 1])))
+
+
+@pytest.mark.skipif(os.environ.get("FLOWKV_TRITON_INTERPRET") != "1",
+                    reason="opt-in: Triton's CPU interpreter (FLOWKV_TRITON_INTERPRET=1, triton installed)")
+def test_triton_kernels_in_the_interpreter(monkeypatch):  # pragma: no cover - needs triton
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    lay = ragged_layer([0, 1, 130, 7], d=32, cap=8)
+    items = kernels.work_items(lay.offsets, 3)
+    q = torch.randn(4, 2, 32)
+    a = kernels.split_kv_torch(q, lay.k, lay.v, items, lay.tail_k, lay.tail_v, 3, 0.2)
+    b = kernels.split_kv(q, lay.k, lay.v, items, lay.tail_k, lay.tail_v, torch.tensor([3]), 0.2, impl="triton")
+    assert rel(b, a) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    m = models.random_model("llama", layers=3, heads=8, kv_heads=2, head_dim=16, hidden=64, vocab=100)
+    ids = torch.randint(0, 100, (1, 90), generator=torch.Generator().manual_seed(0))
+    pf = capture.prefill(m, ids, window=8)
+    return m, pf, policies.get_policy("flowkv", window=8)(pf, 24)
+
+
+def test_ragged_attend_plugs_into_generate_decode(tiny):
+    m, pf, res = tiny
+    c_ref, c_fast = generate.build_cache(pf, res, 8), generate.build_cache(pf, res, 8)
+    for t in (5, 17, 42):
+        a = generate.decode(m, c_ref, torch.tensor([[t]]))[-1]
+        b = generate.decode(m, c_fast, torch.tensor([[t]]), attend=kernels.ragged_attend)[-1]
+        assert rel(b, a) < 1e-5
+    # T > 1 (teacher forcing) falls back to the reference
+    a = generate.decode(m, c_ref, torch.tensor([[1, 2, 3]]))
+    b = generate.decode(m, c_fast, torch.tensor([[1, 2, 3]]), attend=kernels.ragged_attend)
+    assert rel(b, a) < 1e-5
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_fast_decoder_matches_generate_decode(tiny, fuse):
+    m, pf, res = tiny
+    ref = generate.build_cache(pf, res, 8)
+    dec = kernels.FastDecoder(m, kernels.StaticRaggedCache.from_ragged([generate.build_cache(pf, res, 8)], 8),
+                              impl="torch", fuse=fuse, compile=False)
+    for t in (5, 17, 42, 99):
+        a = generate.decode(m, ref, torch.tensor([[t]]))[-1]
+        assert rel(dec.step(torch.tensor([t]))[0], a) < 1e-5
+    assert dec.label == "torch" + ("+fused" if fuse else "")
+
+
+def test_fast_decoder_batch_of_different_caches(tiny):
+    m, pf, res = tiny
+    pf2 = capture.prefill(m, torch.randint(0, 100, (1, 70), generator=torch.Generator().manual_seed(3)), window=8)
+    res2 = policies.get_policy("snapkv", window=8)(pf2, 20)
+    refs = [generate.build_cache(pf, res, 8), generate.build_cache(pf2, res2, 8)]
+    sc = kernels.StaticRaggedCache.from_ragged([generate.build_cache(pf, res, 8), generate.build_cache(pf2, res2, 8)], 8)
+    dec = kernels.FastDecoder(m, sc, impl="torch", fuse=False)
+    for t in (4, 8, 15):
+        out = dec.step(torch.tensor([t, t + 1]))
+        for b, c in enumerate(refs):
+            assert rel(out[b], generate.decode(m, c, torch.tensor([[t + b]]))[-1]) < 1e-5
+    sc.rewind()
+    assert int(sc.used) == 0 and sc.pos.view(-1).tolist() == [pf.n, pf2.n]
+    with pytest.raises(RuntimeError, match="capacity"):
+        for _ in range(20):
+            dec.step()
+
+
+def test_static_cache_bytes_are_the_kept_bytes():
+    lengths = torch.tensor([[[3, 0, 10]], [[7, 7, 1]]])  # (L=2, B=1, G=3)
+    sc = kernels.StaticRaggedCache.from_lengths(lengths, head_dim=8, capacity=4, next_pos=50, dtype=torch.bfloat16)
+    assert sc.kept_bytes() == int(lengths.sum()) * 8 * 2 * 2
+    assert sc.kept_bytes() <= sc.allocated_bytes() <= 1.05 * sc.kept_bytes() + 8 * 4 * 2
+    assert all(torch.isfinite(x.k.float()).all() and x.k.abs().sum() > 0 for x in sc.layers)  # random, never zeros
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_split_kv_on_gpu():  # pragma: no cover - CPU CI
+    lay = ragged_layer([20000, 0, 1, 4097], d=128, dtype=torch.bfloat16)
+    lay = RaggedLayer(*(x.cuda() if torch.is_tensor(x) and x.dim() > 1 else x for x in
+                        (lay.k, lay.v, lay.offsets, lay.tail_k, lay.tail_v)))
+    cache = RaggedCache([lay], next_pos=0)
+    q = torch.randn(16, 1, 128, device="cuda", dtype=torch.bfloat16)
+    assert rel(kernels.ragged_attend(cache, 0, q, 1, 128 ** -0.5, impl="triton"),
+               cache.attend(0, q.double(), 1, 128 ** -0.5)) < 1e-2

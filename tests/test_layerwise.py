@@ -1,0 +1,64 @@
+"""Compression during prefill (`layerwise.py`) selects exactly what the one-shot policies select, packs the same
+K/V, and never keeps a layer's dense K/V after its hook."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flowkv_utils import capture, generate, models, policies
+from flowkv_utils.layerwise import LAYERWISE, DeviceCascade, LayerwiseCompressor
+from flowkv_utils.policies.flowkv import GlobalCascade
+
+W = 8
+
+
+@pytest.fixture(scope="module")
+def setup():
+    m = models.random_model("llama", layers=4, heads=8, kv_heads=2, head_dim=16, hidden=64, vocab=100)
+    ids = torch.randint(0, 100, (1, 120), generator=torch.Generator().manual_seed(0))
+    return m, ids, capture.prefill(m, ids, window=W)
+
+
+@pytest.mark.parametrize("name", LAYERWISE)
+@pytest.mark.parametrize("chunk", [None, 32])
+def test_layerwise_equals_one_shot(setup, name, chunk):
+    m, ids, pf = setup
+    pol = policies.get_policy(name) if name == "fullkv" else policies.get_policy(name, window=W)
+    res = pol(pf, 30)
+    comp = LayerwiseCompressor(m, ids, name, 30, window=W, also=("snapkv", "flowkv", "flowkv_global"),
+                               keep_scores=True)
+    out = capture.prefill(m, ids, window=W, chunk=chunk, on_layer=comp)
+    comp.finish_counts()
+    assert torch.equal(comp.keep_mask(), res.keep)
+    assert all(c.k.numel() == 0 and c.v.numel() == 0 for c in out.layers)  # no dense K/V kept
+    ref = generate.build_cache(pf, res, 8)
+    got = comp.cache(8)
+    for a, b in zip(got.layers, ref.layers, strict=True):
+        assert torch.equal(a.offsets, b.offsets) and torch.allclose(a.k, b.k) and torch.allclose(a.v, b.v)
+    assert set(comp.seconds) == {name, "snapkv", "flowkv", "flowkv_global"}
+    for other in ("snapkv", "flowkv", "flowkv_global"):
+        for budget in (30, 50):
+            want = policies.get_policy(other, window=W)(pf, budget).keep.sum(-1)
+            assert torch.equal(comp.kept_counts(other, budget), want)
+        assert torch.equal(comp.counts[other], policies.get_policy(other, window=W)(pf, 30).keep.sum(-1))
+
+
+def test_device_cascade_equals_global_cascade():
+    g = torch.Generator().manual_seed(1)
+    ref, dev = GlobalCascade(37), DeviceCascade(37)
+    for layer in range(5):
+        s = torch.rand(3, 20, generator=g)
+        s[0, :4] = 0.5  # ties go to the earlier entry in both
+        a, b = ref.add(layer, s), dev.add(layer, s)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(ref.keep_masks()[k], dev.keep_masks()[k]) for k in range(5))
+
+
+def test_unknown_policy_is_rejected(setup):
+    m, ids, _ = setup
+    with pytest.raises(ValueError, match="cake.*allowed are"):
+        LayerwiseCompressor(m, ids, "cake", 30, window=W)
+    comp = LayerwiseCompressor(m, ids, "snapkv", 30, window=W)
+    with pytest.raises(ValueError, match="kept_counts"):
+        comp.kept_counts("flowkv", 30)
