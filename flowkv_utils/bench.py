@@ -845,6 +845,79 @@ def largest_batch(rec: Recorder, model, counts: torch.Tensor, policy: str, budge
     return lo
 
 
+# ---- reading stored results (notebook 04) -------------------------------------------------------------------
+def load_results(folder: Path | str) -> dict:
+    """The tables a `bench gpu --out folder` run wrote: {'meta': dict, '<table>': DataFrame, ...}."""
+    import pandas as pd
+
+    folder = Path(folder)
+    if not (folder / "meta.json").is_file():
+        raise FileNotFoundError(f"{folder}: no meta.json — create it with "
+                                f"`python -m flowkv_utils.bench gpu --out {folder}` on a CUDA machine")
+    out: dict = {"meta": json.loads((folder / "meta.json").read_text())}
+    for table in TABLES:
+        f = folder / f"{table}.csv"
+        if f.is_file():
+            out[table] = pd.read_csv(f)
+    return out
+
+
+def oom_frontier(prefill_rows, capacity_bytes: float) -> dict[str, float]:
+    """Per policy, the context at which prefill peak memory would reach the device's capacity, extrapolated along
+    the straight line through the two longest measured contexts (peak memory grows linearly with n)."""
+    out = {}
+    for policy, g in prefill_rows[prefill_rows.status == "ok"].groupby("policy"):
+        g = g.sort_values("context").tail(2)
+        if len(g) < 2:
+            continue
+        (n0, p0), (n1, p1) = g[["context", "peak_alloc_bytes"]].to_numpy(dtype=float)
+        slope = (p1 - p0) / (n1 - n0)  # bytes per prompt token
+        out[policy] = n1 + (capacity_bytes - p1) / slope if slope > 0 else float("inf")
+    return out
+
+
+def bars(res: dict, budget: float = 0.05, scoring_context: int = 131072) -> "pd.DataFrame":
+    """The project's throughput bars, computed from stored results (printed, never asserted): decode step vs floor
+    at the longest context, the FlowKV speed-up against the bytes-ratio bound, throughput at the largest batch,
+    scoring overhead at `scoring_context`, ragged allocated vs kept bytes."""
+    import pandas as pd
+
+    d = res["decode"][res["decode"].status == "ok"]
+    n = int(d.context.max())
+    ctx = d[(d.sweep == "context") & (d.context == n) & (d.batch == 1)]
+    full = ctx[ctx.policy == "fullkv"].iloc[0]
+    rows = []
+    for pol in ("fullkv", "flowkv", "flowkv_global"):
+        r = ctx[(ctx.policy == pol) & ((ctx.budget == budget) | (pol == "fullkv"))]
+        if len(r):
+            r = r.iloc[0]
+            rows.append((f"decode step / floor, {pol}, n={n}, batch 1", r.floor_ratio, "≤ 1.3", r.floor_ratio <= 1.3))
+    for pol in ("flowkv", "flowkv_global"):
+        r = ctx[(ctx.policy == pol) & (ctx.budget == budget)]
+        if len(r):
+            r = r.iloc[0]
+            frac = (full.decode_ms / r.decode_ms) / r.bound_speedup
+            rows.append((f"{pol} speed-up over FullKV / bytes-ratio bound ({full.decode_ms / r.decode_ms:.2f}× of "
+                         f"{r.bound_speedup:.2f}×), n={n}", frac, "≥ 0.8", frac >= 0.8))
+    mb = d[d.sweep == "maxbatch"].set_index("policy")
+    if {"fullkv", "flowkv_global"} <= set(mb.index):
+        f, k = mb.loc["fullkv"], mb.loc["flowkv_global"]
+        rows.append((f"tokens/s at the largest batch, n={n}: FlowKV {budget:.0%} (B={k.batch}) / FullKV "
+                     f"(B={f.batch}) = {k.tokens_per_s:.0f} / {f.tokens_per_s:.0f}", k.tokens_per_s / f.tokens_per_s,
+                     "report", None))
+    if "scoring" in res:
+        sc = res["scoring"]
+        for pol in ("flowkv", "flowkv_global", "snapkv"):
+            r = sc[(sc.policy == pol) & (sc.context == scoring_context)]
+            if len(r):
+                v = float(r.fraction.iloc[0])
+                rows.append((f"{pol} scoring+selection / prefill, n={scoring_context}", v, "≤ 0.05", v <= 0.05))
+    rag = d[d.layout == "ragged"]
+    worst = float((rag.allocated_bytes / rag.kept_bytes).max())
+    rows.append(("ragged cache allocated / kept bytes (worst row)", worst, "≤ 1.05", worst <= 1.05))
+    return pd.DataFrame(rows, columns=["bar", "value", "target", "reached"])
+
+
 # ---- CLI -----------------------------------------------------------------------------------------------------
 def _embedded(device: str = "cpu"):
     from .models import load_model

@@ -81,3 +81,20 @@ def test_cli_policies_on_the_embedded_model(tmp_path, embedded):
     assert [r["policy"] for r in rows] == STUDY
     assert all(float(r["alloc_over_kept"]) <= 1.05 for r in rows)
     assert json.loads((tmp_path / "meta.json").read_text())["command"].startswith("python -m flowkv_utils.bench")
+
+
+def test_stored_gpu_results_load_and_give_every_bar():
+    res = bench.load_results(bench.REPO / "results" / "gpu")
+    for table in ("decode", "prefill", "scoring", "check", "bandwidth"):
+        assert list(res[table].columns) == bench.META + bench.TABLES[table], table
+    assert res["meta"]["weights"] == bench.RANDOM_WEIGHTS and res["meta"]["bandwidth"]["GBps"] > 0
+    b = bench.bars(res)
+    assert len(b) == 10 and b.value.notna().all()
+    front = bench.oom_frontier(res["prefill"], res["meta"]["gpu_total_bytes"])
+    assert set(front) == {"fullkv", "flowkv_global"} and front["flowkv_global"] > front["fullkv"] > 204800
+    assert all(res["check"].ok.isin(["True", "info", True]))  # every judged check passed
+
+
+def test_load_results_names_the_command_when_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="bench gpu --out"):
+        bench.load_results(tmp_path)
