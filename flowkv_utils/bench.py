@@ -876,10 +876,11 @@ def oom_frontier(prefill_rows, capacity_bytes: float) -> dict[str, float]:
     return out
 
 
-def bars(res: dict, budget: float = 0.05, scoring_context: int = 131072) -> "pd.DataFrame":
+def bars(res: dict, budget: float = 0.05, scoring_context: int = 131072):
     """The project's throughput bars, computed from stored results (printed, never asserted): decode step vs floor
     at the longest context, the FlowKV speed-up against the bytes-ratio bound, throughput at the largest batch,
-    scoring overhead at `scoring_context`, ragged allocated vs kept bytes."""
+    scoring overhead at `scoring_context`, ragged allocated vs kept bytes. Returns a DataFrame (bar, value, target,
+    reached; reached None where there is no target)."""
     import pandas as pd
 
     d = res["decode"][res["decode"].status == "ok"]
