@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from .budgets import resolve_budget
+from .budgets import check_window, resolve_budget
 from .cache import RaggedCache, RaggedLayer
 from .capture import LayerCapture, Prefill
 from .models import shape_of
@@ -102,6 +102,8 @@ class LayerwiseCompressor:
         self.window = window
         self.pf = Prefill(model=model, input_ids=ids, window=window, layers=[None] * L, logits=None)
         self.budget = resolve_budget(budget, self.n, L, G)
+        if not self.budget.full and any(name != "fullkv" for name in (policy, *also)):
+            check_window(self.n, window, int(self.budget.per_slot().min()), policy)  # same errors as the policies
         self.names = (policy, *[a for a in also if a != policy])
         self.main = policy
         self.policies = {name: get_policy(name, **({} if name == "fullkv" else {"window": window}))

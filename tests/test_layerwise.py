@@ -59,6 +59,8 @@ def test_unknown_policy_is_rejected(setup):
     m, ids, _ = setup
     with pytest.raises(ValueError, match="cake.*allowed are"):
         LayerwiseCompressor(m, ids, "cake", 30, window=W)
+    with pytest.raises(ValueError, match="smaller than the window"):
+        LayerwiseCompressor(m, ids, "flowkv_global", 6, window=W)  # a budget that cannot hold the window
     comp = LayerwiseCompressor(m, ids, "snapkv", 30, window=W)
     with pytest.raises(ValueError, match="kept_counts"):
         comp.kept_counts("flowkv", 30)
