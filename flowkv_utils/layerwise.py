@@ -4,8 +4,7 @@ cache of a long prompt never exists at once (200K+ tokens on one GPU).
 As soon as layer ℓ has run, the hook scores its entries with the policy's own `layer_scores` (window attention is
 (H, w, n): never an n × n matrix), selects, and packs the kept K/V into the ragged layout of `cache.RaggedCache`;
 the layer's dense K/V are then dropped. Layer-local policies (SnapKV, FlowKV layer-wise) decide each layer alone.
-FlowKV (global) ranks every (ℓ, g, j) together: `DeviceCascade` (the device-resident form of
-`policies.flowkv.GlobalCascade`) keeps the running global top-k and evicts from earlier layers as later ones
+FlowKV (global) ranks every (ℓ, g, j) together: `policies.flowkv.GlobalCascade` keeps the running global top-k and evicts from earlier layers as later ones
 arrive, which gives exactly the one-shot selection while holding ≈ budget + one layer.
 
     comp = LayerwiseCompressor(model, ids, "flowkv_global", 0.05, also=("snapkv", "flowkv"))
@@ -26,53 +25,9 @@ from .capture import LayerCapture, Prefill
 from .models import shape_of
 from .policies import get_policy
 from .policies.base import topk_flat, topk_per_row, with_window
-from .policies.flowkv import layer_norm_factor
+from .policies.flowkv import GlobalCascade, layer_norm_factor
 
 LAYERWISE = ("fullkv", "snapkv", "flowkv", "flowkv_global")
-
-
-class DeviceCascade:
-    """Cascading global top-k (as `GlobalCascade`) kept on the scores' device: `add(layer, scores (G, m))` →
-    {layer: (G, m) bool newly evicted}; `keep_masks()` → {layer: (G, m) bool kept}. Ties go to the earlier
-    (layer, g, j), as in `topk_flat`, so the result equals one top-k over all layers at once."""
-
-    def __init__(self, k: int):
-        self.k = int(k)
-        self.vals: torch.Tensor | None = None  # (≤ k,) kept scores
-        self.ids: torch.Tensor | None = None  # (≤ k,) their flat ids, increasing
-        self.shapes: dict[int, tuple[int, int]] = {}
-        self.offset: dict[int, int] = {}
-        self._next = 0
-
-    def add(self, layer: int, scores: torch.Tensor) -> dict[int, torch.Tensor]:
-        G, m = scores.shape
-        dev = scores.device
-        self.shapes[layer], self.offset[layer] = (G, m), self._next
-        new_ids = torch.arange(self._next, self._next + G * m, device=dev)
-        self._next += G * m
-        vals = scores.detach().float().reshape(-1)
-        if self.vals is not None:
-            vals = torch.cat([self.vals, vals])
-            new_ids = torch.cat([self.ids, new_ids])
-        keep = topk_flat(vals, min(self.k, vals.numel()))
-        dropped = new_ids[~keep]
-        self.vals, self.ids = vals[keep], new_ids[keep]
-        return self._masks(dropped, only_hit=True)
-
-    def _masks(self, ids: torch.Tensor, only_hit: bool = False) -> dict[int, torch.Tensor]:
-        out = {}
-        for layer, (G, m) in self.shapes.items():
-            o = self.offset[layer]
-            sel = ids[(ids >= o) & (ids < o + G * m)] - o
-            if only_hit and sel.numel() == 0:
-                continue
-            mask = torch.zeros(G * m, dtype=torch.bool, device=ids.device)
-            mask[sel] = True
-            out[layer] = mask.view(G, m)
-        return out
-
-    def keep_masks(self) -> dict[int, torch.Tensor]:
-        return self._masks(self.ids if self.ids is not None else torch.empty(0, dtype=torch.long))
 
 
 def _sync(device: torch.device) -> None:
@@ -111,7 +66,7 @@ class LayerwiseCompressor:
         for name, p in self.policies.items():
             if getattr(p, "head_floor", 0):
                 raise ValueError(f"{name}: head_floor={p.head_floor} is not supported layer by layer (use 0)")
-        self.cascades = {name: DeviceCascade(self.policies[name].selectable(self.budget))
+        self.cascades = {name: GlobalCascade(self.policies[name].selectable(self.budget))
                          for name in self.names if name == "flowkv_global" and not self.budget.full}
         self.seconds = {name: 0.0 for name in self.names}  # scoring + selection, summed over layers
         self.layers: list[RaggedLayer | None] = [None] * L

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from flowkv_utils import capture, generate, models, policies
-from flowkv_utils.layerwise import LAYERWISE, DeviceCascade, LayerwiseCompressor
-from flowkv_utils.policies.flowkv import GlobalCascade
+from flowkv_utils.layerwise import LAYERWISE, LayerwiseCompressor
 
 W = 8
 
@@ -42,17 +41,6 @@ def test_layerwise_equals_one_shot(setup, name, chunk):
             want = policies.get_policy(other, window=W)(pf, budget).keep.sum(-1)
             assert torch.equal(comp.kept_counts(other, budget), want)
         assert torch.equal(comp.counts[other], policies.get_policy(other, window=W)(pf, 30).keep.sum(-1))
-
-
-def test_device_cascade_equals_global_cascade():
-    g = torch.Generator().manual_seed(1)
-    ref, dev = GlobalCascade(37), DeviceCascade(37)
-    for layer in range(5):
-        s = torch.rand(3, 20, generator=g)
-        s[0, :4] = 0.5  # ties go to the earlier entry in both
-        a, b = ref.add(layer, s), dev.add(layer, s)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert all(torch.equal(ref.keep_masks()[k], dev.keep_masks()[k]) for k in range(5))
 
 
 def test_unknown_policy_is_rejected(setup):

@@ -168,35 +168,38 @@ class GlobalCascade:
 
     def __init__(self, k: int):
         self.k = int(k)
-        self.vals = torch.empty(0)
-        self.ids = torch.empty(0, dtype=torch.long)  # flat ids (layer, g, j) packed in one int64, kept in order
+        self.vals: torch.Tensor | None = None  # (≤ k,) kept scores
+        self.ids: torch.Tensor | None = None  # (≤ k,) their flat ids, increasing
         self.shapes: dict[int, tuple[int, int]] = {}
         self.offset: dict[int, int] = {}
         self._next = 0
 
     def add(self, layer: int, scores: torch.Tensor) -> dict[int, torch.Tensor]:
         G, m = scores.shape
+        dev = scores.device
         self.shapes[layer], self.offset[layer] = (G, m), self._next
+        new_ids = torch.arange(self._next, self._next + G * m, device=dev)
         self._next += G * m
-        ids = torch.arange(self.offset[layer], self._next)
-        vals = torch.cat([self.vals, scores.detach().float().cpu().reshape(-1)])
-        ids = torch.cat([self.ids, ids])
+        vals = scores.detach().float().reshape(-1)
+        if self.vals is not None:
+            vals = torch.cat([self.vals, vals])
+            new_ids = torch.cat([self.ids, new_ids])
         keep = topk_flat(vals, min(self.k, vals.numel()))
-        dropped = ids[~keep]
-        self.vals, self.ids = vals[keep], ids[keep]
-        return self._masks(dropped, only_layers=True)
+        dropped = new_ids[~keep]
+        self.vals, self.ids = vals[keep], new_ids[keep]
+        return self._masks(dropped, only_hit=True)
 
-    def _masks(self, ids: torch.Tensor, only_layers: bool = False) -> dict[int, torch.Tensor]:
+    def _masks(self, ids: torch.Tensor, only_hit: bool = False) -> dict[int, torch.Tensor]:
         out = {}
         for layer, (G, m) in self.shapes.items():
             o = self.offset[layer]
             sel = ids[(ids >= o) & (ids < o + G * m)] - o
-            if only_layers and sel.numel() == 0:
+            if only_hit and sel.numel() == 0:
                 continue
-            mask = torch.zeros(G * m, dtype=torch.bool)
+            mask = torch.zeros(G * m, dtype=torch.bool, device=ids.device)
             mask[sel] = True
             out[layer] = mask.view(G, m)
         return out
 
     def keep_masks(self) -> dict[int, torch.Tensor]:
-        return self._masks(self.ids)
+        return self._masks(self.ids if self.ids is not None else torch.empty(0, dtype=torch.long))
