@@ -43,3 +43,13 @@ def small_prefill(embedded):
     """Prefill of PROMPT (~300 tokens, question at the end) on the embedded model, window 32."""
     model, tok = embedded
     return prefill(model, chat_ids(tok, PROMPT), window=WINDOW)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for modules of tiny-tensor tests: intra-op threads only add contention there (≈30× slower
+    on a busy 2-core machine). Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -20,12 +20,7 @@ FAMILIES = [("llama", 2, 4, 2, 8, 1), ("mistral", 3, 4, 1, 8, 2), ("qwen2", 2, 6
 VOCAB = 128
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(family, L, H, G, d, seed):

@@ -28,13 +28,7 @@ CONFIGS = [("llama", 2, 4, 2, 8), ("qwen3", 3, 4, 4, 8), ("qwen2", 2, 6, 2, 8), 
 VOCAB = 128
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add contention on a busy 2-core machine (≈30× slower here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.cache
