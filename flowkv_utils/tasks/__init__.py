@@ -1,0 +1,52 @@
+"""Long-context tasks, built deterministically from a seed with nothing downloaded.
+
+Every task instance is one `TaskInstance`: the prompt token ids (question at the end, inside the observation
+window: "question-aware"), the reference answers, how many new tokens to generate and the metric that scores
+the generated text (a name in `metrics.METRICS`).
+
+- `niah`: needle-in-a-haystack grid (context length × depth) in a prose haystack (`haystack`).
+- `ruler`: RULER-style synthetic tasks (single/multi-key, multi-value, multi-query NIAH, variable tracking,
+  common-words extraction).
+- `longbench`: loader for the official LongBench JSONL files when the user has them on disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class TaskInstance:
+    """One prompt to answer. `meta` carries what a metric or a figure may need (depth, all_classes, ...)."""
+
+    task: str  # e.g. "niah", "ruler_niah_multikey", "longbench_qasper"
+    instance: str  # id, unique within the task, e.g. "len1024_depth050"
+    prompt_ids: torch.Tensor  # (1, n) token ids, chat template (and answer prefix) applied
+    references: list[str]  # acceptable answers (or all required strings, for string_match_all)
+    max_new_tokens: int
+    metric: str  # name in flowkv_utils.metrics.METRICS
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def context_tokens(self) -> int:
+        """Prompt length n in tokens of the model's tokenizer."""
+        return int(self.prompt_ids.shape[-1])
+
+
+def build_prompt(tok, user_text: str, answer_prefix: str = "", chat: bool = True) -> torch.Tensor:
+    """Token ids (1, n) of one user turn (chat template with the generation prompt when `chat`), followed by
+    the answer prefix as the start of the assistant's reply (RULER's convention)."""
+    from ..models import chat_ids
+
+    ids = chat_ids(tok, user_text, chat=chat)
+    if answer_prefix:
+        extra = tok(answer_prefix, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        ids = torch.cat([ids, extra], dim=-1)
+    return ids
+
+
+from . import haystack, longbench, niah, ruler  # noqa: E402  (submodules use TaskInstance)
+
+__all__ = ["TaskInstance", "build_prompt", "haystack", "longbench", "niah", "ruler"]
