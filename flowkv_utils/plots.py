@@ -52,7 +52,8 @@ def save_figure(fig, notebook: str, name: str, formats: tuple[str, ...] = ("png"
     out = []
     for ext in formats:
         p = figures_dir() / f"{notebook}_{name}.{ext}"
-        fig.savefig(p)
+        # no creation date in PDFs: rerunning a notebook leaves unchanged figures byte-identical in git
+        fig.savefig(p, metadata={"CreationDate": None} if ext == "pdf" else None)
         out.append(p)
     return out
 
