@@ -65,18 +65,28 @@ def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def renormalised_output(pf: Prefill, layer: int, keep_inner: torch.Tensor,
-                        P: torch.Tensor | None = None) -> torch.Tensor:
-    """What eviction really computes: softmax renormalised over the kept (head, token) pairs, then Σ_h A'_h P_h.
+def renormalised_output(pf: Prefill, layer: int, keep: torch.Tensor | None = None, P: torch.Tensor | None = None,
+                        values: torch.Tensor | None = None) -> torch.Tensor:
+    """What eviction really computes: softmax renormalised over the kept tokens, then Σ_h A'_h V_{g(h)} W_O^h + b_O.
 
-    keep_inner: bool (H, n) — which tokens each *query* head still sees; P: projected values (H, n, D) if already
-    computed. Returns (w, D) (+ b_O)."""
-    A = pf.attn(layer) * keep_inner.unsqueeze(1)
-    A = A / A.sum(-1, keepdim=True).clamp_min(1e-30)
-    P = projected_values(pf, layer) if P is None else P
-    out = torch.einsum("hwn,hnD->wD", A, P)
+    keep: bool (H, n) — which tokens each *query* head still sees — or (G, n) per KV head, applied to every query
+    head of its group; None keeps all. P: projected values (H, n, D) if already computed (else the cheaper route
+    through V then W_O, which never holds an H·n·D tensor). values (G, n, d): replacement values (SmoothEvict's
+    merged values) instead of the captured V. Returns (w, D) float32."""
+    A = pf.attn(layer)  # (H, w, n)
+    H, G = A.shape[0], pf.layers[layer].v.shape[0]
+    if keep is not None:
+        m = keep.to(A.device)
+        m = m.repeat_interleave(H // G, dim=0) if m.shape[0] != H else m  # (H, n)
+        A = A * m.unsqueeze(1)
+        A = A / A.sum(-1, keepdim=True).clamp_min(1e-30)
+    if P is not None:
+        out = torch.einsum("hwn,hnD->wD", A, P)
+    else:
+        v = (pf.layers[layer].v if values is None else values).float().repeat_interleave(H // G, dim=0)  # (H, n, d)
+        out = torch.einsum("hwd,hdD->wD", torch.bmm(A, v), pf.w_o(layer).float())
     b = pf.b_o(layer)
-    return out + (0 if b is None else b.float())
+    return out if b is None else out + b.float()
 
 
 @torch.no_grad()

@@ -26,6 +26,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .decomposition import renormalised_output
+
 # ------------------------------------------------------------------------------------------------------------
 # text normalisation
 
@@ -154,23 +156,13 @@ def score(metric: str, prediction: str, references: Sequence[str], all_classes: 
 
 
 def window_output(pf, layer: int, keep: torch.Tensor | None = None, values: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention block output on the window rows, (w, D) float32, from the window attention A (H, w, n)
-    (`Prefill.attn`, the one place attention is computed): O = Σ_h A'_h V_{g(h)} W_O^h + b_O.
+    """Attention block output on the window rows, (w, D) float32 (`decomposition.renormalised_output`, the one
+    place it is computed, from `Prefill.attn`): O = Σ_h A'_h V_{g(h)} W_O^h + b_O.
 
     keep (G, n) bool: the softmax is renormalised over the kept tokens, A'_h = A_h ⊙ m_g / Σ_j (A_h ⊙ m_g)[j],
     the mask m_g of KV head g applying to every query head h of its group; None keeps all (A' = A).
     values (G, n, d): replacement values (SmoothEvict's merged values), else the captured V."""
-    A = pf.attn(layer)  # (H, w, n)
-    H, G = A.shape[0], pf.layers[layer].v.shape[0]
-    if keep is not None:
-        m = keep.to(A.device).repeat_interleave(H // G, dim=0).unsqueeze(1)  # (H, 1, n)
-        A = A * m
-        A = A / A.sum(-1, keepdim=True).clamp_min(1e-30)
-    v = (pf.layers[layer].v if values is None else values).float().repeat_interleave(H // G, dim=0)  # (H, n, d)
-    ctx = torch.bmm(A, v)  # (H, w, d)
-    out = torch.einsum("hwd,hdD->wD", ctx, pf.w_o(layer).float())  # (w, D)
-    b = pf.b_o(layer)
-    return out if b is None else out + b.float()
+    return renormalised_output(pf, layer, keep, values=values)
 
 
 def attention_output_errors(pf, keep: torch.Tensor, values: list[torch.Tensor] | None = None,
