@@ -236,7 +236,48 @@ def _triton():
         out = acc / l_
         tl.store(OUT + (seg.to(tl.int64) * R + row) * D + cols, out.to(OUT.dtype.element_ty), mask=cmask)
 
-    _TRITON.update(split=split_kernel, combine=combine_kernel, triton=triton)
+    @triton.jit
+    def flowkv_score_kernel(A, V, M, M_LO, OUT, m, s_ah, s_aw, s_vg, s_vj,
+                            R: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr, D: tl.constexpr,
+                            D_PAD: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, PREC: tl.constexpr,
+                            TWO: tl.constexpr):
+        # one program per (block of BT tokens, KV head g): s_g[j]² = Σ_{a≤b} c_ab (A_a·A_b)[j] (v_j M_ab v_jᵀ),
+        # c = 1 on the diagonal, 2 off it; v_j M_ab is a (BT, d) @ (d, BE) tensor-core product, never stored.
+        # TWO: M = M_hi + M_lo with M_hi exact in TF32 (v too: bf16/fp16), so two TF32 products give float32 accuracy
+        tb = tl.program_id(0)
+        g = tl.program_id(1)
+        t = tb * BT + tl.arange(0, BT)
+        tmask = t < m
+        dd = tl.arange(0, D_PAD)
+        dmask = dd < D
+        ww = tl.arange(0, W_PAD)
+        ee = tl.arange(0, BE)
+        vbase = V + g.to(tl.int64) * s_vg + t.to(tl.int64)[:, None] * s_vj
+        v = tl.load(vbase + dd[None, :], mask=tmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        amask = (ww < W)[:, None] & tmask[None, :]
+        s2 = tl.zeros([BT], tl.float32)
+        for a in tl.static_range(R):
+            Aa = tl.load(A + (g * R + a).to(tl.int64) * s_ah + ww[:, None] * s_aw + t[None, :], mask=amask, other=0.0)
+            for b in tl.static_range(a, R):
+                Ab = tl.load(A + (g * R + b).to(tl.int64) * s_ah + ww[:, None] * s_aw + t[None, :], mask=amask,
+                             other=0.0)
+                aa = tl.sum(Aa * Ab, 0)  # (BT,) attention inner products over the window
+                mo = ((g * R + a) * R + b).to(tl.int64) * D * D
+                q = tl.zeros([BT], tl.float32)
+                for e0 in tl.static_range(0, D_PAD, BE):
+                    e = e0 + ee
+                    emask = e < D
+                    moff = mo + dd[:, None] * D + e[None, :]
+                    mk = dmask[:, None] & emask[None, :]
+                    tv = tl.dot(v, tl.load(M + moff, mask=mk, other=0.0), input_precision=PREC)  # (BT, BE)
+                    if TWO:
+                        tv += tl.dot(v, tl.load(M_LO + moff, mask=mk, other=0.0), input_precision=PREC)
+                    ve = tl.load(vbase + e[None, :], mask=tmask[:, None] & emask[None, :], other=0.0)
+                    q += tl.sum(tv * ve.to(tl.float32), 1)  # v_j M_ab v_jᵀ, BE columns at a time
+                s2 += (1.0 if a == b else 2.0) * aa * q
+        tl.store(OUT + g.to(tl.int64) * m + t, tl.sqrt(tl.maximum(s2, 0.0)), mask=tmask)
+
+    _TRITON.update(split=split_kernel, combine=combine_kernel, flowkv_score=flowkv_score_kernel, triton=triton)
     return _TRITON
 
 
@@ -336,6 +377,55 @@ def split_kv(q, k, v, items, tail_k, tail_v, n_tail, scaling, impl: str = "auto"
     ws = make_workspace(items, S, r, d, q.dtype, q.device)
     out = split_kv_triton(q.contiguous(), triton_tables(items, k, v, tail_k, tail_v), nt.reshape(1).long(),
                           scaling, ws)
+    return out
+
+
+# Launch settings of the FlowKV score kernel (benchmarks/NOTES.md). 'precision': 'split' (M = M_hi + M_lo, two TF32
+# products: float32 accuracy when v is bf16/fp16, which TF32 holds exactly; other v fall back to 'tf32x3'), or any
+# tl.dot input precision: 'tf32x3' (three TF32 products), 'tf32' (one: ≈ 1e-3 relative), 'ieee' (CUDA cores).
+SCORE_CONFIG = {"tokens": 64, "cols": 32, "num_warps": 4, "num_stages": 2, "precision": "split"}
+
+
+def tf32_split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x = hi + lo exactly, with hi rounded to TF32 (10 mantissa bits), so hi converts to TF32 without error and
+    lo's conversion error is ≈ 2⁻¹¹ of lo, i.e. ≈ 2⁻²² of x: float32 accuracy from two TF32 products."""
+    x = x.float().contiguous()
+    hi = ((x.view(torch.int32) + 0x1000) & ~0x1FFF).view(torch.float32)
+    return hi, x - hi
+
+
+def flowkv_scores_triton(A: torch.Tensor, v: torch.Tensor, gram: torch.Tensor, m: int,
+                         precision: str | None = None) -> torch.Tensor:
+    """FlowKV's Gram-form score (`policies.flowkv.flowkv_scores`) as one Triton kernel: A (H, w, n) float32,
+    v (G, n, d), gram (G, r, r, d, d) float32 → (G, m) float32. Nothing per (token, pair) is written to memory."""
+    G, r = gram.shape[:2]
+    d = gram.shape[-1]
+    H, w, n = A.shape
+    A = A.float()
+    if A.stride(-1) != 1:
+        A = A.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    out = torch.empty(G, m, dtype=torch.float32, device=A.device)
+    if m == 0:
+        return out
+    c = SCORE_CONFIG
+    prec = precision or c["precision"]
+    if prec == "split" and v.dtype not in (torch.bfloat16, torch.float16):
+        prec = "tf32x3"
+    two = prec == "split"
+    if two:
+        gram, lo = tf32_split(gram)
+    else:
+        gram = gram.float().contiguous()
+        lo = gram
+    d_pad = max(16, 1 << (d - 1).bit_length())
+    kern = _triton()["flowkv_score"]
+    kern[(math.ceil(m / c["tokens"]), G)](A, v, gram, lo, out, m, A.stride(0), A.stride(1), v.stride(0),
+                                          v.stride(1), R=r, W=w, W_PAD=max(16, 1 << (w - 1).bit_length()), D=d,
+                                          D_PAD=d_pad, BT=c["tokens"], BE=min(c["cols"], d_pad),
+                                          PREC="tf32" if two else prec, TWO=two, num_warps=c["num_warps"],
+                                          num_stages=c["num_stages"])
     return out
 
 

@@ -133,6 +133,29 @@ def test_triton_kernels_in_the_interpreter(monkeypatch):  # pragma: no cover - n
     assert rel(b, a) < 1e-5
 
 
+@pytest.mark.skipif(os.environ.get("FLOWKV_TRITON_INTERPRET") != "1",
+                    reason="opt-in: Triton's CPU interpreter (FLOWKV_TRITON_INTERPRET=1, triton installed)")
+@pytest.mark.parametrize("G,r,d,w,m", [(2, 4, 16, 8, 92), (3, 3, 64, 5, 65), (4, 1, 32, 32, 1), (1, 2, 24, 3, 40)])
+def test_flowkv_score_kernel_in_the_interpreter(monkeypatch, G, r, d, w, m):  # pragma: no cover - needs triton
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from flowkv_utils.policies.flowkv import flowkv_scores, gram_blocks
+    g = torch.Generator().manual_seed(G * 100 + m)
+    n = m + w
+    A = torch.softmax(torch.randn(G * r, w, n, generator=g), -1)
+    v = torch.randn(G, n, d, generator=g).bfloat16()
+    gram = gram_blocks(torch.randn(G * r, d, 3 * d, generator=g), G)
+    a = flowkv_scores(A, v, gram, m, impl="torch")
+    b = flowkv_scores(A, v, gram, m, impl="triton")
+    assert rel(b, a) < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_flowkv_score_kernel_on_gpu():  # pragma: no cover - CPU CI
+    from flowkv_utils import bench
+    rec = bench.Recorder(None, bench.environment("pytest"), echo=False)
+    assert bench.score_checks(rec, "cuda")
+
+
 @pytest.fixture(scope="module")
 def tiny():
     m = models.random_model("llama", layers=3, heads=8, kv_heads=2, head_dim=16, hidden=64, vocab=100)

@@ -43,6 +43,28 @@ def test_layerwise_equals_one_shot(setup, name, chunk):
         assert torch.equal(comp.counts[other], policies.get_policy(other, window=W)(pf, 30).keep.sum(-1))
 
 
+@pytest.mark.parametrize("slack", [0.0, 0.3, 0.9])
+def test_global_slack_bounds_held_entries_and_ends_exact(setup, slack):
+    """Re-packing lazily (slack > 0) holds at most 1/(1 − slack) of the selection after every layer, and the
+    final cache is the one-shot selection whatever the slack."""
+    m, ids, pf = setup
+    res = policies.get_policy("flowkv_global", window=W)(pf, 30)
+    comp = LayerwiseCompressor(m, ids, "flowkv_global", 30, window=W, slack=slack)
+    k = comp.cascades["flowkv_global"].k
+    held = []
+
+    def hook(li, cap):
+        out = comp(li, cap)
+        held.append(sum(comp.packed_prefix.values()))
+        return out
+
+    capture.prefill(m, ids, window=W, on_layer=hook)
+    assert torch.equal(comp.keep_mask(), res.keep)
+    assert held[-1] == k and all(h <= k / (1 - slack) + 1e-9 for h in held)
+    with pytest.raises(ValueError, match="slack"):
+        LayerwiseCompressor(m, ids, "flowkv_global", 30, window=W, slack=1.0)
+
+
 def test_unknown_policy_is_rejected(setup):
     m, ids, _ = setup
     with pytest.raises(ValueError, match="cake.*allowed are"):

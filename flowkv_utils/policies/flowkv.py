@@ -8,7 +8,9 @@ indices (h, j) for all h in g. Its score is the Frobenius norm of everything tha
     s_g[j]² = Σ_{h,h'∈g} (A_h[:, j]·A_{h'}[:, j]) (V_g[j] M_{hh'} V_g[j]ᵀ),   M_{hh'} = W_O^h W_O^{h'ᵀ} (d × d).
 
 Cross terms capture reinforcement/cancellation between query heads sharing an entry; with G = H it is DKM's
-column–row product ‖A_h[:, j]‖·‖V_h[j] W_O^h‖. The Gram blocks M are computed once per layer weight.
+column–row product ‖A_h[:, j]‖·‖V_h[j] W_O^h‖. The Gram blocks M are computed once per layer weight. On CUDA the
+sum runs as one Triton kernel (`kernels.flowkv_scores_triton`, float32 accuracy); `flowkv_scores` below is the
+readable PyTorch version, used on CPU and tested against the direct transcription.
 
 FlowKV (layer-wise): one top-k over all (g, j) of a layer fills its total. FlowKV (global): scores divided by a
 per-layer norm so layers compare (N2 default: ‖h_ℓ‖_F of the residual stream entering layer ℓ at the window rows;
@@ -24,6 +26,7 @@ import torch
 
 from ..budgets import Budget
 from ..capture import Prefill
+from ..kernels import flowkv_scores_triton, triton_available
 from .base import (
     Policy,
     check_param,
@@ -57,20 +60,36 @@ def cached_gram(pf: Prefill, layer: int) -> torch.Tensor:
 
 
 def flowkv_scores(A: torch.Tensor, v: torch.Tensor, gram: torch.Tensor, m: int | None = None,
-                  chunk: int = 16384) -> torch.Tensor:
+                  chunk: int = 8192, impl: str = "auto") -> torch.Tensor:
     """s_g[j] for j < m: exact group output-contribution norms via Gram blocks. A (H, w, n), v (G, n, d),
-    gram (G, r, r, d, d) → (G, m) float32. Chunked over tokens so nothing of size n·r²·d is held at once."""
+    gram (G, r, r, d, d) → (G, m) float32.
+
+    Both factors are symmetric in (a, b), so only the P = r(r+1)/2 pairs a ≤ b are formed (off-diagonal ones
+    counted twice), and the projected-value products v_j M_ab v_jᵀ of all pairs come from one batched GEMM
+    (c, d) @ (d, P·d) per KV head: that GEMM is nearly all of the cost. Chunked over tokens so nothing of size
+    n·P·d is held at once. impl: 'torch' (this code), 'triton' (`kernels.flowkv_scores_triton`, the same sum in one
+    fused GPU kernel) or 'auto' (triton on CUDA when it imports)."""
+    if impl not in ("auto", "torch", "triton"):
+        raise ValueError(f"impl={impl!r}: allowed are 'auto', 'torch', 'triton'")
+    m = A.shape[-1] if m is None else m
+    if impl == "triton" or (impl == "auto" and A.is_cuda and triton_available()):
+        return flowkv_scores_triton(A, v, gram, m)
     G, r = gram.shape[:2]
-    n = A.shape[-1]
-    m = n if m is None else m
-    Ag = A.float().view(G, r, A.shape[1], n)  # (G, r, w, n)
+    d = gram.shape[-1]
+    n, w = A.shape[-1], A.shape[1]
+    ia, ib = torch.triu_indices(r, r, device=A.device)  # the pairs a ≤ b
+    P = ia.numel()
+    twice = torch.where(ia == ib, 1.0, 2.0).to(A.device)  # (P,) off-diagonal pairs appear twice in Σ_{a,b}
+    mcat = gram[:, ia, ib].permute(0, 2, 1, 3).reshape(G, d, P * d)  # [g, d, p·d + e] = M_p[d, e]
+    Ag = A.view(G, r, w, n)
     out = torch.empty(G, m, dtype=torch.float32, device=A.device)
     for s in range(0, m, chunk):
         e = min(m, s + chunk)
-        aa = torch.einsum("gawj,gbwj->gabj", Ag[..., s:e], Ag[..., s:e])  # (G, r, r, c) attention inner products
-        vv = v[:, s:e].float()
-        pp = torch.einsum("gjd,gabde,gje->gabj", vv, gram, vv)  # (G, r, r, c) projected-value inner products
-        out[:, s:e] = (aa * pp).sum((1, 2)).clamp_min(0).sqrt()
+        a = Ag[..., s:e].float()  # (G, r, w, c)
+        aa = (a[:, ia] * a[:, ib]).sum(2)  # (G, P, c): attention inner products A_a[:, j]·A_b[:, j]
+        vv = v[:, s:e].float()  # (G, c, d)
+        pp = (torch.bmm(vv, mcat).view(G, e - s, P, d) * vv.unsqueeze(2)).sum(-1)  # (G, c, P): v_j M_p v_jᵀ
+        out[:, s:e] = (aa.transpose(1, 2) * pp).matmul(twice).clamp_min(0).sqrt()
     return out
 
 
@@ -163,43 +182,49 @@ class GlobalCascade:
     evict everything below the running k-th largest. Global top-k over a growing set is monotone, so the final
     selection equals the one-shot one exactly (tested), while only ≈ budget + one layer is ever held.
 
-    Use: c = GlobalCascade(k); per layer `evicted = c.add(layer, scores (G, m))` → {layer: bool mask of newly
-    evicted (G, m)}; at the end `c.keep_masks()` → {layer: (G, m) bool}."""
+    Use: c = GlobalCascade(k); per layer `c.add(layer, scores (G, m))`; then `c.keep_mask(layer)` → (G, m) bool,
+    what is still kept of that layer (entries only ever leave), and `c.kept_counts()` → kept entries per layer.
+    Everything stays on the scores' device and nothing waits for it (no host synchronisation), so a caller decides
+    itself when to read counts back and re-pack its cache."""
 
     def __init__(self, k: int):
         self.k = int(k)
-        self.vals: torch.Tensor | None = None  # (≤ k,) kept scores
-        self.ids: torch.Tensor | None = None  # (≤ k,) their flat ids, increasing
+        self.vals: torch.Tensor | None = None  # (≤ k,) kept scores, in increasing flat-id order
+        self.ids: torch.Tensor | None = None  # (≤ k,) their flat ids
+        self.alive: torch.Tensor | None = None  # (entries seen,) bool: still selected
         self.shapes: dict[int, tuple[int, int]] = {}
         self.offset: dict[int, int] = {}
         self._next = 0
 
-    def add(self, layer: int, scores: torch.Tensor) -> dict[int, torch.Tensor]:
+    def add(self, layer: int, scores: torch.Tensor) -> None:
+        """Merge one layer's scores (G, m); ties go to the earlier flat id (earlier layer, head, token)."""
         G, m = scores.shape
         dev = scores.device
         self.shapes[layer], self.offset[layer] = (G, m), self._next
-        new_ids = torch.arange(self._next, self._next + G * m, device=dev)
+        ids = torch.arange(self._next, self._next + G * m, device=dev)
         self._next += G * m
         vals = scores.detach().float().reshape(-1)
-        if self.vals is not None:
-            vals = torch.cat([self.vals, vals])
-            new_ids = torch.cat([self.ids, new_ids])
-        keep = topk_flat(vals, min(self.k, vals.numel()))
-        dropped = new_ids[~keep]
-        self.vals, self.ids = vals[keep], new_ids[keep]
-        return self._masks(dropped, only_hit=True)
+        alive = torch.ones(G * m, dtype=torch.bool, device=dev)
+        if self.vals is not None:  # kept ids are increasing and below the new ones: flat order is kept
+            vals, ids = torch.cat([self.vals, vals]), torch.cat([self.ids, ids])
+            alive = torch.cat([self.alive, alive])
+        kk = min(self.k, vals.numel())
+        top = torch.sort(vals, descending=True, stable=True).indices[:kk].sort().values  # the k best, flat order
+        alive[ids] = False
+        self.vals, self.ids = vals[top], ids[top]
+        alive[self.ids] = True
+        self.alive = alive
 
-    def _masks(self, ids: torch.Tensor, only_hit: bool = False) -> dict[int, torch.Tensor]:
-        out = {}
-        for layer, (G, m) in self.shapes.items():
-            o = self.offset[layer]
-            sel = ids[(ids >= o) & (ids < o + G * m)] - o
-            if only_hit and sel.numel() == 0:
-                continue
-            mask = torch.zeros(G * m, dtype=torch.bool, device=ids.device)
-            mask[sel] = True
-            out[layer] = mask.view(G, m)
-        return out
+    def keep_mask(self, layer: int) -> torch.Tensor:
+        """(G, m) bool: the entries of `layer` still selected (a copy)."""
+        G, m = self.shapes[layer]
+        o = self.offset[layer]
+        return self.alive[o: o + G * m].view(G, m).clone()
 
     def keep_masks(self) -> dict[int, torch.Tensor]:
-        return self._masks(self.ids if self.ids is not None else torch.empty(0, dtype=torch.long))
+        return {layer: self.keep_mask(layer) for layer in self.shapes}
+
+    def kept_counts(self) -> dict[int, torch.Tensor]:
+        """Entries still selected per layer, as 0-d tensors on the device (reading them synchronises)."""
+        return {layer: self.alive[o: o + self.shapes[layer][0] * self.shapes[layer][1]].sum()
+                for layer, o in self.offset.items()}
