@@ -85,7 +85,7 @@ def test_cli_policies_on_the_embedded_model(tmp_path, embedded):
 
 def test_stored_gpu_results_load_and_give_every_bar():
     res = bench.load_results(bench.REPO / "results" / "gpu")
-    for table in ("decode", "prefill", "scoring", "check", "bandwidth"):
+    for table in ("decode", "prefill", "scoring", "check", "bandwidth", "parts"):
         assert list(res[table].columns) == bench.META + bench.TABLES[table], table
     assert res["meta"]["weights"] == bench.RANDOM_WEIGHTS and res["meta"]["bandwidth"]["GBps"] > 0
     b = bench.bars(res)
@@ -98,3 +98,17 @@ def test_stored_gpu_results_load_and_give_every_bar():
 def test_load_results_names_the_command_when_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="bench gpu --out"):
         bench.load_results(tmp_path)
+
+
+def test_cli_scoring_parts_and_slack_prefills_on_cpu(tmp_path):
+    """`bench scoring` on the tiny shape: one row per scoring step, and one whole prefill per re-packing slack
+    whose FlowKV global row carries that slack and keeps the same bytes whatever the slack."""
+    assert bench.main(["scoring", "--shape", "tiny", "--contexts", "2048", "--slacks", "0", "0.5",
+                       "--device", "cpu", "--out", str(tmp_path)]) == 0
+    parts = list(csv.DictReader(open(tmp_path / "parts.csv")))
+    names = {r["part"] for r in parts}
+    assert {"window attention (H, w, n), float32", "flowkv score, PyTorch path",
+            "global cascade add + counts"} <= names
+    assert all(float(r["ms_per_layer"]) > 0 for r in parts)
+    rows = [r for r in csv.DictReader(open(tmp_path / "scoring.csv")) if r["policy"] == "flowkv_global"]
+    assert [float(r["slack"]) for r in rows] == [0.0, 0.5] and len({r["kept_bytes"] for r in rows}) == 1
