@@ -574,20 +574,26 @@ def tune_score_kernel(rec: Recorder, A, v, gram, m: int, reps: int = 5, label: s
     return {k: best[k] for k in ("tokens", "cols", "num_warps")}
 
 
+def shape_model(shape: str, device, longest: int, dtype=torch.bfloat16, layers: int | None = None):
+    """A random-weight model of one of SHAPES (optionally with fewer layers), positions for `longest` + 4096
+    tokens, named "<shape>[ N layers] (random weights, real shape)" so every row and figure says so."""
+    from .models import random_model
+
+    cfg = SHAPES[shape]
+    model = random_model(cfg["family"], layers or cfg["layers"], cfg["heads"], cfg["kv_heads"], cfg["head_dim"],
+                         cfg["hidden"], vocab=cfg["vocab"], intermediate=cfg["intermediate"], dtype=dtype,
+                         device=str(device), max_positions=longest + 4096)
+    model.config._name_or_path = f"{shape}{f' {layers} layers' if layers else ''} ({RANDOM_WEIGHTS})"
+    return model
+
+
 def scoring_prefills(rec: Recorder, shape: str = "llama3-8b", contexts: tuple[int, ...] = (131072,),
                      budget: float = 0.05, slacks: tuple[float, ...] = (0.0,), device: str = "cuda",
                      chunk: int = 8192) -> Recorder:
     """Whole-model prefills of a random-weight model of `shape` compressing with FlowKV (global) layer by layer,
     once per re-packing slack: the scoring rows (every policy's share of prefill) and peak memory of each."""
-    from .models import random_model
-
-    cfg = SHAPES[shape]
     dev = torch.device(device)
-    model = random_model(cfg["family"], cfg["layers"], cfg["heads"], cfg["kv_heads"], cfg["head_dim"],
-                         cfg["hidden"], vocab=cfg["vocab"], intermediate=cfg["intermediate"],
-                         dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32, device=str(dev),
-                         max_positions=max(contexts) + 4096)
-    model.config._name_or_path = f"{shape} ({RANDOM_WEIGHTS})"
+    model = shape_model(shape, dev, max(contexts), torch.bfloat16 if dev.type == "cuda" else torch.float32)
     warm = min(8192, min(contexts))  # first calls pay for library initialisation: not recorded
     prefill_context(Recorder(None, rec.meta, echo=False), model, warm, weights=RANDOM_WEIGHTS, budget=budget,
                     chunk=chunk)
@@ -830,8 +836,6 @@ def gpu_sweep(out: Path | str, *, shape: str = "llama3-8b", contexts: tuple[int,
     """The GPU sweep (see the module docstring): checks, prefill with layer-wise compression per context
     (scoring overhead per policy, peak memory), FullKV prefill peaks, decode vs context / budget / batch / layout /
     implementation, and the largest batch that fits at the longest context. Writes CSVs + meta.json to out."""
-    from .models import random_model
-
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench gpu needs a CUDA device (torch.cuda.is_available() is False); "
@@ -841,10 +845,7 @@ def gpu_sweep(out: Path | str, *, shape: str = "llama3-8b", contexts: tuple[int,
     bw = copy_bandwidth(dev)
     rec.add("bandwidth", **bw)
     cfg = SHAPES[shape]
-    model = random_model(cfg["family"], cfg["layers"], cfg["heads"], cfg["kv_heads"], cfg["head_dim"],
-                         cfg["hidden"], vocab=cfg["vocab"], intermediate=cfg["intermediate"], dtype=torch.bfloat16,
-                         device=str(dev), max_positions=max(contexts) + 4096)
-    model.config._name_or_path = f"{shape} ({RANDOM_WEIGHTS})"
+    model = shape_model(shape, dev, max(contexts))
     s = shape_of(model)
     W = weight_bytes(model)
     total_mem = torch.cuda.get_device_properties(0).total_memory if dev.type == "cuda" else None
@@ -870,10 +871,7 @@ def gpu_sweep(out: Path | str, *, shape: str = "llama3-8b", contexts: tuple[int,
         ok = kernel_checks(rec, device=str(dev))
         # whole-model parity is judged on a 2-layer model of the same shape; the deep model's errors are recorded
         # next to its bf16 noise floor (chunked vs unchunked prefill: two exact computations, different rounding)
-        small = random_model(cfg["family"], 2, cfg["heads"], cfg["kv_heads"], cfg["head_dim"], cfg["hidden"],
-                             vocab=cfg["vocab"], intermediate=cfg["intermediate"], dtype=torch.bfloat16,
-                             device=str(dev), max_positions=max(contexts) + 4096)
-        small.config._name_or_path = f"{shape} 2 layers ({RANDOM_WEIGHTS})"
+        small = shape_model(shape, dev, max(contexts), layers=2)
         n_chk = min(4096, min(contexts))
         ok &= decode_parity(rec, small, n_chk)
         ok &= chunked_prefill_check(rec, small, 2 * n_chk, chunk=max(64, n_chk // 2))
