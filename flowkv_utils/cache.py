@@ -1,59 +1,126 @@
-"""A compressed KV cache whose bytes really shrink: per layer, the kept tokens of every KV head are packed
-back to back (ragged), with an offsets vector; newly generated tokens go to a small dense tail.
+"""The one ragged KV layout: a compressed cache whose bytes really shrink.
 
-    layer ℓ:  k_packed (N_ℓ, d) = [kept keys of head 0 | kept keys of head 1 | ... ]   offsets (G + 1,)
-              tail_k   (G, capacity, d) for decoded tokens (every head keeps all of them)
+Per layer, the kept tokens of every KV head (a *segment*) are packed back to back, with an offsets vector; newly
+generated tokens go to a small dense tail:
 
-Allocated bytes = kept bytes + the offsets (8·(G+1) bytes a layer) + the tail; no padding to the longest head.
-Keys keep the RoPE phases of their original positions; new tokens continue at positions n, n + 1, ...
-`attend` is the clear PyTorch reference for decode attention over it (CPU and GPU); the fast GPU kernel lives
-in `kernels.py` and is checked against this.
+    layer ℓ:  k (N_ℓ, d) = [kept keys of segment 0 | kept keys of segment 1 | ... ]   offsets (S + 1,)
+              tail_k (S, capacity, d) for decoded tokens (every segment keeps all of them)
+
+A segment is one KV head of one sequence (S = G for one sequence, B·G for a batch: `fastdecode.StaticRaggedCache`
+uses this same layout). This module owns the layout: the one lengths → offsets (`offsets_of`), the one packing from
+a keep mask (`pack_layer`, `RaggedLayer.keep_rows`), the one byte accounting (`kept_bytes`, `allocated_bytes`) and
+the one constructor from a policy result (`RaggedCache.from_prefill`). Allocated bytes = kept bytes + the offsets
+(8·(S+1) bytes a layer) + the tail; no padding to the longest head. Keys keep the RoPE phases of their original
+positions; new tokens continue at positions n, n + 1, ... `RaggedCache.attend` is the clear PyTorch reference for
+decode attention over it; the fast kernels (`kernels.split_kv`, `fastdecode`) are checked against it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
 from .capture import Prefill
+from .selection import PolicyResult
+
+
+def offsets_of(lengths: torch.Tensor) -> torch.Tensor:
+    """Segment lengths (S,) → offsets (S + 1,) int64 on the CPU: segment s owns packed rows offsets[s]:offsets[s+1]."""
+    lengths = torch.as_tensor(lengths).reshape(-1).to("cpu", torch.long)
+    off = torch.zeros(lengths.numel() + 1, dtype=torch.long)
+    off[1:] = torch.cumsum(lengths, 0)
+    return off
+
+
+def check_keep_mask(keep: torch.Tensor, shape: tuple[int, ...], what: str = "keep") -> None:
+    """A keep mask must be a bool tensor of the given shape (an integer mask would be read as indices)."""
+    if not torch.is_tensor(keep) or keep.dtype != torch.bool:
+        got = keep.dtype if torch.is_tensor(keep) else type(keep).__name__
+        raise TypeError(f"{what}: dtype {got}; a keep mask must be a torch.bool tensor of shape {tuple(shape)} "
+                        "(True = kept), not indices or 0/1 integers")
+    if tuple(keep.shape) != tuple(shape):
+        raise ValueError(f"{what}: shape {tuple(keep.shape)}; expected {tuple(shape)}")
 
 
 @dataclass
 class RaggedLayer:
-    k: torch.Tensor  # (N, d) packed kept keys, head-major
+    k: torch.Tensor  # (N, d) packed kept keys, segment-major
     v: torch.Tensor  # (N, d) packed kept values
-    offsets: torch.Tensor  # (G + 1,) int64: head g owns rows offsets[g]:offsets[g+1]
-    tail_k: torch.Tensor  # (G, capacity, d)
-    tail_v: torch.Tensor  # (G, capacity, d)
+    offsets: torch.Tensor  # (S + 1,) int64 (CPU): segment s owns rows offsets[s]:offsets[s+1]
+    tail_k: torch.Tensor  # (S, capacity, d)
+    tail_v: torch.Tensor  # (S, capacity, d)
 
     @property
     def lengths(self) -> torch.Tensor:
         return self.offsets[1:] - self.offsets[:-1]
 
+    def keep_rows(self, rows: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Keep only the packed rows where rows (N,) is True; lengths (S,) are the segments' new lengths."""
+        self.k, self.v = self.k[rows].contiguous(), self.v[rows].contiguous()
+        self.offsets = offsets_of(lengths)
+
+    def with_tail(self, capacity: int) -> RaggedLayer:
+        """A fresh (uninitialised) tail of `capacity` tokens per segment, same prefix."""
+        S, d = self.offsets.numel() - 1, self.k.shape[-1]
+        self.tail_k = self.k.new_empty(S, capacity, d)
+        self.tail_v = self.v.new_empty(S, capacity, d)
+        return self
+
+
+def pack_layer(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None = None, capacity: int = 0) -> RaggedLayer:
+    """Pack one layer's kept entries: k, v (G, n, d), keep (G, n) bool (None keeps everything, as a view when
+    k/v are contiguous) → RaggedLayer with a tail of `capacity` tokens."""
+    G, n, d = k.shape
+    if keep is None:
+        kp, vp = k.reshape(G * n, d), v.reshape(G * n, d)
+        lengths = torch.full((G,), n, dtype=torch.long)
+    else:
+        check_keep_mask(keep, (G, n))
+        keep = keep.to(k.device)
+        kp, vp = k[keep], v[keep]  # (N, d) head-major
+        lengths = keep.sum(-1)
+    return RaggedLayer(kp.contiguous(), vp.contiguous(), offsets_of(lengths), k.new_empty(G, capacity, d),
+                       v.new_empty(G, capacity, d))
+
+
+def kept_bytes(layers: Iterable) -> int:
+    """Bytes of the kept prefix K and V of layers in the ragged layout (what the policy decided to keep)."""
+    return sum(x.k.numel() * x.k.element_size() + x.v.numel() * x.v.element_size() for x in layers)
+
+
+def allocated_bytes(layers: Iterable, include_tail: bool = False) -> int:
+    """Bytes the prefix really occupies (storage of the packed tensors + offsets); optionally the tails."""
+    total = 0
+    for x in layers:
+        total += x.k.untyped_storage().nbytes() + x.v.untyped_storage().nbytes()
+        total += x.offsets.numel() * x.offsets.element_size()
+        if include_tail:
+            total += x.tail_k.untyped_storage().nbytes() + x.tail_v.untyped_storage().nbytes()
+    return total
+
 
 class RaggedCache:
+    """One sequence's compressed cache: a RaggedLayer per layer, the tail fill `used` and the next RoPE position."""
+
     def __init__(self, layers: list[RaggedLayer], next_pos: int):
         self.layers = layers
         self.used = 0  # tokens in the tail
         self.next_pos = next_pos  # RoPE position of the next token
 
     @classmethod
-    def from_prefill(cls, pf: Prefill, keep: torch.Tensor | None = None, values: list[torch.Tensor] | None = None,
-                     capacity: int = 64) -> RaggedCache:
-        """Pack the kept entries (keep: (L, G, n) bool; None keeps everything) of a prefill.
-        values: optional per-layer replacement values (G, n, d) from merging policies."""
+    def from_prefill(cls, pf: Prefill, result: PolicyResult | None = None, capacity: int = 64) -> RaggedCache:
+        """The compressed cache of a policy result (None: the full cache), with tails of `capacity` tokens.
+        A merging policy's replacement values (result.values) are packed instead of the prefill's."""
+        if result is not None and not isinstance(result, PolicyResult):
+            raise TypeError(f"result: {type(result).__name__}; expected a PolicyResult (what a policy returns) "
+                            "or None (the full cache)")
         layers = []
         for li, c in enumerate(pf.layers):
-            G, n, d = c.k.shape
-            mask = torch.ones(G, n, dtype=torch.bool) if keep is None else keep[li]
-            mask = mask.to(c.k.device)
-            v = c.v if values is None else values[li]
-            counts = mask.sum(-1).cpu()
-            offsets = torch.zeros(G + 1, dtype=torch.long)
-            offsets[1:] = torch.cumsum(counts, 0)
-            layers.append(RaggedLayer(c.k[mask].contiguous(), v[mask].contiguous(), offsets,
-                                      c.k.new_empty(G, capacity, d), c.v.new_empty(G, capacity, d)))
+            keep = None if result is None else result.keep[li]
+            v = c.v if result is None or result.values is None else result.values[li]
+            layers.append(pack_layer(c.k, v, keep, capacity))
         return cls(layers, next_pos=pf.n)
 
     @property
@@ -103,15 +170,7 @@ class RaggedCache:
         return sum(int(lay.offsets[-1]) for lay in self.layers)
 
     def kept_bytes(self) -> int:
-        """Bytes of the kept prefix K and V (what the policy decided to keep)."""
-        return sum(lay.k.numel() * lay.k.element_size() + lay.v.numel() * lay.v.element_size() for lay in self.layers)
+        return kept_bytes(self.layers)
 
     def allocated_bytes(self, include_tail: bool = False) -> int:
-        """Bytes the prefix really occupies (storage of the packed tensors + offsets); optionally the tail."""
-        total = 0
-        for lay in self.layers:
-            total += lay.k.untyped_storage().nbytes() + lay.v.untyped_storage().nbytes()
-            total += lay.offsets.numel() * lay.offsets.element_size()
-            if include_tail:
-                total += lay.tail_k.untyped_storage().nbytes() + lay.tail_v.untyped_storage().nbytes()
-        return total
+        return allocated_bytes(self.layers, include_tail)

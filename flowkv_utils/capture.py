@@ -63,8 +63,13 @@ class Prefill:
     def b_o(self, layer: int) -> torch.Tensor | None:
         return self.model.model.layers[layer].self_attn.o_proj.bias
 
-    def drop_attention_cache(self) -> None:
-        self._attn.clear()
+    def forget_attention(self, layer: int | None = None) -> None:
+        """Drop the memoised window attention of one layer (None: of every layer), e.g. so that each policy timed
+        on the same layer pays for its own."""
+        if layer is None:
+            self._attn.clear()
+        else:
+            self._attn.pop(layer, None)
 
 
 def head_wo(attn, shape: ModelShape) -> torch.Tensor:
@@ -94,6 +99,14 @@ def run_layer(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, atte
     for s in range(0, T, step):
         h[:, s:s + step] = h[:, s:s + step] + layer.mlp(layer.post_attention_layernorm(h[:, s:s + step]))
     return h, q, k, v, o
+
+
+def forward_layers(model, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend) -> torch.Tensor:
+    """Every decoder layer in turn over hidden states h (B, T, D); attend(ℓ, q, k, v) → (B, H, T, d) is layer ℓ's
+    attention (a cache's decode attention, the split-KV kernel, ...). The one decode loop of the project."""
+    for li, layer in enumerate(model.model.layers):
+        h = run_layer(layer, h, cos, sin, lambda q, k, v, li=li: attend(li, q, k, v))[0]
+    return h
 
 
 LayerHook = Callable[[int, LayerCapture], LayerCapture | None]

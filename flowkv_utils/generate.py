@@ -10,37 +10,37 @@ import torch
 
 from .attention import scaling_of
 from .cache import RaggedCache
-from .capture import Prefill, rotary, run_layer
-from .policies.base import PolicyResult
-
-
-def build_cache(pf: Prefill, result: PolicyResult | None = None, capacity: int = 64) -> RaggedCache:
-    """The compressed cache of a policy result (None: the full cache)."""
-    if result is None:
-        return RaggedCache.from_prefill(pf, capacity=capacity)
-    return RaggedCache.from_prefill(pf, result.keep, result.values, capacity=capacity)
+from .capture import Prefill, forward_layers, rotary
+from .selection import PolicyResult
 
 
 @torch.no_grad()
 def decode(model, cache: RaggedCache, ids: torch.Tensor, attend=None) -> torch.Tensor:
     """Feed T tokens (1, T) through the model over `cache`; returns logits (T, vocab) float32.
-    attend(cache, layer, q, T, scaling) overrides the reference attention (GPU kernels)."""
+    attend(cache, layer, q, T, scaling) overrides the reference attention (e.g. `fastdecode.SplitKVAttend()`)."""
     device = next(model.parameters()).device
+    ids = torch.as_tensor(ids)
+    if ids.dtype in (torch.bool,) or ids.is_floating_point() or ids.is_complex():
+        raise TypeError(f"ids: dtype {ids.dtype}; token ids must be integers")
     ids = ids.to(device).view(1, -1)
+    vocab = model.config.vocab_size
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+        raise ValueError(f"token id {bad} is out of range: the vocabulary has ids 0..{vocab - 1}")
     T = ids.shape[1]
-    inner = model.model
-    h = inner.embed_tokens(ids)
+    h = model.model.embed_tokens(ids)
     pos = torch.arange(cache.next_pos, cache.next_pos + T, device=device).unsqueeze(0)
     cos, sin = rotary(model, h, pos)
-    for li, layer in enumerate(inner.layers):
-        def att(q, k, v, li=li, a=layer.self_attn):
-            cache.append(li, k[0], v[0])
-            if attend is None:
-                return cache.attend(li, q[0], T, scaling_of(a)).unsqueeze(0)
-            return attend(cache, li, q[0], T, scaling_of(a)).unsqueeze(0)
-        h = run_layer(layer, h, cos, sin, att)[0]
+    scalings = [scaling_of(layer.self_attn) for layer in model.model.layers]
+
+    def att(li, q, k, v):
+        cache.append(li, k[0], v[0])
+        fn = cache.attend if attend is None else (lambda *a: attend(cache, *a))
+        return fn(li, q[0], T, scalings[li]).unsqueeze(0)
+
+    h = forward_layers(model, h, cos, sin, att)
     cache.advance(T)
-    return model.lm_head(inner.norm(h))[0].float()
+    return model.lm_head(model.model.norm(h))[0].float()
 
 
 def stop_ids(tok) -> set[int]:
@@ -56,7 +56,7 @@ def stop_ids(tok) -> set[int]:
 def generate(pf: Prefill, result: PolicyResult | None = None, max_new_tokens: int = 32, tok=None,
              attend=None) -> list[int]:
     """Greedy continuation of the prompt from the (compressed) cache; stops at an end-of-turn token."""
-    cache = build_cache(pf, result, capacity=max_new_tokens)
+    cache = RaggedCache.from_prefill(pf, result, capacity=max_new_tokens)
     stops = stop_ids(tok)
     nxt = int(pf.logits.argmax())
     out = [nxt]
@@ -69,6 +69,6 @@ def generate(pf: Prefill, result: PolicyResult | None = None, max_new_tokens: in
 @torch.no_grad()
 def teacher_forced_logits(pf: Prefill, continuation: torch.Tensor, result: PolicyResult | None = None) -> torch.Tensor:
     """Next-token logits (T + 1, vocab) at the end of the prompt and after each continuation token."""
-    cache = build_cache(pf, result, capacity=continuation.numel())
+    cache = RaggedCache.from_prefill(pf, result, capacity=continuation.numel())
     rest = decode(pf.model, cache, continuation.view(1, -1))
     return torch.cat([pf.logits.unsqueeze(0), rest])

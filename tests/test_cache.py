@@ -10,7 +10,7 @@ from transformers import GenerationConfig
 
 from flowkv_utils.cache import RaggedCache
 from flowkv_utils.capture import prefill
-from flowkv_utils.generate import build_cache, decode, generate, teacher_forced_logits
+from flowkv_utils.generate import decode, generate, teacher_forced_logits
 from flowkv_utils.models import random_model
 from flowkv_utils.policies import REGISTRY, get_policy
 from flowkv_utils.policies.smoothevict import merge_values
@@ -109,10 +109,10 @@ def test_compressed_decode_equals_dense_masked_attention(name):
         logits = logits.masked_fill(~visible.unsqueeze(1), float("-inf"))
         return torch.einsum("grtn,gnd->grtd", torch.softmax(logits, -1), vals).reshape(q.shape).to(q.dtype)
 
-    got = decode(model, build_cache(pf, res, capacity=2), cont)  # capacity 2 < 4 also exercises tail growth
-    want = decode(model, build_cache(pf, res, capacity=2), cont, attend=dense)
+    got = decode(model, RaggedCache.from_prefill(pf, res, capacity=2), cont)  # capacity 2 < 4 also exercises tail growth
+    want = decode(model, RaggedCache.from_prefill(pf, res, capacity=2), cont, attend=dense)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    full = decode(model, build_cache(pf, None), cont)
+    full = decode(model, RaggedCache.from_prefill(pf, None), cont)
     assert not torch.allclose(got, full, atol=1e-6), "eviction should change something"
 
 
@@ -121,7 +121,7 @@ def test_ragged_bytes_are_the_kept_bytes(name):
     model = tiny(*FAMILIES[0])
     pf = prefill(model, ids_of(120, 5), window=8)
     res = get_policy(name, window=8)(pf, 24)
-    cache = build_cache(pf, res)
+    cache = RaggedCache.from_prefill(pf, res)
     L, G, d = len(pf.layers), pf.shape.kv_heads, pf.shape.head_dim
     kept = 2 * res.total_kept * d * pf.layers[0].k.element_size()
     assert cache.kept_entries() == res.total_kept and cache.kept_bytes() == kept

@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flowkv_utils import capture, generate, kernels, models, policies
+from flowkv_utils import capture, fastdecode, generate, kernels, models, policies
 from flowkv_utils.cache import RaggedCache, RaggedLayer
 
 
@@ -34,9 +34,9 @@ def rel(a, b) -> float:
 
 def test_module_imports_without_triton(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now raises ImportError
-    mod = importlib.reload(kernels)
+    mod = importlib.reload(kernels._triton)
     assert mod.triton_available() is False
-    importlib.reload(kernels)
+    importlib.reload(kernels._triton)
 
 
 @settings(max_examples=40, deadline=None)
@@ -171,22 +171,23 @@ def tiny():
 
 def test_ragged_attend_plugs_into_generate_decode(tiny):
     m, pf, res = tiny
-    c_ref, c_fast = generate.build_cache(pf, res, 8), generate.build_cache(pf, res, 8)
+    c_ref, c_fast = RaggedCache.from_prefill(pf, res, 8), RaggedCache.from_prefill(pf, res, 8)
+    attend = fastdecode.SplitKVAttend()
     for t in (5, 17, 42):
         a = generate.decode(m, c_ref, torch.tensor([[t]]))[-1]
-        b = generate.decode(m, c_fast, torch.tensor([[t]]), attend=kernels.ragged_attend)[-1]
+        b = generate.decode(m, c_fast, torch.tensor([[t]]), attend=attend)[-1]
         assert rel(b, a) < 1e-5
     # T > 1 (teacher forcing) falls back to the reference
     a = generate.decode(m, c_ref, torch.tensor([[1, 2, 3]]))
-    b = generate.decode(m, c_fast, torch.tensor([[1, 2, 3]]), attend=kernels.ragged_attend)
+    b = generate.decode(m, c_fast, torch.tensor([[1, 2, 3]]), attend=attend)
     assert rel(b, a) < 1e-5
 
 
 @pytest.mark.parametrize("fuse", [False, True])
 def test_fast_decoder_matches_generate_decode(tiny, fuse):
     m, pf, res = tiny
-    ref = generate.build_cache(pf, res, 8)
-    dec = kernels.FastDecoder(m, kernels.StaticRaggedCache.from_ragged([generate.build_cache(pf, res, 8)], 8),
+    ref = RaggedCache.from_prefill(pf, res, 8)
+    dec = fastdecode.FastDecoder(m, fastdecode.StaticRaggedCache.from_ragged([RaggedCache.from_prefill(pf, res, 8)], 8),
                               impl="torch", fuse=fuse, compile=False)
     for t in (5, 17, 42, 99):
         a = generate.decode(m, ref, torch.tensor([[t]]))[-1]
@@ -198,9 +199,9 @@ def test_fast_decoder_batch_of_different_caches(tiny):
     m, pf, res = tiny
     pf2 = capture.prefill(m, torch.randint(0, 100, (1, 70), generator=torch.Generator().manual_seed(3)), window=8)
     res2 = policies.get_policy("snapkv", window=8)(pf2, 20)
-    refs = [generate.build_cache(pf, res, 8), generate.build_cache(pf2, res2, 8)]
-    sc = kernels.StaticRaggedCache.from_ragged([generate.build_cache(pf, res, 8), generate.build_cache(pf2, res2, 8)], 8)
-    dec = kernels.FastDecoder(m, sc, impl="torch", fuse=False)
+    refs = [RaggedCache.from_prefill(pf, res, 8), RaggedCache.from_prefill(pf2, res2, 8)]
+    sc = fastdecode.StaticRaggedCache.from_ragged([RaggedCache.from_prefill(pf, res, 8), RaggedCache.from_prefill(pf2, res2, 8)], 8)
+    dec = fastdecode.FastDecoder(m, sc, impl="torch", fuse=False)
     for t in (4, 8, 15):
         out = dec.step(torch.tensor([t, t + 1]))
         for b, c in enumerate(refs):
@@ -214,7 +215,7 @@ def test_fast_decoder_batch_of_different_caches(tiny):
 
 def test_static_cache_bytes_are_the_kept_bytes():
     lengths = torch.tensor([[[3, 0, 10]], [[7, 7, 1]]])  # (L=2, B=1, G=3)
-    sc = kernels.StaticRaggedCache.from_lengths(lengths, head_dim=8, capacity=4, next_pos=50, dtype=torch.bfloat16)
+    sc = fastdecode.StaticRaggedCache.from_lengths(lengths, head_dim=8, capacity=4, next_pos=50, dtype=torch.bfloat16)
     assert sc.kept_bytes() == int(lengths.sum()) * 8 * 2 * 2
     assert sc.kept_bytes() <= sc.allocated_bytes() <= 1.05 * sc.kept_bytes() + 8 * 4 * 2
     assert all(torch.isfinite(x.k.float()).all() and x.k.abs().sum() > 0 for x in sc.layers)  # random, never zeros
@@ -227,5 +228,5 @@ def test_triton_split_kv_on_gpu():  # pragma: no cover - CPU CI
                         (lay.k, lay.v, lay.offsets, lay.tail_k, lay.tail_v)))
     cache = RaggedCache([lay], next_pos=0)
     q = torch.randn(16, 1, 128, device="cuda", dtype=torch.bfloat16)
-    assert rel(kernels.ragged_attend(cache, 0, q, 1, 128 ** -0.5, impl="triton"),
+    assert rel(fastdecode.SplitKVAttend(impl="triton")(cache, 0, q, 1, 128 ** -0.5),
                cache.attend(0, q.double(), 1, 128 ** -0.5)) < 1e-2

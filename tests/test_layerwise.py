@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from flowkv_utils import capture, generate, models, policies
-from flowkv_utils.layerwise import LAYERWISE, LayerwiseCompressor
+from flowkv_utils.cache import RaggedCache
+from flowkv_utils.layerwise import LayerwiseCompressor, streaming_policies
 
 W = 8
 
@@ -19,7 +20,7 @@ def setup():
     return m, ids, capture.prefill(m, ids, window=W)
 
 
-@pytest.mark.parametrize("name", LAYERWISE)
+@pytest.mark.parametrize("name", streaming_policies())
 @pytest.mark.parametrize("chunk", [None, 32])
 def test_layerwise_equals_one_shot(setup, name, chunk):
     m, ids, pf = setup
@@ -31,7 +32,7 @@ def test_layerwise_equals_one_shot(setup, name, chunk):
     comp.finish_counts()
     assert torch.equal(comp.keep_mask(), res.keep)
     assert all(c.k.numel() == 0 and c.v.numel() == 0 for c in out.layers)  # no dense K/V kept
-    ref = generate.build_cache(pf, res, 8)
+    ref = RaggedCache.from_prefill(pf, res, 8)
     got = comp.cache(8)
     for a, b in zip(got.layers, ref.layers, strict=True):
         assert torch.equal(a.offsets, b.offsets) and torch.allclose(a.k, b.k) and torch.allclose(a.v, b.v)

@@ -14,11 +14,12 @@ from hypothesis import strategies as st
 
 from flowkv_utils.budgets import proportional_allocation
 from flowkv_utils.capture import prefill
-from flowkv_utils.generate import build_cache
+from flowkv_utils.cache import RaggedCache
 from flowkv_utils.models import random_model
 from flowkv_utils.policies import REGISTRY, get_policy
 from flowkv_utils.policies.cake import cascade_budgets, indicator, layer_allocation
-from flowkv_utils.policies.flowkv import FlowKVGlobal, GlobalCascade, flowkv_scores, gram_blocks
+from flowkv_utils.policies.flowkv import FlowKVGlobal, flowkv_scores, gram_blocks
+from flowkv_utils.selection import GlobalCascade
 
 PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FEW = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -81,7 +82,7 @@ def test_policy_matches_reference(entry, case):
     total = n * L * G if entry[0] == "fullkv" else ref.model_total(budget, n, L, G)  # FullKV ignores the budget
     assert res.budget.total == total and res.total_kept == total  # exact budget, token or fraction
     assert res.keep.shape == (L, G, n) and res.keep.dtype == torch.bool
-    cache = build_cache(pf, res, capacity=1)  # packed indices: one entry per kept (ℓ, g, j), in range
+    cache = RaggedCache.from_prefill(pf, res, capacity=1)  # packed indices: one entry per kept (ℓ, g, j), in range
     assert cache.kept_entries() == total
     assert all(torch.equal(lay.lengths, res.kept_per_head[li]) for li, lay in enumerate(cache.layers))
     full = total >= n * L * G
@@ -154,8 +155,8 @@ def test_global_cascade_equals_one_shot(case, norm):
         return
     k = pol.selectable(res.budget)
     c, before = GlobalCascade(k), {}
-    for li, s in enumerate(pol.normalised_scores(pf, len(pf.layers))):
-        c.add(li, s)
+    for li in range(len(pf.layers)):
+        c.add(li, pol.normalised_scores(pf, li))
         now = c.keep_masks()
         for layer, mask in before.items():
             assert not (now[layer] & ~mask).any(), "an evicted entry came back"

@@ -1,10 +1,12 @@
 """The policy registry: one name → one class. To add a policy, write one file in this folder with a `Policy`
-subclass (see snapkv.py for a 30-line example) and add one line to `REGISTRY` below."""
+subclass (see snapkv.py: a score function in a dozen lines) and add one line to `REGISTRY` below. Its class
+attributes (role, head_adaptive, layer_adaptive, output_aware, scope, streams, in_study) put it into every sweep,
+table and figure: nothing else lists policies by name."""
 
 from __future__ import annotations
 
 from .adakv import AdaKV
-from .base import Policy, PolicyResult
+from .base import ROLES, Policy, PolicyResult
 from .cake import CAKE
 from .criticalkv import CriticalAdaKV, CriticalKV
 from .flowkv import FlowKV, FlowKVGlobal
@@ -28,14 +30,30 @@ REGISTRY: dict[str, type[Policy]] = {
     "smoothevict": SmoothEvict,
 }
 
-# the policies of the study, in the order figures list them
-STUDY = ["fullkv", "streamingllm", "snapkv", "pyramidkv", "adakv", "criticalkv", "cake", "flowkv",
-         "flowkv_global", "smoothevict"]
+CATEGORIES = ("role", "head_adaptive", "layer_adaptive", "output_aware", "scope", "streams", "in_study")
+
+
+def names(**attrs) -> list[str]:
+    """Registered names (in registry order) whose class attributes equal `attrs`, e.g. names(role="baseline")."""
+    unknown = sorted(set(attrs) - set(CATEGORIES))
+    if unknown:
+        raise ValueError(f"unknown policy attribute(s) {', '.join(unknown)}; known: {', '.join(CATEGORIES)}")
+    return [n for n, cls in REGISTRY.items() if all(getattr(cls, k) == v for k, v in attrs.items())]
+
+
+def categories() -> dict[str, dict[str, object]]:
+    """{name: {attribute: value}} of every registered policy (a tidy table for notebooks: pd.DataFrame(...).T)."""
+    return {n: {k: getattr(cls, k) for k in CATEGORIES} for n, cls in REGISTRY.items()}
+
+
+# the policies of the study, in the order figures list them; the head-wise baselines FlowKV is compared with
+STUDY = names(in_study=True)
+BASELINES = names(role="baseline")
 
 
 def get_policy(name: str, **params) -> Policy:
     """Instantiate a registered policy by name, e.g. get_policy("snapkv", window=32, kernel=7)."""
-    key = name.lower().replace("-", "_")
+    key = name.lower().replace("-", "_") if isinstance(name, str) else name
     if key not in REGISTRY:
         raise ValueError(f"unknown policy {name!r}: registered are {', '.join(REGISTRY)}")
     cls = REGISTRY[key]
@@ -45,4 +63,5 @@ def get_policy(name: str, **params) -> Policy:
         raise TypeError(f"policy {name!r}: {e}") from None
 
 
-__all__ = ["REGISTRY", "STUDY", "Policy", "PolicyResult", "get_policy"]
+__all__ = ["BASELINES", "CATEGORIES", "REGISTRY", "ROLES", "STUDY", "Policy", "PolicyResult", "categories",
+           "get_policy", "names"]

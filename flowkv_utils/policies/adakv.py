@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..budgets import Budget
 from ..capture import Prefill
-from .base import check_param, masked, pad_scores, stack_layers, topk_flat, topk_per_row, with_window
+from ..selection import masked, topk_flat, topk_per_row
+from .base import check_param
 from .snapkv import SnapKV
 
 
@@ -29,22 +29,12 @@ def adaptive_head_mask(scores: torch.Tensor, layer_total: int, alpha: float) -> 
 class AdaKV(SnapKV):
     alpha: float = 0.2
     name = "adakv"
+    head_adaptive = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_param(self.name, "alpha", self.alpha, isinstance(self.alpha, (int, float)) and 0 <= self.alpha <= 1,
                     "a number in [0, 1] (share of each head's budget guaranteed to it)")
 
-    def head_masks(self, pf: Prefill, b: Budget):
-        """Per layer: (SnapKV scores (G, n − w), adaptive prefix mask (G, n − w))."""
-        for li, total in enumerate(self.layer_selectable(b).tolist()):
-            s = self.layer_scores(pf, li)
-            yield s, adaptive_head_mask(s, total, self.alpha)
-
-    def select(self, pf: Prefill, b: Budget):
-        keeps, scores = [], []
-        for s, m in self.head_masks(pf, b):
-            keeps.append(with_window(m, self.window))
-            scores.append(pad_scores(s, self.window))
-        keep, sc = stack_layers(keeps, scores)
-        return keep, sc, {}
+    def keep_layer(self, pf: Prefill | None, layer: int, scores: torch.Tensor, slots: torch.Tensor):
+        return adaptive_head_mask(scores, int(slots.sum()), self.alpha), scores

@@ -1,76 +1,74 @@
-"""What every policy shares: the result type, the base class and the selection helpers.
+"""What every policy shares: the base class that owns validation, the budget and the per-layer loop, and the
+scoring helpers of the attention-based policies.
 
 A policy turns a `Prefill` and a budget into a keep mask (L, G, n) over (layer, KV head, token). Everything is per
 **KV head** (G heads), never per query head: each policy says how it aggregates the query heads of a group.
-Ties are always broken towards the earlier token (stable sorts), so every selection is deterministic.
+A policy supplies up to three small pieces, and `Policy.select` runs them for every layer:
+
+    layer_scores(pf, ℓ)                 → (G, m) scores of the selectable prefix (m = n − w; w = 0 without a window)
+    allocate(pf, b)                     → (L, G) selectable tokens per head, and info (default: uniform split)
+    keep_layer(pf, ℓ, scores, slots)    → ((G, m) bool kept prefix, (G, m) scores to show)  (default: per-head top-k)
+
+A model-wide policy (scope "model": one top-k over every layer) gives `model_scores(pf, ℓ, b)` instead; the
+layer-wise compressor runs the same pieces one layer at a time while prefilling (`layerwise.py`). What a policy *is*
+is said by class attributes (role, head_adaptive, layer_adaptive, output_aware, scope, streams), which the sweep,
+the compressor and the notebooks read: nowhere else lists policies by name.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from ..budgets import Budget, check_window, resolve_budget
 from ..capture import Prefill
+from ..selection import PolicyResult, floor_first, pad_scores, shown, stack_layers, topk_flat, topk_per_row, with_window
 
+__all__ = ["ROLES", "Policy", "PolicyResult", "check_odd_kernel", "check_param", "group_mean", "layer_topk",
+           "pool1d", "snap_scores", "window_mass"]
 
-@dataclass
-class PolicyResult:
-    """keep[ℓ, g, j] is True when token j stays in KV head g of layer ℓ.
-
-    scores: what the policy ranked by, (L, G, n) float32, NaN where a token is kept by rule (window, sinks) or
-    not scored. values: per-layer replacement values (G, n, d) for merging policies (SmoothEvict), else None."""
-
-    policy: str
-    budget: Budget
-    keep: torch.Tensor
-    scores: torch.Tensor | None = None
-    values: list[torch.Tensor] | None = None
-    info: dict = field(default_factory=dict)
-
-    @property
-    def kept_per_head(self) -> torch.Tensor:  # (L, G)
-        return self.keep.sum(-1)
-
-    @property
-    def kept_per_layer(self) -> torch.Tensor:  # (L,)
-        return self.keep.sum((-1, -2))
-
-    @property
-    def total_kept(self) -> int:
-        return int(self.keep.sum())
+ROLES = ("reference", "baseline", "derived")
 
 
 @dataclass
 class Policy:
-    """Base of all policies: validation, budget resolution and the FullKV short-cut live here once.
+    """Base of all policies: validation, budget resolution, the FullKV short-cut and the per-layer loop live here.
 
-    Subclasses set `name` and implement `select(pf, budget) -> (keep, scores, info)`."""
+    Subclasses set `name` (and the category attributes below) and implement `layer_scores` (plus `allocate`
+    and/or `keep_layer` where they differ from a uniform per-head top-k)."""
 
     window: int = 32
-    name = "policy"
-    uses_window = True  # False for policies that keep no observation window (StreamingLLM, FullKV)
+    name: ClassVar[str] = "policy"
+    uses_window: ClassVar[bool] = True  # False: no observation window is kept (StreamingLLM, FullKV)
+    # what the policy is — read by the sweep, the layer-wise compressor and the notebooks
+    role: ClassVar[str] = "baseline"  # "reference" (FullKV) | "baseline" (published method) | "derived" (this project)
+    head_adaptive: ClassVar[bool] = False  # heads of a layer compete: per-head budgets differ
+    layer_adaptive: ClassVar[bool] = False  # layer totals differ
+    output_aware: ClassVar[bool] = False  # scores read the values / W_O, not attention alone
+    scope: ClassVar[str] = "layer"  # "layer": each layer selects alone; "model": one top-k over every layer
+    streams: ClassVar[bool] = True  # can compress layer by layer during prefill (LayerwiseCompressor)
+    in_study: ClassVar[bool] = True  # drawn in the study's figures and tables (variants may opt out)
 
     def __post_init__(self) -> None:
-        check_param(self.name, "window", self.window, isinstance(self.window, int) and self.window >= 1,
-                    "a positive int (number of last prompt queries)")
+        check_param(self.name, "window", self.window, isinstance(self.window, int) and not isinstance(
+            self.window, bool) and self.window >= 1, "a positive int (number of last prompt queries)")
+
+    @property
+    def kept_window(self) -> int:
+        """Tokens at the end of the prompt every head keeps by rule (the window; 0 without one)."""
+        return self.window if self.uses_window else 0
 
     @torch.no_grad()
-    def __call__(self, pf: Prefill, budget: int | float) -> PolicyResult:
-        s = pf.shape
-        b = resolve_budget(budget, pf.n, s.layers, s.kv_heads)
-        if self.uses_window:
-            if self.window >= pf.n:
-                check_window(pf.n, self.window, int(b.per_slot().min()), self.name)
-            if pf.window < self.window:
-                raise ValueError(f"{self.name}: window={self.window} but the prefill captured only "
-                                 f"{pf.window} window queries; prefill with window ≥ {self.window}")
-            if not b.full:
-                check_window(pf.n, self.window, int(b.per_slot().min()), self.name)
+    def __call__(self, pf: Prefill, budget) -> PolicyResult:
+        b = self.budget_for(pf.n, pf.shape.layers, pf.shape.kv_heads, budget)
+        if self.uses_window and pf.window < self.window:
+            raise ValueError(f"{self.name}: window={self.window} but the prefill captured only "
+                             f"{pf.window} window queries; prefill with window ≥ {self.window}")
         if b.full:
-            keep = torch.ones(s.layers, s.kv_heads, pf.n, dtype=torch.bool)
+            keep = torch.ones(b.layers, b.kv_heads, pf.n, dtype=torch.bool)
             return PolicyResult(self.name, b, keep, info={"full": True})
         keep, scores, info = self.select(pf, b)
         got = int(keep.sum())
@@ -78,8 +76,63 @@ class Policy:
             raise RuntimeError(f"{self.name} kept {got} entries, budget total is {b.total}")
         return PolicyResult(self.name, b, keep, scores, info.pop("values", None), info)
 
+    def budget_for(self, n: int, layers: int, kv_heads: int, budget) -> Budget:
+        """Resolve a budget for this policy, with the window errors every policy shares."""
+        b = resolve_budget(budget, n, layers, kv_heads)
+        if self.uses_window and (self.window >= n or not b.full):
+            check_window(n, self.window, int(b.per_slot().min()), self.name)
+        return b
+
+    # the pieces a policy supplies ---------------------------------------------------------------------------
+    def layer_scores(self, pf: Prefill, layer: int) -> torch.Tensor:
+        """(G, m) scores of the selectable prefix of one layer (higher = keep)."""
+        raise NotImplementedError(f"{self.name}: a policy implements layer_scores (or overrides select)")
+
+    def allocate(self, pf: Prefill, b: Budget) -> tuple[torch.Tensor, dict]:
+        """(L, G) selectable tokens per head (window excluded) and info; default: the uniform per-slot split."""
+        return b.per_slot() - self.kept_window, {}
+
+    def keep_layer(self, pf: Prefill | None, layer: int, scores: torch.Tensor,
+                   slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kept prefix (G, m) of one layer given its scores and per-head slots (G,), and the scores to show."""
+        return topk_per_row(scores, slots.to(scores.device)), scores
+
+    def head_counts(self, scores: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """(G,) prefix entries each head keeps, from its scores alone (the compressor's `kept_counts`)."""
+        if not self.head_adaptive:
+            return torch.as_tensor(slots).clone()
+        return self.keep_layer(None, -1, scores, slots)[0].sum(-1)
+
+    def model_scores(self, pf: Prefill, layer: int, b: Budget) -> torch.Tensor:
+        """Scope "model" only: (G, m) scores of one layer, comparable across layers (one top-k over all)."""
+        raise NotImplementedError(f"{self.name}: a model-wide policy implements model_scores")
+
+    def model_floor(self, b: Budget) -> int:
+        """Scope "model" only: prefix tokens every head keeps before the model-wide top-k (0: none)."""
+        return 0
+
+    # the loop ---------------------------------------------------------------------------------------------
     def select(self, pf: Prefill, b: Budget):
-        raise NotImplementedError
+        """Every layer: scores → kept prefix → + window. Returns (keep (L, G, n), shown scores (L, G, n), info).
+        Scope "model": one top-k over every layer's `model_scores` (what `selection.GlobalCascade` reaches layer
+        by layer while prefilling)."""
+        w = self.kept_window
+        if self.scope == "model":
+            s = torch.stack([self.model_scores(pf, li, b) for li in range(b.layers)])  # (L, G, m)
+            top = topk_flat(floor_first(s, self.model_floor(b)), self.selectable(b))
+            keep, sc = stack_layers([with_window(k, w) for k in top],
+                                    [pad_scores(shown(x), w) for x in s])
+            return keep, sc, {"layer_budgets": keep.sum((1, 2)).tolist()}
+        slots, info = self.allocate(pf, b)
+        keeps, scores = [], []
+        for li in range(b.layers):
+            mask, s = self.keep_layer(pf, li, self.layer_scores(pf, li), slots[li])
+            keeps.append(with_window(mask, w))
+            scores.append(pad_scores(shown(s), w))
+        keep, sc = stack_layers(keeps, scores)
+        if self.layer_adaptive:
+            info.setdefault("layer_budgets", keep.sum((1, 2)).tolist())
+        return keep, sc, info
 
     # helpers shared by windowed policies -------------------------------------------------------------------
     def attn(self, pf: Prefill, layer: int) -> torch.Tensor:
@@ -88,17 +141,18 @@ class Policy:
 
     def selectable(self, b: Budget) -> int:
         """Model-wide entries left for selection once every head's window is kept."""
-        return b.total - self.window * b.layers * b.kv_heads
-
-    def layer_selectable(self, b: Budget) -> torch.Tensor:
-        """(L,) uniform per-layer selectable totals (the layer sums of the per-slot budgets, minus windows)."""
-        return b.per_slot().sum(1) - self.window * b.kv_heads
+        return b.total - self.kept_window * b.layers * b.kv_heads
 
 
 def check_param(policy: str, name: str, value, ok: bool, allowed: str) -> None:
     """Raise ValueError naming the policy, the parameter, its bad value and what is allowed."""
     if not ok:
         raise ValueError(f"{policy}: {name}={value!r} is invalid; allowed: {allowed}")
+
+
+def check_odd_kernel(policy: str, kernel, what: str = "max-pooling") -> None:
+    check_param(policy, "kernel", kernel, isinstance(kernel, int) and not isinstance(kernel, bool) and kernel >= 1
+                and kernel % 2 == 1, f"an odd positive int ({what} width; 1 = no pooling)")
 
 
 def window_mass(A: torch.Tensor) -> torch.Tensor:
@@ -127,43 +181,6 @@ def snap_scores(A: torch.Tensor, kv_heads: int, window: int, kernel: int = 7) ->
     return pool1d(group_mean(window_mass(A), kv_heads)[:, : n - window], kernel)
 
 
-def rank_desc(scores: torch.Tensor) -> torch.Tensor:
-    """Rank of every entry along the last axis, 0 = best; ties go to the earlier index."""
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-    return torch.empty_like(order).scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
-
-
-def topk_per_row(scores: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
-    """Bool mask of the top-k[r] entries of each row r of scores (R, m); k may differ per row."""
-    k = torch.as_tensor(k, device=scores.device).reshape(-1, *([1] * (scores.dim() - 1)))
-    return rank_desc(scores) < k
-
-
-def topk_flat(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask (same shape) of the k best entries of the whole tensor (flattened, ties to earlier index)."""
-    return topk_per_row(scores.reshape(1, -1), int(k)).view_as(scores)
-
-
-def masked(scores: torch.Tensor, exclude: torch.Tensor) -> torch.Tensor:
-    """Scores with excluded entries pushed below everything (so they are never chosen by a top-k)."""
-    return scores.masked_fill(exclude, float("-inf"))
-
-
-def with_window(prefix_keep: torch.Tensor, window: int) -> torch.Tensor:
-    """Append the always-kept window: (G, n − w) → (G, n)."""
-    G = prefix_keep.shape[0]
-    return torch.cat([prefix_keep, torch.ones(G, window, dtype=torch.bool, device=prefix_keep.device)], dim=-1)
-
-
-def pad_scores(prefix_scores: torch.Tensor, window: int) -> torch.Tensor:
-    """Append NaN for the window positions (kept by rule, not scored): (G, n − w) → (G, n)."""
-    G = prefix_scores.shape[0]
-    nan = torch.full((G, window), float("nan"), dtype=torch.float32, device=prefix_scores.device)
-    return torch.cat([prefix_scores.float(), nan], dim=-1)
-
-
-def stack_layers(keeps: list[torch.Tensor], scores: list[torch.Tensor] | None = None):
-    """Stack per-layer (G, n) results into (L, G, n) CPU tensors."""
-    keep = torch.stack([k.cpu() for k in keeps])
-    sc = torch.stack([s.float().cpu() for s in scores]) if scores else None
-    return keep, sc
+def layer_topk(scores: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """The heads of a layer compete: one top-k over the flattened (G, m) scores fills the layer total Σ slots."""
+    return topk_flat(scores, int(slots.sum()))

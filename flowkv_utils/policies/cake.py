@@ -21,7 +21,7 @@ import torch
 
 from ..budgets import Budget, proportional_allocation, proportional_shares, split_evenly
 from ..capture import Prefill
-from .base import Policy, check_param, group_mean, pad_scores, pool1d, stack_layers, topk_per_row, with_window
+from .base import Policy, check_odd_kernel, check_param, group_mean, pool1d
 
 
 def preference(A_prefix: torch.Tensor, tau1: float = 1.0, tau2: float = 1.0) -> float:
@@ -67,6 +67,8 @@ class CAKE(Policy):
     gamma: float = 200.0
     kernel: int = 5
     name = "cake"
+    layer_adaptive = True
+    streams = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -75,22 +77,20 @@ class CAKE(Policy):
             check_param(self.name, k, v, isinstance(v, (int, float)) and v > 0, "a positive number (temperature)")
         check_param(self.name, "gamma", self.gamma, isinstance(self.gamma, (int, float)) and self.gamma >= 0,
                     "a number ≥ 0 (weight of the variance in the indicator)")
-        check_param(self.name, "kernel", self.kernel, isinstance(self.kernel, int) and self.kernel >= 1
-                    and self.kernel % 2 == 1, "an odd positive int (avg-pooling width; 1 = no pooling)")
+        check_odd_kernel(self.name, self.kernel, "avg-pooling")
         if self.window < 2:
             raise ValueError(f"{self.name}: window={self.window} is invalid; CAKE needs ≥ 2 window rows "
                              "(its variance over window rows is undefined for one row)")
 
-    def select(self, pf: Prefill, b: Budget):
-        w, G = self.window, b.kv_heads
-        m = pf.n - w
-        prefs, inds = [], []
-        for li in range(b.layers):
-            A = self.attn(pf, li)[..., :m]
-            prefs.append(preference(A, self.tau1, self.tau2))
-            inds.append(indicator(A, G, self.gamma, self.kernel))
-        prefs_t = torch.tensor(prefs, dtype=torch.float64)
-        slots = layer_allocation(prefs_t, self.selectable(b), G, m)  # (L, G)
-        keeps = [with_window(topk_per_row(inds[li], slots[li]), w) for li in range(b.layers)]
-        keep, sc = stack_layers(keeps, [pad_scores(s, w) for s in inds])
-        return keep, sc, {"layer_budgets": (slots.sum(1) + G * w).tolist(), "preferences": prefs}
+    def layer_scores(self, pf: Prefill, layer: int) -> torch.Tensor:
+        """(G, n − w) eviction indicator of one layer."""
+        A = self.attn(pf, layer)[..., : pf.n - self.window]
+        return indicator(A, pf.shape.kv_heads, self.gamma, self.kernel)
+
+    def allocate(self, pf: Prefill, b: Budget) -> tuple[torch.Tensor, dict]:
+        """(L, G) head slots ∝ layer preference; reads every layer's window attention first (so it does not
+        stream here: the cascade of `cascade_budgets` is tested, not wired into the layer-wise compressor)."""
+        m = pf.n - self.window
+        prefs = [preference(self.attn(pf, li)[..., :m], self.tau1, self.tau2) for li in range(b.layers)]
+        slots = layer_allocation(torch.tensor(prefs, dtype=torch.float64), self.selectable(b), b.kv_heads, m)
+        return slots, {"layer_budgets": (slots.sum(1) + b.kv_heads * self.window).tolist(), "preferences": prefs}

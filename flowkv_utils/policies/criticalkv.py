@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..budgets import Budget
 from ..capture import Prefill
-from .adakv import AdaKV
-from .base import check_param, masked, pad_scores, rank_desc, stack_layers, with_window
+from ..selection import masked, rank_desc
+from .adakv import AdaKV, adaptive_head_mask
+from .base import check_param
 from .snapkv import SnapKV
 
 
@@ -33,7 +33,7 @@ def critical_scores(pf: Prefill, layer: int, s: torch.Tensor) -> torch.Tensor:
 
 def two_stage(base: torch.Tensor, critical: torch.Tensor, k: torch.Tensor, first: float = 0.5) -> torch.Tensor:
     """(G, m) mask: per head top ⌊first·k⌋ by base, then the rest of k by critical among the others."""
-    k = torch.as_tensor(k).reshape(-1, 1)
+    k = torch.as_tensor(k, device=base.device).reshape(-1, 1)
     k1 = torch.floor(k * first).long()
     stage1 = rank_desc(base) < k1
     stage2 = rank_desc(masked(critical, stage1)) < (k - k1)
@@ -50,37 +50,32 @@ def _check_first_stage(p) -> None:
 class CriticalKV(SnapKV):
     first_stage: float = 0.5
     name = "criticalkv"
+    output_aware = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_first_stage(self)
 
-    def select(self, pf: Prefill, b: Budget):
-        slots = b.per_slot() - self.window
-        keeps, scores = [], []
-        for li in range(b.layers):
-            s = self.layer_scores(pf, li)
-            c = critical_scores(pf, li, s)
-            keeps.append(with_window(two_stage(s, c, slots[li], self.first_stage), self.window))
-            scores.append(pad_scores(c, self.window))
-        keep, sc = stack_layers(keeps, scores)
-        return keep, sc, {}
+    def keep_layer(self, pf: Prefill | None, layer: int, scores: torch.Tensor, slots: torch.Tensor):
+        c = critical_scores(pf, layer, scores)
+        return two_stage(scores, c, slots, self.first_stage), c
 
 
 @dataclass
 class CriticalAdaKV(AdaKV):
     first_stage: float = 0.5
     name = "criticaladakv"
+    output_aware = True
+    in_study = False  # a variant: CriticalKV's head-adaptive form
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_first_stage(self)
 
-    def select(self, pf: Prefill, b: Budget):
-        keeps, scores = [], []
-        for li, (s, m) in enumerate(self.head_masks(pf, b)):
-            c = critical_scores(pf, li, s)
-            keeps.append(with_window(two_stage(s, c, m.sum(-1), self.first_stage), self.window))
-            scores.append(pad_scores(c, self.window))
-        keep, sc = stack_layers(keeps, scores)
-        return keep, sc, {}
+    def keep_layer(self, pf: Prefill | None, layer: int, scores: torch.Tensor, slots: torch.Tensor):
+        heads = adaptive_head_mask(scores, int(slots.sum()), self.alpha).sum(-1)  # AdaKV's head budgets
+        c = critical_scores(pf, layer, scores)
+        return two_stage(scores, c, heads, self.first_stage), c
+
+    def head_counts(self, scores: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        return adaptive_head_mask(scores, int(slots.sum()), self.alpha).sum(-1)

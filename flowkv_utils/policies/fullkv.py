@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import torch
 
-from ..budgets import Budget, resolve_budget
+from ..budgets import resolve_budget
 from ..capture import Prefill
-from .base import Policy, PolicyResult
+from ..selection import PolicyResult
+from .base import Policy
 
 
 class FullKV(Policy):
     name = "fullkv"
     uses_window = False
+    role = "reference"
 
     @torch.no_grad()
-    def __call__(self, pf: Prefill, budget: int | float | None = None) -> PolicyResult:
+    def __call__(self, pf: Prefill, budget=None) -> PolicyResult:
         """The budget is ignored (but still validated): FullKV always keeps all n tokens of every KV head."""
         s = pf.shape
         if budget is not None:
@@ -23,5 +25,5 @@ class FullKV(Policy):
         return PolicyResult(self.name, b, torch.ones(s.layers, s.kv_heads, pf.n, dtype=torch.bool),
                             info={"full": True})
 
-    def select(self, pf: Prefill, b: Budget):  # pragma: no cover - __call__ never reaches it
-        raise AssertionError
+    def layer_scores(self, pf: Prefill, layer: int) -> torch.Tensor:  # keeps everything: every score equal
+        return torch.zeros(pf.shape.kv_heads, pf.n)

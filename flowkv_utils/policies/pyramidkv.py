@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from ..budgets import Budget, fill_to_total, pyramid_layer_budgets
 from ..capture import Prefill
-from .base import check_param, pad_scores, stack_layers, topk_per_row, with_window
+from .base import check_param
 from .snapkv import SnapKV
 
 
@@ -15,23 +17,19 @@ from .snapkv import SnapKV
 class PyramidKV(SnapKV):
     beta: int = 20
     name = "pyramidkv"
+    layer_adaptive = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_param(self.name, "beta", self.beta, isinstance(self.beta, int) and self.beta >= 1,
                     "a positive int (min budget = ⌊B'/β⌋)")
 
-    def select(self, pf: Prefill, b: Budget):
+    def allocate(self, pf: Prefill, b: Budget) -> tuple[torch.Tensor, dict]:
+        """(L, G) head slots from the pyramid schedule; needs only n, so it streams during prefill."""
         L, G, w = b.layers, b.kv_heads, self.window
         n_prefix = pf.n - w
         S = self.selectable(b)  # model-wide selectable entries
         per_head = pyramid_layer_budgets(S // (L * G), L, n_prefix, self.beta, window=w)  # (L,) B'_ℓ
         # [proj] fractional budgets: the few entries S − L·G·⌊S/(L·G)⌋ go to the bottom slots
         slots = fill_to_total(per_head.repeat_interleave(G), S, cap=n_prefix).view(L, G)
-        keeps, scores = [], []
-        for li in range(L):
-            s = self.layer_scores(pf, li)
-            keeps.append(with_window(topk_per_row(s, slots[li]), w))
-            scores.append(pad_scores(s, w))
-        keep, sc = stack_layers(keeps, scores)
-        return keep, sc, {"layer_budgets": (slots.sum(1) + G * w).tolist()}
+        return slots, {"layer_budgets": (slots.sum(1) + G * w).tolist()}

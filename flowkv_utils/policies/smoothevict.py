@@ -40,6 +40,7 @@ def merge_values(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, mass: tor
 @dataclass
 class SmoothEvict(FlowKV):
     name = "smoothevict"
+    streams = False  # the merge reads every layer's full K/V after selection
 
     def select(self, pf: Prefill, b: Budget):
         keep, scores, info = super().select(pf, b)

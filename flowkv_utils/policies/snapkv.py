@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..budgets import Budget
+import torch
+
 from ..capture import Prefill
-from .base import Policy, check_param, pad_scores, snap_scores, stack_layers, topk_per_row, with_window
+from .base import Policy, check_odd_kernel, snap_scores
 
 
 @dataclass
@@ -20,19 +21,8 @@ class SnapKV(Policy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_param(self.name, "kernel", self.kernel, isinstance(self.kernel, int) and self.kernel >= 1
-                    and self.kernel % 2 == 1, "an odd positive int (max-pooling width; 1 = no pooling)")
+        check_odd_kernel(self.name, self.kernel)
 
-    def layer_scores(self, pf: Prefill, layer: int):
+    def layer_scores(self, pf: Prefill, layer: int) -> torch.Tensor:
         """(G, n − w) SnapKV scores of one layer (also the base score of PyramidKV, AdaKV, CriticalKV)."""
         return snap_scores(self.attn(pf, layer), pf.shape.kv_heads, self.window, self.kernel)
-
-    def select(self, pf: Prefill, b: Budget):
-        slots = b.per_slot() - self.window  # (L, G) selectable tokens per head
-        keeps, scores = [], []
-        for li in range(b.layers):
-            s = self.layer_scores(pf, li)
-            keeps.append(with_window(topk_per_row(s, slots[li]), self.window))
-            scores.append(pad_scores(s, self.window))
-        keep, sc = stack_layers(keeps, scores)
-        return keep, sc, {}

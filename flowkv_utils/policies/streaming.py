@@ -1,5 +1,8 @@
 """StreamingLLM [lit] (Xiao et al., 2023): keep s attention sinks (the first tokens) and the most recent
-B − s tokens; the same positions in every head and layer. Position-only: no attention is read."""
+B − s tokens; the same positions in every head and layer. Position-only: no attention is read.
+
+As a score: sinks rank first (score n), then newer tokens above older ones (score = position); the per-head top-k
+of the shared loop then keeps min(s, B) sinks and the B − min(s, B) most recent tokens, exactly."""
 
 from __future__ import annotations
 
@@ -7,9 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..budgets import Budget
 from ..capture import Prefill
-from .base import Policy, check_param, stack_layers
+from .base import Policy, check_param
 
 
 @dataclass
@@ -23,17 +25,7 @@ class StreamingLLM(Policy):
         check_param(self.name, "sinks", self.sinks, isinstance(self.sinks, int) and self.sinks >= 0,
                     "an int ≥ 0 (first tokens always kept)")
 
-    def select(self, pf: Prefill, b: Budget):
-        n = pf.n
-        slots = b.per_slot()  # (L, G) budgets, differ by ≤ 1 only for fractional budgets
-        pos = torch.arange(n)
-        keeps, scores = [], []
-        for layer_slots in slots:
-            s = torch.clamp(torch.as_tensor(self.sinks), max=layer_slots).unsqueeze(-1)  # (G, 1)
-            recent = (layer_slots.unsqueeze(-1) - s)  # (G, 1)
-            keep = (pos < s) | (pos >= n - recent)
-            keeps.append(keep)
-            # the "score" is recency: sinks first, then newer tokens rank higher
-            scores.append(torch.where(pos < self.sinks, float(n), pos.float()).expand(len(layer_slots), n))
-        keep, sc = stack_layers(keeps, scores)
-        return keep, sc, {"sinks": self.sinks}
+    def layer_scores(self, pf: Prefill, layer: int) -> torch.Tensor:
+        """(G, n) recency scores: sinks first (ties go to the earlier sink), then newer tokens rank higher."""
+        pos = torch.arange(pf.n, device=pf.layers[layer].k.device).float()
+        return torch.where(pos < self.sinks, float(pf.n), pos).expand(pf.shape.kv_heads, pf.n)

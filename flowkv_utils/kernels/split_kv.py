@@ -1,0 +1,335 @@
+"""Split-KV ("flash-decoding") attention of one new token over a packed, ragged KV layout.
+
+Per layer the kept keys of all (sequence, KV head) *segments* are packed back to back (offsets (S + 1,)); the packed
+rows are cut into equal **work items** of at most `split` keys (a segment of N keys gives ⌈N/split⌉ items, an empty
+one none), plus one item per segment for the dense tail of decoded tokens. One program per item computes, for the r
+query heads of its GQA group at once (they share every K/V load), the partial softmax statistics
+
+    m = max_j s_j,   l = Σ_j exp(s_j − m),   acc = Σ_j exp(s_j − m) v_j,   s_j = scaling · q·k_j,
+
+and a second pass merges a segment's items: out = Σ_i e^{m_i − M} acc_i / Σ_i e^{m_i − M} l_i, M = max_i m_i.
+Items are the same size whatever the per-head lengths, so ragged (layer-wise) eviction keeps the GPU as busy as
+uniform eviction; the item tables are built once after prefill (the prefix never changes).
+
+Two implementations of that one algorithm: `split_kv_torch` (pure PyTorch, the readable version) and the Triton
+kernels (`split_kv_triton`, built on first use). Launch settings are a `SplitKVConfig` value passed in, never a
+module global. This module is a leaf: it imports nothing else of the project (the cache that owns the layout,
+`cache.RaggedCache`, and the static decoder, `fastdecode`, call into it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ._triton import built, pow2_pad, use_triton
+
+LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class SplitKVConfig:
+    """Launch settings of the split-KV kernels (benchmarks/NOTES.md says how each default was chosen).
+    block: keys per inner tile; waves: work items ≈ waves × multiprocessors; combine_items: items merged per step."""
+
+    block: int = 32
+    num_warps: int = 4
+    num_stages: int = 3
+    waves: int = 8
+    combine_items: int = 64
+
+    def replace(self, **changes) -> SplitKVConfig:
+        """A copy with some settings changed; unknown names raise, naming the known ones."""
+        unknown = sorted(set(changes) - set(self.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"SplitKVConfig: unknown setting(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(self.__dataclass_fields__)}")
+        return SplitKVConfig(**{**self.__dict__, **changes})
+
+
+DEFAULT_CONFIG = SplitKVConfig()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# work items
+# --------------------------------------------------------------------------------------------------------------
+def choose_split(total_keys: int, n_programs: int, block: int | None = None, max_split: int = 8192) -> int:
+    """Keys per work item: a multiple of the kernel's tile (block) such that ≈ n_programs items cover total_keys."""
+    block = block or DEFAULT_CONFIG.block
+    if total_keys <= 0:
+        return block
+    split = math.ceil(total_keys / max(1, n_programs) / block) * block
+    return int(min(max_split, max(block, split)))
+
+
+def target_programs(device: torch.device | str, config: SplitKVConfig = DEFAULT_CONFIG) -> int:
+    """Work items to aim for: config.waves per multiprocessor on CUDA (fills the GPU and evens out the last
+    wave); 16 on CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return config.waves * torch.cuda.get_device_properties(device).multi_processor_count
+    return 16
+
+
+def auto_split(total_keys: int, device: torch.device | str, config: SplitKVConfig = DEFAULT_CONFIG) -> int:
+    """The split a layer of `total_keys` packed keys gets by default on `device`."""
+    return choose_split(total_keys, target_programs(device, config), config.block)
+
+@dataclass
+class WorkItems:
+    """Item tables of one layer (device int64 / int32 tensors). Item i covers packed rows [start_i, end_i) of
+    segment seg_i; the items of segment s are seg_item_off[s]:seg_item_off[s+1] (contiguous)."""
+
+    seg: torch.Tensor  # (I,) int32
+    start: torch.Tensor  # (I,) int64 packed row where the item starts
+    end: torch.Tensor  # (I,) int64 packed row after its last key
+    seg_item_off: torch.Tensor  # (S + 1,) int32
+    split: int
+
+    @property
+    def count(self) -> int:
+        return int(self.seg.numel())
+
+
+def work_items(offsets: torch.Tensor, split: int, device: torch.device | str = "cpu") -> WorkItems:
+    """Cut each segment [offsets[s], offsets[s+1]) into items of ≤ split keys (empty segments get none)."""
+    if split < 1:
+        raise ValueError(f"split={split}: must be ≥ 1 keys per work item")
+    off = offsets.detach().to("cpu", torch.long)  # (S + 1,)
+    lengths = off[1:] - off[:-1]  # (S,)
+    if (lengths < 0).any():
+        raise ValueError("offsets must be non-decreasing")
+    counts = (lengths + split - 1) // split  # (S,) items per segment
+    seg_item_off = torch.zeros(len(lengths) + 1, dtype=torch.long)
+    seg_item_off[1:] = torch.cumsum(counts, 0)
+    seg = torch.repeat_interleave(torch.arange(len(lengths)), counts)  # (I,)
+    local = torch.arange(len(seg)) - seg_item_off[seg]
+    start = off[seg] + local * split
+    end = torch.minimum(start + split, off[seg + 1])
+    return WorkItems(seg.to(device, torch.int32), start.to(device), end.to(device),
+                     seg_item_off.to(device, torch.int32), split)
+
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the algorithm in PyTorch
+# --------------------------------------------------------------------------------------------------------------
+def split_kv_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, items: WorkItems, tail_k: torch.Tensor,
+                   tail_v: torch.Tensor, n_tail: torch.Tensor | int, scaling: float) -> torch.Tensor:
+    """Decode attention of one new token per segment, by the split-KV algorithm, in PyTorch.
+
+    q (S, r, d): the r query heads of each segment's group; k, v (N, d) packed prefix; tail_k/v (S, cap, d);
+    n_tail: tail tokens visible (the new one included; int or a 0-d/1-element tensor, so graphs can hold it).
+    Returns (S, r, d) in q's dtype. Static shapes (the tail is masked, not sliced), so it can be graph-captured."""
+    S, r, d = q.shape
+    cap = tail_k.shape[1]
+    qf = q.float() * scaling  # (S, r, d)
+    # prefix items: gather each item's keys into a padded (I, split, d) block
+    parts_m, parts_l, parts_acc, parts_seg = [], [], [], []
+    if items.count:
+        idx = items.start.unsqueeze(1) + torch.arange(items.split, device=q.device)  # (I, split)
+        valid = idx < items.end.unsqueeze(1)  # (I, split)
+        idx = torch.where(valid, idx, torch.zeros_like(idx))
+        seg = items.seg.long()  # (I,)
+        logits = torch.einsum("ird,ijd->irj", qf[seg], k[idx].float())  # (I, r, split)
+        logits = logits.masked_fill(~valid.unsqueeze(1), float("-inf"))
+        m = logits.amax(-1)  # (I, r)
+        p = torch.exp(logits - m.unsqueeze(-1))
+        parts_m.append(m)
+        parts_l.append(p.sum(-1))
+        parts_acc.append(torch.einsum("irj,ijd->ird", p, v[idx].float()))
+        parts_seg.append(seg)
+    # tail items: one per segment over the first n_tail slots
+    n_tail_t = torch.as_tensor(n_tail, device=q.device).reshape(())
+    tvalid = torch.arange(cap, device=q.device) < n_tail_t  # (cap,)
+    tl_ = torch.einsum("srd,scd->src", qf, tail_k.float()).masked_fill(~tvalid, float("-inf"))  # (S, r, cap)
+    tm = tl_.amax(-1)
+    tp = torch.exp(tl_ - tm.unsqueeze(-1))
+    parts_m.append(tm)
+    parts_l.append(tp.sum(-1))
+    tv = tail_v.float().masked_fill(~tvalid.view(1, cap, 1), 0.0)  # unwritten slots may hold NaN: never read them
+    parts_acc.append(torch.einsum("src,scd->srd", tp, tv))
+    parts_seg.append(torch.arange(S, device=q.device))
+    # merge the partials of each segment
+    m, lsum, acc, seg = (torch.cat(x) for x in (parts_m, parts_l, parts_acc, parts_seg))
+    M = torch.full((S, r), float("-inf"), device=q.device).scatter_reduce_(0, seg.unsqueeze(1).expand_as(m), m,
+                                                                          "amax")  # (S, r)
+    w = torch.exp(m - M[seg])  # (I + S, r)
+    num = torch.zeros(S, r, d, device=q.device).index_add_(0, seg, acc * w.unsqueeze(-1))
+    den = torch.zeros(S, r, device=q.device).index_add_(0, seg, lsum * w)
+    return (num / den.unsqueeze(-1)).to(q.dtype)
+
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the algorithm in Triton (built on first use)
+# --------------------------------------------------------------------------------------------------------------
+def _build() -> dict:
+    import triton
+    import triton.language as tl
+
+
+    @triton.jit
+    def split_kernel(Q, K, V, NTAIL, TAB, M_OUT, L_OUT, ACC_OUT, n_all, qk_scale,
+                     R: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+                     BLOCK: tl.constexpr):
+        # TAB rows (each n_all long): segment, K element offset, V element offset, prefix length, is-tail flag
+        pid = tl.program_id(0)
+        seg = tl.load(TAB + pid)
+        kb = K + tl.load(TAB + n_all + pid)  # first key of the item (packed prefix or a tail, same address space)
+        vb = V + tl.load(TAB + 2 * n_all + pid)
+        n = tl.load(TAB + 3 * n_all + pid) + tl.load(TAB + 4 * n_all + pid) * tl.load(NTAIL)  # keys in the item
+        rows = tl.arange(0, R_PAD)
+        cols = tl.arange(0, D_PAD)
+        rmask = rows < R
+        cmask = cols < D
+        q = tl.load(Q + seg * (R * D) + rows[:, None] * D + cols[None, :], mask=rmask[:, None] & cmask[None, :],
+                    other=0.0)  # (R_PAD, D_PAD): the r query heads of the group share every K/V load below
+        m_i = tl.full([R_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([R_PAD], tl.float32)
+        acc = tl.zeros([R_PAD, D_PAD], tl.float32)
+        for s in range(0, n, BLOCK):
+            offs = s + tl.arange(0, BLOCK)
+            kmask = offs < n
+            kv_off = offs[:, None] * D + cols[None, :]
+            kk = tl.load(kb + kv_off, mask=kmask[:, None] & cmask[None, :], other=0.0)  # (BLOCK, D_PAD)
+            vv = tl.load(vb + kv_off, mask=kmask[:, None] & cmask[None, :], other=0.0)
+            qk = tl.dot(q, tl.trans(kk)) * qk_scale  # (R_PAD, BLOCK) logits in log2 units
+            qk = tl.where(kmask[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
+            m_i = m_new
+        o = pid.to(tl.int64) * R
+        tl.store(M_OUT + o + rows, m_i, mask=rmask)
+        tl.store(L_OUT + o + rows, l_i, mask=rmask)
+        tl.store(ACC_OUT + (o + rows[:, None]) * D + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
+
+    @triton.jit
+    def combine_kernel(M_IN, L_IN, ACC_IN, SEG_FIRST, SEG_COUNT, OUT,
+                       R: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_I: tl.constexpr):
+        # one program per (segment, query row): merge the segment's items BLOCK_I at a time (online rescaling)
+        seg = tl.program_id(0)
+        row = tl.program_id(1)
+        cols = tl.arange(0, D_PAD)
+        cmask = cols < D
+        a = tl.load(SEG_FIRST + seg)
+        c = tl.load(SEG_COUNT + seg)  # ≥ 1: the tail item always holds the new token
+        m = tl.full([1], float("-inf"), tl.float32)
+        l_ = tl.zeros([1], tl.float32)
+        acc = tl.zeros([D_PAD], tl.float32)
+        for i0 in range(0, c, BLOCK_I):
+            it = i0 + tl.arange(0, BLOCK_I)
+            imask = it < c
+            o = (a + it) * R + row  # int64 (SEG_FIRST is int64)
+            mi = tl.load(M_IN + o, mask=imask, other=float("-inf"))  # (BLOCK_I,)
+            li = tl.load(L_IN + o, mask=imask, other=0.0)
+            ai = tl.load(ACC_IN + o[:, None] * D + cols[None, :], mask=imask[:, None] & cmask[None, :],
+                         other=0.0)  # (BLOCK_I, D_PAD)
+            mn = tl.maximum(m, tl.max(mi, 0))  # (1,)
+            s0 = tl.exp2(m - mn)
+            w = tl.exp2(mi - mn)  # (BLOCK_I,), 0 for masked items
+            l_ = l_ * s0 + tl.sum(w * li, 0)
+            acc = acc * s0 + tl.sum(w[:, None] * ai, 0)
+            m = mn
+        out = acc / l_
+        tl.store(OUT + (seg.to(tl.int64) * R + row) * D + cols, out.to(OUT.dtype.element_ty), mask=cmask)
+
+    return {"split": split_kernel, "combine": combine_kernel}
+
+
+@dataclass
+class TritonTables:
+    """Device tables of one layer for the Triton kernels: tab (5, I + S) int64 rows = segment, K element offset,
+    V element offset, prefix keys, is-tail; seg_first/seg_count (S,) (a segment's items are contiguous:
+    its prefix items, then its tail item; int64). Offsets are relative to the base tensors k_base / v_base."""
+
+    tab: torch.Tensor
+    seg_first: torch.Tensor
+    seg_count: torch.Tensor
+    k_base: torch.Tensor
+    v_base: torch.Tensor
+
+
+def triton_tables(items: WorkItems, k: torch.Tensor, v: torch.Tensor, tail_k: torch.Tensor,
+                  tail_v: torch.Tensor) -> TritonTables:
+    """Address every item (prefix items of `items` and one tail item per segment) relative to one base pointer,
+    so one kernel reads both the packed prefix and the separate tail tensors."""
+    S, cap, d = tail_k.shape
+    k_base = k if k.numel() else tail_k  # an empty prefix has no storage to point at
+    v_base = v if v.numel() else tail_v
+    esz = k.element_size()
+    dk = (tail_k.data_ptr() - k_base.data_ptr()) // esz  # element distance from the K base to the tail
+    dv = (tail_v.data_ptr() - v_base.data_ptr()) // esz
+    seg_item_off = items.seg_item_off.long().cpu()
+    counts = seg_item_off[1:] - seg_item_off[:-1]  # (S,) prefix items per segment
+    first = seg_item_off[:-1] + torch.arange(S)  # each segment also owns its tail item
+    n_items = items.count
+    seg_p = items.seg.long().cpu()
+    pos_p = torch.arange(n_items) + seg_p  # prefix item i moves down by the tail items of earlier segments
+    pos_t = first + counts  # the tail item comes after the segment's prefix items
+    n_all = n_items + S
+    tab = torch.zeros(5, n_all, dtype=torch.long)
+    start = items.start.long().cpu()
+    tab[0, pos_p] = seg_p
+    tab[1, pos_p] = start * d
+    tab[2, pos_p] = start * d
+    tab[3, pos_p] = items.end.long().cpu() - start
+    tab[0, pos_t] = torch.arange(S)
+    tab[1, pos_t] = dk + torch.arange(S) * cap * d
+    tab[2, pos_t] = dv + torch.arange(S) * cap * d
+    tab[4, pos_t] = 1
+    dev = k_base.device
+    return TritonTables(tab.to(dev), first.to(dev), (counts + 1).to(dev), k_base, v_base)
+
+
+@dataclass
+class SplitKVWorkspace:
+    """Partial-result buffers of one layer's items (reused every step; static for CUDA graphs)."""
+
+    m: torch.Tensor  # (I + S, r) float32
+    lsum: torch.Tensor  # (I + S, r)
+    acc: torch.Tensor  # (I + S, r, d)
+    out: torch.Tensor  # (S, r, d) model dtype
+
+
+def make_workspace(items: WorkItems, segments: int, r: int, d: int, dtype: torch.dtype,
+                   device: torch.device | str) -> SplitKVWorkspace:
+    n = items.count + segments
+    return SplitKVWorkspace(torch.empty(n, r, dtype=torch.float32, device=device),
+                            torch.empty(n, r, dtype=torch.float32, device=device),
+                            torch.empty(n, r, d, dtype=torch.float32, device=device),
+                            torch.empty(segments, r, d, dtype=dtype, device=device))
+
+
+def split_kv_triton(q: torch.Tensor, tables: TritonTables, n_tail: torch.Tensor, scaling: float,
+                    ws: SplitKVWorkspace, config: SplitKVConfig = DEFAULT_CONFIG) -> torch.Tensor:
+    """The Triton split-KV decode attention: q (S, r, d) contiguous, n_tail a 1-element int64 device tensor.
+    Returns ws.out (S, r, d) (overwritten by the next call with the same workspace)."""
+    S, r, d = q.shape
+    kern = built("split_kv", _build)
+    d_pad = pow2_pad(d)
+    n_all = tables.tab.shape[1]
+    kern["split"][(n_all,)](q, tables.k_base, tables.v_base, n_tail, tables.tab, ws.m, ws.lsum, ws.acc, n_all,
+                            scaling * LOG2E, R=r, R_PAD=pow2_pad(r), D=d, D_PAD=d_pad, BLOCK=config.block,
+                            num_warps=config.num_warps, num_stages=config.num_stages)
+    kern["combine"][(S, r)](ws.m, ws.lsum, ws.acc, tables.seg_first, tables.seg_count, ws.out,
+                            R=r, D=d, D_PAD=d_pad, BLOCK_I=config.combine_items, num_warps=4)
+    return ws.out
+
+
+def split_kv(q, k, v, items, tail_k, tail_v, n_tail, scaling, impl: str = "auto",
+             config: SplitKVConfig = DEFAULT_CONFIG) -> torch.Tensor:
+    """One-off split-KV attention (tables built per call): impl 'triton', 'torch' or 'auto' (triton on CUDA when
+    importable, else torch). Same arguments as `split_kv_torch`."""
+    if not use_triton(impl, q):
+        return split_kv_torch(q, k, v, items, tail_k, tail_v, n_tail, scaling)
+    S, r, d = q.shape
+    nt = n_tail if torch.is_tensor(n_tail) else torch.tensor([int(n_tail)], device=q.device)
+    ws = make_workspace(items, S, r, d, q.dtype, q.device)
+    return split_kv_triton(q.contiguous(), triton_tables(items, k, v, tail_k, tail_v), nt.reshape(1).long(),
+                           scaling, ws, config)

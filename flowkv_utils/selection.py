@@ -1,0 +1,148 @@
+"""Keep-sets: the result type every policy returns, and the selection helpers policies, the layer-wise
+compressor and the benchmarks share (the one top-k, the one window rule, the one cascading global top-k).
+
+A keep-set is a bool mask (L, G, n) over (layer, KV head, token). Ties are always broken towards the earlier
+token (stable sorts), so every selection is deterministic, on the CPU and on CUDA alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .budgets import Budget
+
+
+@dataclass
+class PolicyResult:
+    """keep[ℓ, g, j] is True when token j stays in KV head g of layer ℓ.
+
+    scores: what the policy ranked by, (L, G, n) float32, NaN where a token is kept by rule (window, sinks) or
+    not scored. values: per-layer replacement values (G, n, d) for merging policies (SmoothEvict), else None."""
+
+    policy: str
+    budget: Budget
+    keep: torch.Tensor
+    scores: torch.Tensor | None = None
+    values: list[torch.Tensor] | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def kept_per_head(self) -> torch.Tensor:  # (L, G)
+        return self.keep.sum(-1)
+
+    @property
+    def kept_per_layer(self) -> torch.Tensor:  # (L,)
+        return self.keep.sum((-1, -2))
+
+    @property
+    def total_kept(self) -> int:
+        return int(self.keep.sum())
+
+
+def rank_desc(scores: torch.Tensor) -> torch.Tensor:
+    """Rank of every entry along the last axis, 0 = best; ties go to the earlier index."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    ranks = torch.arange(scores.shape[-1], device=scores.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, ranks)
+
+
+def topk_per_row(scores: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
+    """Bool mask of the top-k[r] entries of each row r of scores (R, m); k may differ per row."""
+    k = torch.as_tensor(k, device=scores.device).reshape(-1, *([1] * (scores.dim() - 1)))
+    return rank_desc(scores) < k
+
+
+def topk_flat(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask (same shape) of the k best entries of the whole tensor (flattened, ties to earlier index)."""
+    return topk_per_row(scores.reshape(1, -1), int(k)).view_as(scores)
+
+
+def masked(scores: torch.Tensor, exclude: torch.Tensor) -> torch.Tensor:
+    """Scores with excluded entries pushed below everything (so they are never chosen by a top-k)."""
+    return scores.masked_fill(exclude, float("-inf"))
+
+
+def with_window(prefix_keep: torch.Tensor, window: int) -> torch.Tensor:
+    """Append the always-kept window: (G, n − w) → (G, n)."""
+    G = prefix_keep.shape[0]
+    return torch.cat([prefix_keep, torch.ones(G, window, dtype=torch.bool, device=prefix_keep.device)], dim=-1)
+
+
+def pad_scores(prefix_scores: torch.Tensor, window: int) -> torch.Tensor:
+    """Append NaN for the window positions (kept by rule, not scored): (G, n − w) → (G, n)."""
+    G = prefix_scores.shape[0]
+    nan = torch.full((G, window), float("nan"), dtype=torch.float32, device=prefix_scores.device)
+    return torch.cat([prefix_scores.float(), nan], dim=-1)
+
+
+def shown(scores: torch.Tensor) -> torch.Tensor:
+    """Scores for display: ±inf (kept by rule, e.g. sinks) become NaN."""
+    return scores.float().masked_fill(scores.isinf(), float("nan"))
+
+
+def floor_first(scores: torch.Tensor, floor: int) -> torch.Tensor:
+    """Scores (…, G, m) with each head's top `floor` entries raised to +inf, so that one top-k over everything —
+    or `GlobalCascade` layer by layer — keeps every head's floor first, then the best of the rest."""
+    return scores.masked_fill(topk_per_row(scores, floor), float("inf")) if floor > 0 else scores
+
+
+def stack_layers(keeps: list[torch.Tensor], scores: list[torch.Tensor] | None = None):
+    """Stack per-layer (G, n) results into (L, G, n) CPU tensors."""
+    keep = torch.stack([k.cpu() for k in keeps])
+    sc = torch.stack([s.float().cpu() for s in scores]) if scores else None
+    return keep, sc
+
+
+class GlobalCascade:
+    """Cascading model-wide top-k: as each layer finishes prefill, merge its scores into the running selection and
+    evict everything below the running k-th largest. Global top-k over a growing set is monotone, so the final
+    selection equals the one-shot `topk_flat` over all layers exactly (tested), while only ≈ k + one layer is held.
+
+    Use: c = GlobalCascade(k); per layer `c.add(layer, scores (G, m))`; then `c.keep_mask(layer)` → (G, m) bool,
+    what is still kept of that layer (entries only ever leave), and `c.kept_counts()` → kept entries per layer.
+    Everything stays on the scores' device and nothing waits for it (no host synchronisation), so a caller decides
+    itself when to read counts back and re-pack its cache."""
+
+    def __init__(self, k: int):
+        self.k = int(k)
+        self.vals: torch.Tensor | None = None  # (≤ k,) kept scores, in increasing flat-id order
+        self.ids: torch.Tensor | None = None  # (≤ k,) their flat ids
+        self.alive: torch.Tensor | None = None  # (entries seen,) bool: still selected
+        self.shapes: dict[int, tuple[int, int]] = {}
+        self.offset: dict[int, int] = {}
+        self._next = 0
+
+    def add(self, layer: int, scores: torch.Tensor) -> None:
+        """Merge one layer's scores (G, m); ties go to the earlier flat id (earlier layer, head, token)."""
+        G, m = scores.shape
+        dev = scores.device
+        self.shapes[layer], self.offset[layer] = (G, m), self._next
+        ids = torch.arange(self._next, self._next + G * m, device=dev)
+        self._next += G * m
+        vals = scores.detach().float().reshape(-1)
+        alive = torch.ones(G * m, dtype=torch.bool, device=dev)
+        if self.vals is not None:  # kept ids are increasing and below the new ones: flat order is kept
+            vals, ids = torch.cat([self.vals, vals]), torch.cat([self.ids, ids])
+            alive = torch.cat([self.alive, alive])
+        kk = min(self.k, vals.numel())
+        top = torch.sort(vals, descending=True, stable=True).indices[:kk].sort().values  # the k best, flat order
+        alive[ids] = False
+        self.vals, self.ids = vals[top], ids[top]
+        alive[self.ids] = True
+        self.alive = alive
+
+    def keep_mask(self, layer: int) -> torch.Tensor:
+        """(G, m) bool: the entries of `layer` still selected (a copy)."""
+        G, m = self.shapes[layer]
+        o = self.offset[layer]
+        return self.alive[o: o + G * m].view(G, m).clone()
+
+    def keep_masks(self) -> dict[int, torch.Tensor]:
+        return {layer: self.keep_mask(layer) for layer in self.shapes}
+
+    def kept_counts(self) -> dict[int, torch.Tensor]:
+        """Entries still selected per layer, as 0-d tensors on the device (reading them synchronises)."""
+        return {layer: self.alive[o: o + self.shapes[layer][0] * self.shapes[layer][1]].sum()
+                for layer, o in self.offset.items()}
