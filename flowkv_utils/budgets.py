@@ -1,9 +1,13 @@
 """KV budgets: parsing, exact totals, and the allocation schedules of the layer-adaptive policies.
 
 A budget B is the *average* number of kept tokens per KV head per layer, sinks and observation window included
-(as in every official repository). A layer of G KV heads keeps B·G entries in total, the model B·G·L. It is given
-as a token count (int ≥ 1) or as a fraction of the prompt (float in (0, 1]); fractions round so that the model
-total is exact. A budget ≥ n keeps everything.
+(as in every official repository). A layer of G KV heads keeps B·G entries in total, the model B·G·L. It is given,
+everywhere in the project (policies, sweeps, benchmarks, notebook parameters), in one of three forms:
+
+    a token count (int ≥ 1) · a fraction of the prompt (float in (0, 1]) · "full" (`FULL`: keep everything)
+
+`parse_budget` checks one and `budget_label` writes it the one way tables store it ("128", "0.05", "full");
+fractions round so that the model total is exact. A token budget ≥ n keeps everything.
 """
 
 from __future__ import annotations
@@ -12,6 +16,38 @@ import numbers
 from dataclasses import dataclass
 
 import torch
+
+FULL = "full"  # the budget that keeps the whole cache
+BUDGET_HELP = 'a positive token count per KV head (int, e.g. 128), a fraction of the prompt in (0, 1] (float, e.g. 0.05) or "full"'
+
+
+def parse_budget(budget) -> int | float | str:
+    """Check a budget and return it in canonical form: int tokens, float fraction or FULL. Text from a table or a
+    command line ("128", "0.05", "full") parses to the same values."""
+    if isinstance(budget, str):
+        text = budget.strip().lower()
+        if text == FULL:
+            return FULL
+        try:
+            budget = int(text) if text.lstrip("+").isdigit() else float(text)
+        except ValueError:
+            raise ValueError(f"budget={budget!r}: must be {BUDGET_HELP}") from None
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
+        raise TypeError(f"budget={budget!r}: must be {BUDGET_HELP}")
+    if isinstance(budget, numbers.Integral):
+        if budget <= 0:
+            raise ValueError(f"budget={budget}: must be {BUDGET_HELP}")
+        return int(budget)
+    if not 0.0 < float(budget) <= 1.0:
+        raise ValueError(f"budget={budget}: a fractional budget must lie in (0, 1]; token budgets are positive "
+                         "integers (e.g. 64, 128, ... 2048)")
+    return float(budget)
+
+
+def budget_label(budget) -> str:
+    """The one text form of a budget in tables: '128', '0.05', 'full'."""
+    b = parse_budget(budget)
+    return b if b == FULL else repr(b)
 
 
 @dataclass(frozen=True)
@@ -42,19 +78,10 @@ class Budget:
         return split_evenly(self.total, self.layers * self.kv_heads).view(self.layers, self.kv_heads)
 
 
-def resolve_budget(budget: int | float, n: int, layers: int, kv_heads: int) -> Budget:
-    """Turn a user budget (tokens per KV head, or fraction of the prompt) into an exact model total."""
-    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
-        raise TypeError(f"budget={budget!r}: must be a positive token count (int) or a fraction in (0, 1] (float)")
-    if isinstance(budget, numbers.Integral):
-        if budget <= 0:
-            raise ValueError(f"budget={budget}: must be a positive token count or a fraction in (0, 1]")
-        per_head = float(budget)
-    else:
-        if not 0.0 < float(budget) <= 1.0:
-            raise ValueError(f"budget={budget}: a fractional budget must lie in (0, 1]; "
-                             "token budgets are positive integers (e.g. 64, 128, ... 2048)")
-        per_head = float(budget) * n
+def resolve_budget(budget: int | float | str, n: int, layers: int, kv_heads: int) -> Budget:
+    """Turn a user budget (tokens per KV head, a fraction of the prompt, or "full") into an exact model total."""
+    b = parse_budget(budget)
+    per_head = float(n) if b == FULL else float(b) if isinstance(b, int) else b * n
     per_head = min(per_head, float(n))
     total = max(1, round(per_head * layers * kv_heads))
     return Budget(total=int(total), n=n, layers=layers, kv_heads=kv_heads)
@@ -62,6 +89,10 @@ def resolve_budget(budget: int | float, n: int, layers: int, kv_heads: int) -> B
 
 def split_evenly(total: int, parts: int) -> torch.Tensor:
     """Integer shares of `total` over `parts` that differ by at most 1; the first ones get the remainder."""
+    if isinstance(parts, bool) or not isinstance(parts, numbers.Integral) or parts < 1:
+        raise ValueError(f"split_evenly: parts={parts!r}; must be a positive int")
+    if isinstance(total, bool) or not isinstance(total, numbers.Integral) or total < 0:
+        raise ValueError(f"split_evenly: total={total!r}; must be an int ≥ 0")
     base, rem = divmod(int(total), parts)
     out = torch.full((parts,), base, dtype=torch.long)
     out[:rem] += 1

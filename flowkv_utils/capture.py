@@ -109,6 +109,18 @@ def forward_layers(model, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     return h
 
 
+def check_token_ids(ids, vocab: int) -> torch.Tensor:
+    """Token ids as an integer tensor with every id in [0, vocab); errors name the bad value and what is allowed."""
+    ids = torch.as_tensor(ids)
+    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+        raise TypeError(f"token ids: dtype {ids.dtype}; must be integers (torch.long), e.g. tok(text).input_ids")
+    if ids.numel():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"token id {lo if lo < 0 else hi} is out of range: the vocabulary has ids 0..{vocab - 1}")
+    return ids.long()
+
+
 LayerHook = Callable[[int, LayerCapture], LayerCapture | None]
 
 
@@ -122,6 +134,7 @@ def prefill(model, input_ids: torch.Tensor, window: int = 32, chunk: int | None 
     on_layer(ℓ, capture): called as soon as layer ℓ is done — a policy may compress there (cascading);
     it may return a replacement capture (e.g. with k, v already evicted) to be stored instead.
     """
+    input_ids = check_token_ids(input_ids, model.config.vocab_size)
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
     if input_ids.shape[0] != 1:

@@ -10,7 +10,7 @@ import torch
 
 from .attention import scaling_of
 from .cache import RaggedCache
-from .capture import Prefill, forward_layers, rotary
+from .capture import Prefill, check_token_ids, forward_layers, rotary
 from .selection import PolicyResult
 
 
@@ -19,14 +19,7 @@ def decode(model, cache: RaggedCache, ids: torch.Tensor, attend=None) -> torch.T
     """Feed T tokens (1, T) through the model over `cache`; returns logits (T, vocab) float32.
     attend(cache, layer, q, T, scaling) overrides the reference attention (e.g. `fastdecode.SplitKVAttend()`)."""
     device = next(model.parameters()).device
-    ids = torch.as_tensor(ids)
-    if ids.dtype in (torch.bool,) or ids.is_floating_point() or ids.is_complex():
-        raise TypeError(f"ids: dtype {ids.dtype}; token ids must be integers")
-    ids = ids.to(device).view(1, -1)
-    vocab = model.config.vocab_size
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
-        raise ValueError(f"token id {bad} is out of range: the vocabulary has ids 0..{vocab - 1}")
+    ids = check_token_ids(ids, model.config.vocab_size).to(device).view(1, -1)
     T = ids.shape[1]
     h = model.model.embed_tokens(ids)
     pos = torch.arange(cache.next_pos, cache.next_pos + T, device=device).unsqueeze(0)

@@ -8,6 +8,7 @@ The GGUF file is dequantised once (~20 s on 2 cores) and cached as an ordinary H
 from __future__ import annotations
 
 import importlib.util
+import hashlib
 import json
 import os
 import shutil
@@ -187,6 +188,26 @@ def random_model(family: str = "llama", layers: int = 2, heads: int = 4, kv_head
                     proj.bias.normal_(0.0, 0.1)
     model.config._name_or_path = f"random-{family}"
     return model.eval().requires_grad_(False)
+
+
+def fingerprint(model) -> str:
+    """16 hex digits of sha256 over the model's config and every weight's bytes (computed once per model object):
+    the model part of a result row's identity."""
+    cached = getattr(model, "_flowkv_sha", None)
+    if cached is not None:
+        return cached
+    cfg = {k: v for k, v in model.config.to_dict().items()
+           if k not in ("transformers_version", "_name_or_path", "_attn_implementation_autoset")}
+    h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
+    seen = set()
+    for name, p in model.state_dict(keep_vars=True).items():
+        if p.data_ptr() in seen:  # tied weights count once
+            continue
+        seen.add(p.data_ptr())
+        h.update(name.encode())
+        h.update(p.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    model._flowkv_sha = h.hexdigest()[:16]
+    return model._flowkv_sha
 
 
 def chat_ids(tok, user_text: str, chat: bool = True) -> torch.Tensor:

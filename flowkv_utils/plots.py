@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -68,3 +70,27 @@ def policy_marker(name: str) -> str:
 
 def policy_label(name: str) -> str:
     return POLICY_LABEL.get(name, name)
+
+
+def plot_curves(ax, table: pd.DataFrame, task: str = "average", x: str = "budget",
+                policies: Sequence[str] | None = None, logx: bool = True, full_x: float | None = None,
+                reference: bool = True) -> None:
+    """One line per policy (project colours/markers) of an `accuracy_table` for one task, against x = "budget"
+    (tokens per KV head) or "kib" (KiB of KV kept); with `reference`, FullKV as a dashed line (and, with full_x,
+    as a point: at x = full_x for budgets, at its own size for "kib")."""
+    t = table[table.task == task]
+    fin = t[t.budget.map(math.isfinite)]
+    for p in policies or list(dict.fromkeys(t.policy)):
+        g = fin[fin.policy == p].sort_values(x)
+        if p == "fullkv" or g.empty:
+            continue
+        ax.plot(g[x], g.value, marker=policy_marker(p), color=policy_color(p), lw=1.4, ms=5,
+                label=policy_label(p))
+    full = t[(t.policy == "fullkv") & ~t.budget.map(math.isfinite)]
+    if reference and len(full):
+        ax.axhline(full.value.mean(), color=policy_color("fullkv"), ls="--", lw=1, label="FullKV")
+        if full_x is not None:
+            ax.plot([full_x if x == "budget" else full[x].mean()], [full.value.mean()], "o",
+                    color=policy_color("fullkv"))
+    if logx:
+        ax.set_xscale("log", base=2)

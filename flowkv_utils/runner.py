@@ -1,8 +1,11 @@
 """Run the notebooks headless with papermill: `python -m flowkv_utils.runner [NAMES] [--set smoke] [-p k v]`.
 
 Notebooks run in their numeric order; executed copies go to runs/<set>/ (ignored by git), figures to figures/
-(or --figures DIR). A failing notebook stops the run with "notebook X, cell N: Error: value" and exit code 1.
-Unknown -p names are rejected, naming the known ones (papermill itself would only warn).
+(or --figures DIR). Before the first notebook starts, every parameter of every selected notebook is checked —
+name, declared type and allowed values (`params.py`) — and a bad one stops the run with "notebook, parameter,
+value, what is allowed" (papermill itself would only warn about an unknown name). A failing notebook stops the run
+with "notebook X, cell N: Error: value" and exit code 1; Ctrl-C stops it with one line saying which notebook and
+cell were running, what was saved, and the command that resumes.
 """
 
 from __future__ import annotations
@@ -10,11 +13,14 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
 import yaml
+
+from .params import ParameterError, check_parameters
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
@@ -54,33 +60,90 @@ def parameters_for(nb: Path, param_set: str | None, overrides: dict) -> dict:
             raise SystemExit(f"notebook {nb.stem}: no parameter set {param_set!r} ({f} missing)")
         params.update(yaml.safe_load(f.read_text()) or {})
     params.update(overrides)
-    unknown = sorted(set(params) - set(known))
-    if unknown:
-        raise SystemExit(f"notebook {nb.stem}: unknown parameter(s) {', '.join(unknown)}; "
-                         f"known: {', '.join(known)}")
+    try:
+        check_parameters(nb.stem, known, params, cwd=nb.parent)
+    except ParameterError as e:
+        raise SystemExit(str(e)) from None
     return params
 
 
+def interrupted_message(nb: Path, cell: str, executed: Path, done: list[str], argv: list[str]) -> str:
+    """The one line Ctrl-C leaves: where it stopped, what was saved, how to resume."""
+    saved = (f"finished notebooks: {', '.join(done)}; " if done else "") + \
+        f"executed copy so far: {executed}; result tables keep every finished row"
+    cmd = "python -m flowkv_utils.runner " + " ".join(argv)
+    return f"interrupted: notebook {nb.stem}, {cell} was running; {saved}; resume with: {cmd}"
+
+
+class _CtrlC:
+    """While a notebook runs, the first SIGINT marks the run as interrupted and passes the interrupt on to the
+    kernel (Jupyter starts kernels in their own session, so Ctrl-C does not reach them): the kernel stops the cell
+    and papermill reports it cleanly, with no traceback from a half-closed kernel. A second SIGINT stops the runner
+    at once."""
+
+    def __enter__(self):
+        self.hit = False
+        self.old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, *_):
+        import psutil
+
+        self.hit = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for child in psutil.Process().children(recursive=True):  # the kernel (ipykernel: SIGINT interrupts a cell)
+            try:
+                child.send_signal(signal.SIGINT)
+            except psutil.Error:
+                pass
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.old)
+
+
 def run(notebooks: list[Path], param_set: str | None, overrides: dict, out_dir: Path, figures: Path | None,
-        progress: bool = True) -> list[tuple[str, float]]:
+        progress: bool = True, argv: list[str] | None = None) -> list[tuple[str, float]]:
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    all_params = {nb: parameters_for(nb, param_set, overrides) for nb in notebooks}  # every check before any run
+    for folder, what in ((out_dir, "--out"), (figures, "--figures")):
+        if folder is None:
+            continue
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SystemExit(f"{what} {folder}: cannot create it ({e.strerror}); pass a writable folder") from None
+        if not os.access(folder, os.W_OK):
+            raise SystemExit(f"{what} {folder}: not writable; pass a writable folder")
     if figures is not None:
         os.environ["FLOWKV_FIGURES"] = str(figures.resolve())
+    os.environ["FLOWKV_NUMBERS"] = str(out_dir.resolve())  # checks.record: key numbers beside the executed copies
     timings = []
     for i, nb in enumerate(notebooks, 1):
-        params = parameters_for(nb, param_set, overrides)
+        params = all_params[nb]
         print(f"[{i}/{len(notebooks)}] {nb.stem} ({param_set or 'default'} parameters{': ' if params else ''}"
               f"{', '.join(f'{k}={v}' for k, v in params.items())})", flush=True)
+        (out_dir / f"{nb.stem[:2]}.numbers.json").unlink(missing_ok=True)  # this run's numbers only (checks.record)
         t0 = time.perf_counter()
+        done = [s for s, _ in timings]
+        def stop(cell: str) -> SystemExit:
+            print("\n" + interrupted_message(nb, cell, out_dir / nb.name, done,
+                                             argv if argv is not None else sys.argv[1:]), file=sys.stderr, flush=True)
+            return SystemExit(130)
+
         try:
-            pm.execute_notebook(str(nb), str(out_dir / nb.name), parameters=params, cwd=str(nb.parent),
-                                progress_bar=progress, kernel_name="python3")
+            with _CtrlC() as ctrl_c:
+                pm.execute_notebook(str(nb), str(out_dir / nb.name), parameters=params, cwd=str(nb.parent),
+                                    progress_bar=progress, kernel_name="python3")
         except PapermillExecutionError as e:
-            raise SystemExit(f"notebook {nb.stem}, cell {e.exec_count if e.exec_count else e.cell_index}: "
-                             f"{e.ename}: {e.evalue}  (executed copy: {out_dir / nb.name})") from None
+            cell = f"cell {e.exec_count if e.exec_count else e.cell_index}"
+            if e.ename == "KeyboardInterrupt" or ctrl_c.hit:
+                raise stop(cell) from None
+            raise SystemExit(f"notebook {nb.stem}, {cell}: {e.ename}: {e.evalue}  (executed copy: "
+                             f"{out_dir / nb.name})") from None
+        except KeyboardInterrupt:
+            raise stop("a cell") from None
         dt = time.perf_counter() - t0
         timings.append((nb.stem, dt))
         print(f"    done in {dt:.1f} s", flush=True)
@@ -105,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     nbs = discover(a.notebooks)
     overrides = {k: parse_value(v) for k, v in a.parameter}
     out = a.out or REPO / "runs" / a.param_set
-    timings = run(nbs, a.param_set, overrides, out, a.figures, progress=not a.no_progress)
+    timings = run(nbs, a.param_set, overrides, out, a.figures, progress=not a.no_progress,
+                  argv=list(argv if argv is not None else sys.argv[1:]))
     print("\n".join(f"{s:<32s} {t:7.1f} s" for s, t in timings))
     return 0
 

@@ -2,29 +2,28 @@
 
 Each instance is prefilled ONCE; every policy and budget reuses that prefill (compression happens after it, so
 only decoding differs), and only the short answer is decoded (greedy, stopping at the end of the turn).
-Every finished point appends its rows to a tidy CSV, one row per metric:
+Every finished point appends its rows to a tidy CSV (`results.TableFile`: crash-safe, locked, validated), one row
+per metric, with the columns `COLUMNS`:
 
-    model, task, instance, context_tokens, policy, budget_tokens, budget_fraction, kept_entries, budget_bytes,
-    metric, value, prediction, seed, versions, elapsed_s
-
-- budget_tokens: the budget as given (average kept tokens per KV head, window included), or "full" (`FULL`).
-  At "full" every policy is FullKV, so FullKV is decoded once per instance and its rows are written under every
-  policy; the policy "fullkv" itself is run at "full" only. A token budget ≥ n also keeps everything: those rows
-  reuse the FullKV answer too.
+- identity (`KEY`): every setting that changes a row's value — the model and its weights' checksum
+  (`models.fingerprint`), the task instance and its checksum (`TaskInstance.fingerprint`: prompt ids, references,
+  generator settings), the seed, the policy and its full parameters (JSON), the budget (`budgets.budget_label`:
+  "128", "0.05" or "full"), the observation window, the fidelity settings (JSON) and the metric. A rerun reuses
+  only rows of exactly the same identity (and says how many); a table may hold several runs side by side, and
+  `run_sweep` returns the rows of the run it was asked for.
+- At budget "full" every policy is FullKV, so FullKV is decoded once per instance and its rows are written under
+  every policy; the policy "fullkv" itself runs at "full" only. A budget that keeps everything for a prompt
+  (tokens ≥ n, fraction 1.0) reuses the FullKV answer too.
 - metric: the task's metric (e.g. contains, string_match_all) and, with fidelity on, `attn_rel_err` (mean over
   layers of ‖O_S − O‖_F/‖O‖_F on the window, renormalised) and `kl_next_token` (mean KL(full ‖ compressed) along
   FullKV's own answer, teacher-forced).
-- Crash safety: each row is one complete line written with a single write + fsync; on load a trailing partial
-  line is dropped (and cut from the file before appending); a rerun skips the finished
-  (model, task, instance, policy, budget_tokens, metric) keys. The same seed gives the same table, bar elapsed_s.
+- fresh=True never deletes: the old table is moved aside (`results.move_aside`, named in the output).
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import math
-import os
+import dataclasses
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,98 +33,49 @@ import pandas as pd
 import torch
 
 from . import metrics
+from .budgets import FULL, budget_label, parse_budget
 from .capture import prefill
 from .generate import generate, teacher_forced_logits
-from .models import shape_of
-from .policies import REGISTRY, get_policy
+from .models import fingerprint, shape_of
+from .policies import REGISTRY, Policy, get_policy
+from .results import TableFile, move_aside, read_table
+from .results import versions as _versions
 from .tasks import TaskInstance
 
-FULL = "full"  # budget sentinel: the full cache
-COLUMNS = ["model", "task", "instance", "context_tokens", "policy", "budget_tokens", "budget_fraction",
-           "kept_entries", "budget_bytes", "metric", "value", "prediction", "seed", "versions", "elapsed_s"]
-KEY = ["model", "task", "instance", "policy", "budget_tokens", "metric"]
+COLUMNS = ["model", "model_sha", "task", "instance", "instance_sha", "context_tokens", "seed", "policy",
+           "policy_params", "budget", "window", "settings", "budget_fraction", "kept_entries", "budget_bytes",
+           "metric", "value", "prediction", "versions", "elapsed_s"]
+KEY = ["model", "model_sha", "task", "instance", "instance_sha", "seed", "policy", "policy_params", "budget",
+       "window", "settings", "metric"]
+POINT = [c for c in KEY if c != "metric"]  # one (instance, policy, budget) point of one run
+RUN = ["model", "model_sha", "seed", "window", "settings"]  # what one run shares besides the policy parameters
+NUMERIC = ["budget_fraction", "value", "elapsed_s"]
+INTEGER = ["context_tokens", "seed", "window", "kept_entries", "budget_bytes"]
 TIMING = ["elapsed_s"]
 FIDELITY = ("attn_rel_err", "kl_next_token")
 PREDICTION_CHARS = 160
-HEADWISE = ("streamingllm", "snapkv", "pyramidkv", "adakv", "criticalkv", "criticaladakv", "cake")
-
-
-# ------------------------------------------------------------------------------------------------------------
-# the crash-safe table
-
-
-def _complete_text(path: Path) -> str:
-    """File content up to its last newline (a trailing partial line, from a crash mid-write, is dropped)."""
-    if not path.is_file():
-        return ""
-    data = path.read_bytes()
-    cut = data.rfind(b"\n") + 1
-    return data[:cut].decode("utf-8")
 
 
 def load_results(path: str | Path) -> pd.DataFrame:
-    """The results table (every column as written; budget_tokens stays text: ints and "full"), partial last
-    line dropped. An empty or missing file gives an empty table with the right columns."""
-    text = _complete_text(Path(path))
-    if not text.strip():
-        return pd.DataFrame(columns=COLUMNS)
-    df = pd.read_csv(io.StringIO(text), dtype={"budget_tokens": str, "instance": str, "prediction": str},
-                     keep_default_na=False)
-    for c in ("value", "budget_fraction", "elapsed_s"):
-        df[c] = pd.to_numeric(df[c])
-    for c in ("context_tokens", "kept_entries", "budget_bytes", "seed"):
-        df[c] = pd.to_numeric(df[c]).astype("int64")
-    return df
-
-
-class ResultsFile:
-    """Append-only CSV: the header once, then one complete line per row, each a single os.write + fsync."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        text = _complete_text(self.path)
-        if self.path.is_file() and self.path.stat().st_size != len(text.encode("utf-8")):
-            with open(self.path, "r+b") as f:  # cut the partial line a crash left behind
-                f.truncate(len(text.encode("utf-8")))
-        if text and text.split("\n", 1)[0].split(",") != COLUMNS:
-            raise ValueError(f"{self.path} has columns {text.split(chr(10), 1)[0]!r}, expected "
-                             f"{','.join(COLUMNS)}: use another results path or delete the file")
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        if not text:
-            self._write_line(COLUMNS)
-
-    def _write_line(self, values: list) -> None:
-        buf = io.StringIO()
-        csv.writer(buf, lineterminator="\n").writerow(values)
-        os.write(self.fd, buf.getvalue().encode("utf-8"))
-        os.fsync(self.fd)
-
-    def write(self, row: dict) -> None:
-        self._write_line([row[c] for c in COLUMNS])
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
-def done_keys(path: str | Path) -> set[tuple]:
-    """The finished (model, task, instance, policy, budget_tokens, metric) keys of a results file."""
-    df = load_results(path)
-    return set(map(tuple, df[KEY].astype(str).itertuples(index=False))) if len(df) else set()
-
-
-# ------------------------------------------------------------------------------------------------------------
-# the sweep
+    """The results table, validated (schema, typed columns, no duplicate keys; a torn last line dropped). budget
+    stays text ("128", "0.05", "full"). A missing or empty file gives an empty table with the columns."""
+    return read_table(path, COLUMNS, numeric=NUMERIC, integer=INTEGER, key=KEY)
 
 
 def versions() -> str:
-    import transformers
-
-    return f"torch {torch.__version__}; transformers {transformers.__version__}"
+    v = _versions()
+    return f"torch {v['torch']}; transformers {v['transformers']}"
 
 
 def model_name(model) -> str:
     return shape_of(model).name or type(model).__name__
+
+
+def policy_params_json(p: Policy) -> str:
+    """The policy's full parameters (window excluded: its own column) as canonical JSON."""
+    params = {f.name: getattr(p, f.name) for f in dataclasses.fields(p) if f.name != "window"}
+    params = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in params.items()}
+    return json.dumps(params, sort_keys=True)
 
 
 def _text(tok, ids: list[int]) -> str:
@@ -138,88 +88,124 @@ def _short(text: str) -> str:
 
 
 def check_budgets(budgets: Sequence) -> list:
-    """Budgets as given: positive ints (tokens per KV head) or "full"; anything else is an error."""
+    """Budgets in canonical form (`budgets.parse_budget`: int tokens, float fraction or "full"); an error names
+    the bad one. Duplicates (e.g. 128 and "128") are an error."""
+    if isinstance(budgets, (str, bytes)) or not isinstance(budgets, Sequence):
+        raise TypeError(f"budgets={budgets!r}: must be a list of budgets, e.g. [64, 128, 0.05, \"full\"]")
     out = []
     for b in budgets:
-        if isinstance(b, str) and b.lower() == FULL:
-            out.append(FULL)
-        elif isinstance(b, int) and not isinstance(b, bool) and b > 0:
-            out.append(int(b))
-        else:
-            raise ValueError(f"budget {b!r}: budgets are positive token counts per KV head (e.g. 64, 128, ...) "
-                             f"or {FULL!r} (the full cache)")
+        try:
+            out.append(parse_budget(b))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"budget {b!r} in budgets: {e}") from None
+    labels = [budget_label(b) for b in out]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"budgets={list(budgets)!r}: a budget appears twice")
     return out
 
 
-def plan(policies: Sequence[str], budgets: Sequence) -> list[tuple[str, int | str]]:
+def plan(policies: Sequence[str], budgets: Sequence) -> list[tuple[str, int | float | str]]:
     """The (policy, budget) points run for every instance: fullkv at "full" only, the others at every budget."""
+    if isinstance(policies, (str, bytes)) or not isinstance(policies, Sequence):
+        raise TypeError(f"policies={policies!r}: must be a list of policy names")
     for p in policies:
         if p not in REGISTRY:
             raise ValueError(f"unknown policy {p!r}: registered are {', '.join(REGISTRY)}")
     budgets = check_budgets(budgets)
-    return [(p, b) for p in policies for b in budgets if p != "fullkv" or b == FULL]
+    return [(p, b) for p in policies for b in budgets if REGISTRY[p].role != "reference" or b == FULL]
 
 
 def run_sweep(model, tok, instances: Sequence[TaskInstance], policies: Sequence[str], budgets: Sequence,
               path: str | Path, seed: int = 0, window: int = 32, fidelity: bool = True,
               policy_params: dict[str, dict] | None = None, kl_tokens: int = 16, progress: bool = True,
-              on_row: Callable[[dict], None] | None = None) -> pd.DataFrame:
-    """Run every (instance, policy, budget) point not yet in `path`, appending rows; returns the whole table.
+              on_row: Callable[[dict], None] | None = None, fresh: bool = False) -> pd.DataFrame:
+    """Run every (instance, policy, budget) point whose rows are not yet in `path`, appending rows; returns the
+    rows of this run (these instances, policies, budgets and settings), old and new.
 
-    seed: the seed the instances were built with (recorded; also seeds torch). window: observation window of
-    the prefill, passed to every policy unless policy_params says otherwise. policy_params: {policy name:
-    constructor kwargs}. kl_tokens: length of the teacher-forced continuation (FullKV's answer) for the KL.
-    on_row(row) is called after each row is safely on disk (progress displays, tests)."""
+    seed: the seed the instances were built with (recorded, part of the key; also seeds torch). window:
+    observation window of the prefill, passed to every policy unless policy_params says otherwise.
+    policy_params: {policy name: constructor kwargs}. kl_tokens: length of the teacher-forced continuation
+    (FullKV's answer) for the KL. fresh: move the existing table aside first (never deletes). on_row(row) is
+    called after each row is safely on disk (progress displays, tests)."""
     from tqdm import tqdm
 
+    if not isinstance(fresh, bool):
+        raise TypeError(f"fresh={fresh!r}: must be true or false")
+    if not isinstance(fidelity, bool):
+        raise TypeError(f"fidelity={fidelity!r}: must be true or false")
+    for name, v in (("seed", seed), ("window", window), ("kl_tokens", kl_tokens)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "seed" else 1):
+            raise ValueError(f"{name}={v!r}: must be an int ≥ {0 if name == 'seed' else 1}")
     points = plan(policies, budgets)
     policy_params = policy_params or {}
-    name, vers = model_name(model), versions()
-    done = done_keys(path)
-
-    def metric_names(inst: TaskInstance) -> list[str]:
-        return [inst.metric] + (list(FIDELITY) if fidelity else [])
-
-    def finished(inst: TaskInstance, p: str, b) -> bool:
-        return all((name, inst.task, inst.instance, p, str(b), m) in done for m in metric_names(inst))
-
-    todo = [(inst, [(p, b) for p, b in points if not finished(inst, p, b)]) for inst in instances]
-    total = len(instances) * len(points)
-    remaining = sum(len(t) for _, t in todo)
-    ctx = _Context(ResultsFile(path), tqdm(total=total, initial=total - remaining, disable=not progress,
-                                           desc="sweep", unit="pt"),
-                   seed, window, fidelity, policy_params, kl_tokens, name, vers, done, on_row)
+    for p in policy_params:
+        if p not in REGISTRY:
+            raise ValueError(f"policy_params names unknown policy {p!r}: registered are {', '.join(REGISTRY)}")
+    pols = {p: get_policy(p, **({} if REGISTRY[p].role == "reference" else {"window": window}),
+                          **policy_params.get(p, {})) for p in dict.fromkeys(p for p, _ in points)}
+    path = Path(path)
+    if fresh:
+        moved = move_aside(path)
+        if moved is not None:
+            print(f"fresh: moved the old table {path} aside to {moved}", flush=True)
+    ident = {"model": model_name(model), "model_sha": fingerprint(model), "seed": seed, "window": window,
+             "settings": json.dumps({"fidelity": fidelity, "kl_tokens": kl_tokens}, sort_keys=True)}
+    out = TableFile(path, COLUMNS)  # validates (and locks) the file before anything is computed
     try:
-        for inst, pts in todo:
-            if pts:
-                _run_instance(model, tok, inst, pts, metric_names(inst), ctx)
+        old = load_results(path)
+        done = set(map(tuple, old[KEY].astype(str).itertuples(index=False))) if len(old) else set()
+        metric_names = lambda inst: [inst.metric] + (list(FIDELITY) if fidelity else [])
+        isha = {id(inst): inst.fingerprint() for inst in instances}
+
+        def key(inst, p, b, m):
+            return tuple(str(x) for x in (ident["model"], ident["model_sha"], inst.task, inst.instance,
+                                          isha[id(inst)], seed, p, policy_params_json(pols[p]), budget_label(b),
+                                          window, ident["settings"], m))
+
+        todo = [(inst, [(p, b) for p, b in points if not all(key(inst, p, b, m) in done for m in metric_names(inst))])
+                for inst in instances]
+        total = len(instances) * len(points)
+        remaining = sum(len(t) for _, t in todo)
+        if progress:
+            print(f"sweep: {total} points ({len(instances)} instances × {len(points)} (policy, budget)); "
+                  f"{total - remaining} reused from {path}, {remaining} to run", flush=True)
+        ctx = _Context(out, tqdm(total=total, initial=total - remaining, disable=not progress, desc="sweep",
+                                 unit="pt"), ident, fidelity, pols, kl_tokens, versions(), done, on_row, key, isha)
+        try:
+            for inst, pts in todo:
+                if pts:
+                    _run_instance(model, tok, inst, pts, metric_names(inst), ctx)
+        finally:
+            ctx.bar.close()
     finally:
-        ctx.bar.close()
-        ctx.out.close()
-    return load_results(path)
+        out.close()
+    df = load_results(path)
+    wanted = {key(inst, p, b, m) for inst in instances for p, b in points for m in metric_names(inst)}
+    mask = [k in wanted for k in map(tuple, df[KEY].astype(str).itertuples(index=False))]
+    return df[mask].reset_index(drop=True)
 
 
 @dataclass
 class _Context:
     """What every point of a sweep shares."""
 
-    out: ResultsFile
+    out: TableFile
     bar: object  # tqdm progress bar
-    seed: int
-    window: int
+    ident: dict
     fidelity: bool
-    policy_params: dict
+    policies: dict
     kl_tokens: int
-    model_name: str
     versions: str
     done: set
     on_row: Callable[[dict], None] | None
+    key: Callable
+    isha: dict
 
 
 @torch.no_grad()
 def _run_instance(model, tok, inst: TaskInstance, pts: list, metric_names: list[str], ctx: _Context) -> None:
     """One prefill, FullKV's answer (and fidelity references) once, then every (policy, budget) point."""
-    seed, window, fidelity, kl_tokens, name = ctx.seed, ctx.window, ctx.fidelity, ctx.kl_tokens, ctx.model_name
+    seed, window, fidelity, kl_tokens = ctx.ident["seed"], ctx.ident["window"], ctx.fidelity, ctx.kl_tokens
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     pf = prefill(model, inst.prompt_ids, window=window)
@@ -238,13 +224,13 @@ def _run_instance(model, tok, inst: TaskInstance, pts: list, metric_names: list[
     for p, b in pts:
         t1 = time.perf_counter()
         result = None
-        if p != "fullkv" and b != FULL:
-            result = get_policy(p, **{"window": window, **ctx.policy_params.get(p, {})})(pf, b)
+        if REGISTRY[p].role != "reference" and b != FULL:
+            result = ctx.policies[p](pf, b)
             if result.budget.full:
                 result = None
         if result is None:  # the full cache: FullKV's answer, zero error by definition
             text, kept, vals = full_text, n_all, {"attn_rel_err": 0.0, "kl_next_token": 0.0}
-            elapsed = full_elapsed if p == "fullkv" else time.perf_counter() - t1
+            elapsed = full_elapsed if REGISTRY[p].role == "reference" else time.perf_counter() - t1
         else:
             ids = generate(pf, result, inst.max_new_tokens, tok)
             text, kept, vals = _text(tok, ids), result.total_kept, {}
@@ -257,148 +243,14 @@ def _run_instance(model, tok, inst: TaskInstance, pts: list, metric_names: list[
                                           all_classes=inst.meta.get("all_classes", ()),
                                           cut_first_line=inst.meta.get("cut_first_line", False))
         for m in metric_names:
-            if (name, inst.task, inst.instance, p, str(b), m) in ctx.done:  # a point cut short by a crash
+            if ctx.key(inst, p, b, m) in ctx.done:  # a point cut short by a crash
                 continue
-            row = {"model": name, "task": inst.task, "instance": inst.instance, "context_tokens": pf.n,
-                   "policy": p, "budget_tokens": str(b), "budget_fraction": kept / n_all, "kept_entries": kept,
+            row = {**ctx.ident, "task": inst.task, "instance": inst.instance, "instance_sha": ctx.isha[id(inst)],
+                   "context_tokens": pf.n, "policy": p, "policy_params": policy_params_json(ctx.policies[p]),
+                   "budget": budget_label(b), "budget_fraction": kept / n_all, "kept_entries": kept,
                    "budget_bytes": kept * entry_bytes, "metric": m, "value": vals[m],
-                   "prediction": _short(text), "seed": seed, "versions": ctx.versions,
-                   "elapsed_s": round(elapsed, 3)}
+                   "prediction": _short(text), "versions": ctx.versions, "elapsed_s": round(elapsed, 3)}
             ctx.out.write(row)
             if ctx.on_row is not None:
                 ctx.on_row(row)
         ctx.bar.update(1)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# summaries for the notebook
-
-
-def budget_value(b: str, full_at: float = math.inf) -> float:
-    """Numeric budget of a budget_tokens entry; "full" → full_at (e.g. a position right of the largest)."""
-    return full_at if str(b) == FULL else float(b)
-
-
-def task_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows of the task metrics (not the fidelity ones), with a numeric `budget` column (inf for "full")."""
-    d = df[~df.metric.isin(FIDELITY)].copy()
-    d["budget"] = d.budget_tokens.map(budget_value)
-    return d
-
-
-def accuracy_table(df: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
-    """Mean score per (task, policy, budget); metric: a fidelity metric name instead of the task metrics.
-    Adds task "average" = unweighted mean over tasks (as LongBench averages datasets)."""
-    d = task_rows(df) if metric is None else df[df.metric == metric].assign(
-        budget=lambda x: x.budget_tokens.map(budget_value))
-    per = d.groupby(["task", "policy", "budget"], as_index=False).agg(value=("value", "mean"),
-                                                                       n=("value", "size"),
-                                                                       kib=("budget_bytes", "mean"))
-    per["kib"] = per["kib"] / 1024
-    avg = per.groupby(["policy", "budget"], as_index=False).agg(value=("value", "mean"), n=("n", "sum"),
-                                                                 kib=("kib", "mean"))
-    avg["task"] = "average"
-    return pd.concat([per, avg[per.columns]], ignore_index=True)
-
-
-def fullkv_accuracy(df: pd.DataFrame) -> pd.Series:
-    """FullKV's mean score per task (policy fullkv at budget "full")."""
-    d = task_rows(df)
-    d = d[(d.policy == "fullkv") & (d.budget_tokens == FULL)]
-    return d.groupby("task").value.mean()
-
-
-def auc_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Area under accuracy-vs-log2(budget) over the finite budgets, divided by the log2 range: the mean accuracy
-    over log-spaced budgets, in [0, 1]. Rows: policies (no fullkv); columns: tasks and "average"; plus
-    "relative" = average AUC / FullKV's average accuracy."""
-    acc = accuracy_table(df)
-    acc = acc[(acc.policy != "fullkv") & acc.budget.map(math.isfinite)]
-    rows = {}
-    for (task, policy), g in acc.groupby(["task", "policy"]):
-        g = g.sort_values("budget")
-        x = g.budget.map(math.log2).to_numpy()
-        y = g.value.to_numpy()
-        rows.setdefault(policy, {})[task] = float(y[0]) if len(x) == 1 else float(
-            ((y[1:] + y[:-1]) / 2 * (x[1:] - x[:-1])).sum() / (x[-1] - x[0]))
-    out = pd.DataFrame(rows).T
-    full = fullkv_accuracy(df)
-    if len(full):
-        out["relative"] = out["average"] / full.mean()
-    return out.sort_values("average", ascending=False)
-
-
-def claims(df: pd.DataFrame, flowkv: str = "flowkv", baselines: Sequence[str] = HEADWISE) -> dict:
-    """Numbers behind method.md §5 claims 3 and 4, computed from the table (finite budgets only).
-
-    Claim 3 (FlowKV beats the head-wise baselines): over the (task, budget) `cells`, how often FlowKV's mean
-    accuracy is above (`wins`), equal to (`ties`) or below (`losses`) the best baseline's; mean accuracy over
-    budgets of FlowKV vs the best baseline. `fidelity_leader`: per fidelity metric in the table, the policy (of
-    FlowKV and the baselines) with the lowest task-averaged value at each budget.
-    Claim 4 (the gap widens as the budget shrinks): on the task-averaged curve, the advantage
-    adv(B) = acc_FlowKV(B) − max_baseline acc(B) per budget (smallest first), its Spearman correlation with
-    the budget (negative = widens as the budget shrinks), and at the smallest budget the accuracy losses
-    (FullKV − accuracy) of FlowKV and of the best baseline, and their ratio (> 1: FlowKV loses less)."""
-    acc = accuracy_table(df)
-    acc = acc[acc.budget.map(math.isfinite)]
-    base = [b for b in baselines if b in set(acc.policy)]
-    if flowkv not in set(acc.policy) or not base:
-        raise ValueError(f"claims need policy {flowkv!r} and at least one of {', '.join(baselines)} in the table")
-    piv = acc.pivot_table(index=["task", "budget"], columns="policy", values="value")
-    cells = piv[piv.index.get_level_values("task") != "average"]
-    diff = cells[flowkv] - cells[base].max(axis=1)
-    wins, ties = int((diff > 1e-12).sum()), int((diff.abs() <= 1e-12).sum())
-    avg = piv.loc["average"].sort_index()
-    best_base = avg[base].max(axis=1)
-    adv = (avg[flowkv] - best_base)
-    full = float(fullkv_accuracy(df).mean())
-    loss_f, loss_b = full - avg[flowkv], full - best_base
-    smallest = float(avg.index.min())
-    mean_acc = avg[[flowkv] + base].mean()
-    x = pd.Series(avg.index.values, dtype=float).rank()
-    rho = float(pd.Series(adv.values).rank().corr(x)) if len(adv) > 1 else float("nan")  # Spearman
-    leaders = {}
-    for m in FIDELITY:
-        fid = accuracy_table(df, metric=m) if (df.metric == m).any() else None
-        if fid is not None:
-            fid = fid[(fid.task == "average") & fid.budget.map(math.isfinite) & fid.policy.isin([flowkv] + base)]
-            leaders[m] = [str(g.loc[g.value.idxmin(), "policy"]) for _, g in fid.groupby("budget")]
-    return {
-        "flowkv": flowkv, "baselines": base, "fullkv": full, "fidelity_leader": leaders,
-        "budgets": [int(b) for b in avg.index], "advantage": [float(a) for a in adv.values],
-        "best_baseline_per_budget": [str(avg.loc[b, base].astype(float).idxmax()) for b in avg.index],
-        "wins": wins, "ties": ties, "losses": int(len(cells)) - wins - ties, "cells": int(len(cells)),
-        "mean_flowkv": float(mean_acc[flowkv]), "best_baseline": str(mean_acc[base].idxmax()),
-        "mean_best_baseline": float(mean_acc[base].max()),
-        "smallest_budget": int(smallest), "loss_flowkv_smallest": float(loss_f.loc[smallest]),
-        "loss_baseline_smallest": float(loss_b.loc[smallest]),
-        "loss_ratio_smallest": float(loss_b.loc[smallest] / loss_f.loc[smallest]) if loss_f.loc[smallest] > 0
-        else float("inf") if loss_b.loc[smallest] > 0 else 1.0,
-        "spearman_adv_vs_log_budget": rho,
-    }
-
-
-def plot_curves(ax, table: pd.DataFrame, task: str = "average", x: str = "budget",
-                policies: Sequence[str] | None = None, logx: bool = True, full_x: float | None = None,
-                reference: bool = True) -> None:
-    """One line per policy (project colours/markers) of an `accuracy_table` for one task, against x = "budget"
-    (tokens per KV head) or "kib" (KiB of KV kept); with `reference`, FullKV as a dashed line (and, with full_x,
-    as a point: at x = full_x for budgets, at its own size for "kib")."""
-    from . import plots
-
-    t = table[table.task == task]
-    fin = t[t.budget.map(math.isfinite)]
-    for p in policies or list(dict.fromkeys(t.policy)):
-        g = fin[fin.policy == p].sort_values(x)
-        if p == "fullkv" or g.empty:
-            continue
-        ax.plot(g[x], g.value, marker=plots.policy_marker(p), color=plots.policy_color(p), lw=1.4, ms=5,
-                label=plots.policy_label(p))
-    full = t[(t.policy == "fullkv") & ~t.budget.map(math.isfinite)]
-    if reference and len(full):
-        ax.axhline(full.value.mean(), color=plots.policy_color("fullkv"), ls="--", lw=1, label="FullKV")
-        if full_x is not None:
-            ax.plot([full_x if x == "budget" else full[x].mean()], [full.value.mean()], "o",
-                    color=plots.policy_color("fullkv"))
-    if logx:
-        ax.set_xscale("log", base=2)

@@ -52,14 +52,24 @@ def test_split_evenly(total, parts):
 
 
 @pytest.mark.parametrize("budget, err, match", [
-    (0, ValueError, r"budget=0: must be a positive token count or a fraction in \(0, 1\]"),
+    (0, ValueError, r"budget=0: must be a positive token count per KV head \(int, e\.g\. 128\), a fraction of the prompt in \(0, 1\]"),
     (-5, ValueError, r"budget=-5"), (0.0, ValueError, r"budget=0\.0: a fractional budget must lie in \(0, 1\]"),
     (1.01, ValueError, r"budget=1\.01"), (-0.5, ValueError, r"budget=-0\.5"), (float("nan"), ValueError, "budget=nan"),
-    (True, TypeError, r"budget=True"), ("128", TypeError, r"budget='128'"), (None, TypeError, r"budget=None"),
+    (True, TypeError, r"budget=True"), ("half", ValueError, r"budget='half'"), (None, TypeError, r"budget=None"),
+    ([64], TypeError, r"budget=\[64\]"),
 ])
 def test_bad_budgets(budget, err, match):
     with pytest.raises(err, match=match):
         resolve_budget(budget, 100, 2, 2)
+
+
+def test_one_budget_type():
+    """Tokens, fractions and "full", as values or as the text tables and command lines carry."""
+    from flowkv_utils.budgets import FULL, budget_label, parse_budget
+    assert [parse_budget(b) for b in (128, "128", 0.05, "0.05", "full", "FULL")] == [128, 128, 0.05, 0.05, FULL, FULL]
+    assert [budget_label(b) for b in (128, 0.05, "full", "0.5")] == ["128", "0.05", "full", "0.5"]
+    assert resolve_budget("full", 100, 2, 2).full and resolve_budget(1.0, 100, 2, 2).full
+    assert resolve_budget("64", 100, 2, 2) == resolve_budget(64, 100, 2, 2)
 
 
 def test_check_window_errors():

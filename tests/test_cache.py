@@ -163,3 +163,26 @@ def test_embedded_every_policy_generates_text(embedded, small_prefill, name):
     out = generate(small_prefill, res, max_new_tokens=6, tok=tok)
     text = tok.decode(out, skip_special_tokens=True)
     assert len(out) > 0 and text.strip(), f"{name}: empty generation"
+
+
+# ------------------------------------------------------------------------------------------- bad input (API)
+def test_bad_token_ids_and_keep_masks_are_clear_errors():
+    model = random_model("llama", layers=1, heads=2, kv_heads=1, head_dim=8, vocab=32)
+    with pytest.raises(TypeError, match="token ids: dtype torch.float32; must be integers"):
+        prefill(model, torch.tensor([[1.0, 2.0, 3.0]]), window=1)
+    with pytest.raises(ValueError, match="token id 40 is out of range: the vocabulary has ids 0..31"):
+        prefill(model, torch.tensor([[1, 40, 3]]), window=1)
+    pf = prefill(model, torch.tensor([[1, 2, 3, 4]]), window=1)
+    with pytest.raises(ValueError, match="token id -1 is out of range"):
+        decode(model, RaggedCache.from_prefill(pf), torch.tensor([[-1]]))
+    from flowkv_utils.cache import pack_layer
+    c = pf.layers[0]
+    with pytest.raises(TypeError, match="dtype torch.int64; a keep mask must be a torch.bool tensor of shape"):
+        pack_layer(c.k, c.v, torch.ones(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"shape \(1, 3\); expected \(1, 4\)"):
+        pack_layer(c.k, c.v, torch.ones(1, 3, dtype=torch.bool))
+    with pytest.raises(TypeError, match="expected a PolicyResult"):
+        RaggedCache.from_prefill(pf, torch.ones(1, 1, 4, dtype=torch.bool))
+    from flowkv_utils.budgets import split_evenly
+    with pytest.raises(ValueError, match="parts=0; must be a positive int"):
+        split_evenly(5, 0)

@@ -259,8 +259,12 @@ def test_bad_budget(pf40, name, budget, match):
 
 @pytest.mark.parametrize("name", list(REGISTRY))
 def test_budget_of_wrong_type(pf40, name):
-    with pytest.raises(TypeError, match="budget='64'"):
-        get_policy(name, window=8)(pf40, "64")
+    with pytest.raises(TypeError, match=r"budget=\[64\]"):
+        get_policy(name, window=8)(pf40, [64])
+    with pytest.raises(ValueError, match="budget='half'"):
+        get_policy(name, window=8)(pf40, "half")
+    a, b = get_policy(name, window=8)(pf40, "16"), get_policy(name, window=8)(pf40, 16)  # text budgets parse
+    assert torch.equal(a.keep, b.keep)
 
 
 @pytest.mark.parametrize("name", [n for n, c in REGISTRY.items() if c.uses_window])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -32,12 +33,12 @@ def test_unknown_parameter_rejected_naming_known(tmp_path):
     with pytest.raises(SystemExit) as e:
         runner.main([str(nb), "-p", "budgett", "64", "--out", str(tmp_path / "runs"), "--no-progress"])
     msg = str(e.value.code)
-    assert "unknown parameter(s) budgett" in msg and "known: x, label" in msg
+    assert "notebook 90_tiny, parameter budgett=64" in msg and "known parameter name: x, label" in msg
 
 
 def test_unknown_parameter_in_set_file_rejected(tmp_path):
     nb = write_notebook(tmp_path, "90_tiny", "print(x)", smoke="x: 2\ny: 3\n")
-    with pytest.raises(SystemExit, match=r"unknown parameter\(s\) y; known: x, label"):
+    with pytest.raises(SystemExit, match=r"parameter y=3: allowed: a known parameter name: x, label"):
         runner.main([str(nb), "--set", "smoke", "--out", str(tmp_path / "runs"), "--no-progress"])
 
 
@@ -75,3 +76,53 @@ def test_failing_notebook_exits_nonzero_naming_cell(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert re.search(r"notebook 91_fails, cell \d+: ValueError: boom", proc.stderr), proc.stderr[-2000:]
+
+
+def test_parameter_validation_names_notebook_parameter_value_and_allowed(tmp_path):
+    """Types and allowed values are checked for every selected notebook before the first one runs."""
+    first = write_notebook(tmp_path, "90_first", "open('ran', 'w').write('1')")
+    with pytest.raises(SystemExit, match=r"notebook 03_accuracy_vs_budget, parameter x=2: allowed: a known"):
+        runner.main([str(first), "03", "-p", "x", "2", "--out", str(tmp_path / "runs"), "--no-progress"])
+    nbs = ["03"]
+    cases = [("budgets", "notalist", r"03_accuracy_vs_budget, parameter budgets='notalist': allowed: a value of type list"),
+             ("niah_lengths", "320", r"parameter niah_lengths=320: allowed: a value of type list"),
+             ("niah_lengths", "[0, 5]", r"niah_lengths=\[0, 5\]: allowed: a non-empty list of positive ints"),
+             ("dtype", "float33", r"dtype='float33': allowed: float32, bfloat16, float16, float64"),
+             ("fresh", "nope", r"fresh='nope': allowed: a value of type bool"),
+             ("budgets", "[64, 0]", r"budgets=\[64, 0\]: allowed: a list of budgets"),
+             ("policies", "[snapkv, nope]", r"policies=\['snapkv', 'nope'\]: allowed: a non-empty list of registered"),
+             ("device", "gpu", r"device='gpu': allowed: cpu, cuda or cuda:N")]
+    for name, value, match in cases:
+        with pytest.raises(SystemExit, match=match):
+            runner.main(nbs + ["-p", name, value, "--out", str(tmp_path / "runs"), "--no-progress"])
+    assert not (tmp_path / "ran").exists()  # nothing ran before the checks
+
+
+def test_unwritable_out_is_a_clear_error(tmp_path):
+    nb = write_notebook(tmp_path, "90_tiny", "print(x)")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SystemExit, match=r"--out .*file/runs: cannot create it"):
+        runner.main([str(nb), "--out", str(blocker / "runs"), "--no-progress"])
+
+
+def test_ctrl_c_leaves_one_line_with_where_and_how_to_resume(tmp_path):
+    """SIGINT during a notebook: one line naming the notebook and the running cell, what was saved, the resume
+    command; no traceback."""
+    import signal
+    import time
+
+    nb = write_notebook(tmp_path, "92_slow", "import time\nopen('started', 'w').write('1')\ntime.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-m", "flowkv_utils.runner", str(nb), "--out", str(tmp_path / "runs"),
+                             "--no-progress"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "started").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal reaches the whole process group
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("interrupted:")]
+    assert len(lines) == 1 and "notebook 92_slow, cell 2 was running" in lines[0] and "resume with: python -m flowkv_utils.runner" in lines[0]
+    assert "Traceback" not in err, err[-2000:]

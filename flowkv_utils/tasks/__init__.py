@@ -12,6 +12,8 @@ the generated text (a name in `metrics.METRICS`).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +35,14 @@ class TaskInstance:
     def context_tokens(self) -> int:
         """Prompt length n in tokens of the model's tokenizer."""
         return int(self.prompt_ids.shape[-1])
+
+    def fingerprint(self) -> str:
+        """16 hex digits of sha256 over everything that defines the instance (prompt ids, references, new tokens,
+        metric, meta): two instances built with other generator settings never share it."""
+        h = hashlib.sha256(self.prompt_ids.to(torch.int64).cpu().numpy().tobytes())
+        h.update(json.dumps([self.task, self.references, self.max_new_tokens, self.metric, self.meta],
+                            sort_keys=True, default=str).encode())
+        return h.hexdigest()[:16]
 
 
 def build_prompt(tok, user_text: str, answer_prefix: str = "", chat: bool = True) -> torch.Tensor:

@@ -1,0 +1,238 @@
+"""Analysis: the numbers notebooks state, computed from tidy result tables (notebooks only format them).
+
+Accuracy side (sweep tables, `sweep.COLUMNS`): mean accuracy per (task, policy, budget), FullKV's accuracy, the
+area under accuracy-vs-log-budget, and the numbers behind docs/method.md's claims 3 and 4.
+Throughput side (bench tables, `bench.load_results`): the throughput bars against named targets
+(`ThroughputTargets`) and the prefill out-of-memory frontier.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+
+from .budgets import FULL
+from .policies import BASELINES
+
+FIDELITY = ("attn_rel_err", "kl_next_token")
+
+
+IDENTITY = ["model", "model_sha", "instance_sha", "seed", "policy_params", "window", "settings"]  # a run's settings
+
+
+def budget_value(b: str, full_at: float = math.inf) -> float:
+    """Numeric budget of a budget label ("128" tokens, "0.05" fraction); "full" → full_at (e.g. a position right of
+    the largest)."""
+    return full_at if str(b) == FULL else float(b)
+
+
+def _number(b: float) -> int | float:
+    """A budget value as it was given: an int for token budgets, a float for fractions."""
+    return int(b) if b >= 1 and float(b).is_integer() else float(b)
+
+
+def check_single_run(df: pd.DataFrame) -> None:
+    """Summaries never pool rows of different settings: each (task, instance, policy, budget, metric) must come
+    from one run. Raises naming the settings that differ (select one run first, e.g. df[df.seed == 1])."""
+    cells = ["task", "instance", "policy", "budget", "metric"]
+    if not len(df) or not set(cells) <= set(df.columns):
+        return
+    dup = df.duplicated(cells, keep=False)
+    if dup.any():
+        rows = df[dup]
+        differ = [c for c in IDENTITY if c in df.columns and rows.groupby(cells)[c].nunique().max() > 1]
+        raise ValueError(f"the table holds {int(dup.sum())} rows of the same (task, instance, policy, budget, metric) "
+                         f"from different runs (settings that differ: {', '.join(differ) or 'none recorded'}); "
+                         "select one run before summarising, e.g. the rows `sweep.run_sweep` returns")
+    kinds = {"fraction" if "." in str(b) else "tokens" for b in df.budget if str(b) != FULL}
+    if len(kinds) > 1:
+        raise ValueError("the table mixes token budgets and fractional budgets; summarise one kind at a time "
+                         "(fractions are the labels with a decimal point, e.g. '0.05')")
+
+
+def task_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows of the task metrics (not the fidelity ones), with a numeric `budget` column (inf for "full")."""
+    d = df[~df.metric.isin(FIDELITY)].copy()
+    check_single_run(df)
+    d["budget"] = d.budget.map(budget_value)
+    return d
+
+
+def accuracy_table(df: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
+    """Mean score per (task, policy, budget); metric: a fidelity metric name instead of the task metrics.
+    Adds task "average" = unweighted mean over tasks (as LongBench averages datasets)."""
+    check_single_run(df)
+    d = task_rows(df) if metric is None else df[df.metric == metric].assign(
+        budget=lambda x: x.budget.map(budget_value))
+    per = d.groupby(["task", "policy", "budget"], as_index=False).agg(value=("value", "mean"),
+                                                                       n=("value", "size"),
+                                                                       kib=("budget_bytes", "mean"))
+    per["kib"] = per["kib"] / 1024
+    avg = per.groupby(["policy", "budget"], as_index=False).agg(value=("value", "mean"), n=("n", "sum"),
+                                                                 kib=("kib", "mean"))
+    avg["task"] = "average"
+    return pd.concat([per, avg[per.columns]], ignore_index=True)
+
+
+def fullkv_accuracy(df: pd.DataFrame) -> pd.Series:
+    """FullKV's mean score per task (policy fullkv at budget "full")."""
+    d = task_rows(df)
+    d = d[(d.policy == "fullkv") & ~d.budget.map(math.isfinite)]
+    return d.groupby("task").value.mean()
+
+
+def auc_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Area under accuracy-vs-log2(budget) over the finite budgets, divided by the log2 range: the mean accuracy
+    over log-spaced budgets, in [0, 1]. Rows: policies (no fullkv); columns: tasks and "average"; plus
+    "relative" = average AUC / FullKV's average accuracy."""
+    acc = accuracy_table(df)
+    acc = acc[(acc.policy != "fullkv") & acc.budget.map(math.isfinite)]
+    rows = {}
+    for (task, policy), g in acc.groupby(["task", "policy"]):
+        g = g.sort_values("budget")
+        x = g.budget.map(math.log2).to_numpy()
+        y = g.value.to_numpy()
+        rows.setdefault(policy, {})[task] = float(y[0]) if len(x) == 1 else float(
+            ((y[1:] + y[:-1]) / 2 * (x[1:] - x[:-1])).sum() / (x[-1] - x[0]))
+    out = pd.DataFrame(rows).T
+    full = fullkv_accuracy(df)
+    if len(full):
+        out["relative"] = out["average"] / full.mean()
+    return out.sort_values("average", ascending=False)
+
+
+def claims(df: pd.DataFrame, flowkv: str = "flowkv", baselines: Sequence[str] = BASELINES) -> dict:
+    """Numbers behind method.md §5 claims 3 and 4, computed from the table (finite budgets only).
+
+    Claim 3 (FlowKV beats the head-wise baselines): over the (task, budget) `cells`, how often FlowKV's mean
+    accuracy is above (`wins`), equal to (`ties`) or below (`losses`) the best baseline's; mean accuracy over
+    budgets of FlowKV vs the best baseline. `fidelity_leader`: per fidelity metric in the table, the policy (of
+    FlowKV and the baselines) with the lowest task-averaged value at each budget.
+    Claim 4 (the gap widens as the budget shrinks): on the task-averaged curve, the advantage
+    adv(B) = acc_FlowKV(B) − max_baseline acc(B) per budget (smallest first), its Spearman correlation with
+    the budget (negative = widens as the budget shrinks), and at the smallest budget the accuracy losses
+    (FullKV − accuracy) of FlowKV and of the best baseline, and their ratio (> 1: FlowKV loses less)."""
+    acc = accuracy_table(df)
+    acc = acc[acc.budget.map(math.isfinite)]
+    base = [b for b in baselines if b in set(acc.policy)]
+    if flowkv not in set(acc.policy) or not base:
+        raise ValueError(f"claims need policy {flowkv!r} and at least one of {', '.join(baselines)} in the table")
+    piv = acc.pivot_table(index=["task", "budget"], columns="policy", values="value")
+    cells = piv[piv.index.get_level_values("task") != "average"]
+    diff = cells[flowkv] - cells[base].max(axis=1)
+    wins, ties = int((diff > 1e-12).sum()), int((diff.abs() <= 1e-12).sum())
+    avg = piv.loc["average"].sort_index()
+    best_base = avg[base].max(axis=1)
+    adv = (avg[flowkv] - best_base)
+    full = float(fullkv_accuracy(df).mean())
+    loss_f, loss_b = full - avg[flowkv], full - best_base
+    smallest = float(avg.index.min())
+    mean_acc = avg[[flowkv] + base].mean()
+    x = pd.Series(avg.index.values, dtype=float).rank()
+    rho = float(pd.Series(adv.values).rank().corr(x)) if len(adv) > 1 else float("nan")  # Spearman
+    leaders = {}
+    for m in FIDELITY:
+        fid = accuracy_table(df, metric=m) if (df.metric == m).any() else None
+        if fid is not None:
+            fid = fid[(fid.task == "average") & fid.budget.map(math.isfinite) & fid.policy.isin([flowkv] + base)]
+            leaders[m] = [str(g.loc[g.value.idxmin(), "policy"]) for _, g in fid.groupby("budget")]
+    return {
+        "flowkv": flowkv, "baselines": base, "fullkv": full, "fidelity_leader": leaders,
+        "budgets": [_number(b) for b in avg.index], "advantage": [float(a) for a in adv.values],
+        "best_baseline_per_budget": [str(avg.loc[b, base].astype(float).idxmax()) for b in avg.index],
+        "wins": wins, "ties": ties, "losses": int(len(cells)) - wins - ties, "cells": int(len(cells)),
+        "mean_flowkv": float(mean_acc[flowkv]), "best_baseline": str(mean_acc[base].idxmax()),
+        "mean_best_baseline": float(mean_acc[base].max()),
+        "smallest_budget": _number(smallest), "loss_flowkv_smallest": float(loss_f.loc[smallest]),
+        "loss_baseline_smallest": float(loss_b.loc[smallest]),
+        "loss_ratio_smallest": float(loss_b.loc[smallest] / loss_f.loc[smallest]) if loss_f.loc[smallest] > 0
+        else float("inf") if loss_b.loc[smallest] > 0 else 1.0,
+        "spearman_adv_vs_log_budget": rho,
+    }
+
+
+# ---- throughput side (bench tables) ----
+@dataclass(frozen=True)
+class ThroughputTargets:
+    """The project's throughput bars: the targets `bars` reports against (printed, never asserted).
+
+    floor_ratio: a decode step (batch 1, longest context) takes at most this many times its byte floor
+    (W + KV_kept) / BW; bound_fraction: FlowKV's measured speed-up over FullKV reaches at least this fraction of
+    the bytes-ratio bound (W + KV_full) / (W + KV_kept); batch_gain: at the longest context, tokens/s at FlowKV's
+    largest batch is at least this many times FullKV's at its largest; scoring_share: scoring + selection takes at
+    most this fraction of prefill time (at `SCORING_CONTEXT`); alloc_over_kept: the ragged cache allocates at most
+    this many times the bytes it keeps (every decode row)."""
+
+    floor_ratio: float = 1.3
+    bound_fraction: float = 0.8
+    batch_gain: float = 10.0
+    scoring_share: float = 0.05
+    alloc_over_kept: float = 1.05
+
+
+THROUGHPUT_TARGETS = ThroughputTargets()
+SCORING_CONTEXT = 131072  # the prompt length (128K tokens) at which the scoring share is judged
+
+
+def oom_frontier(prefill_rows: pd.DataFrame, capacity_bytes: float) -> dict[str, float]:
+    """Per policy, the context at which prefill peak memory would reach the device's capacity, extrapolated along
+    the straight line through the two longest measured contexts (peak memory grows linearly with n)."""
+    out = {}
+    for policy, g in prefill_rows[prefill_rows.status == "ok"].groupby("policy"):
+        g = g.sort_values("context").tail(2)
+        if len(g) < 2:
+            continue
+        (n0, p0), (n1, p1) = g[["context", "peak_alloc_bytes"]].to_numpy(dtype=float)
+        slope = (p1 - p0) / (n1 - n0)  # bytes per prompt token
+        out[policy] = n1 + (capacity_bytes - p1) / slope if slope > 0 else float("inf")
+    return out
+
+
+def bars(res: dict, budget: float = 0.05, scoring_context: int = SCORING_CONTEXT,
+         targets: ThroughputTargets = THROUGHPUT_TARGETS) -> pd.DataFrame:
+    """The project's throughput bars, computed from stored bench results (`bench.load_results`; printed, never
+    asserted): decode step vs floor at the longest context, the FlowKV speed-up against the bytes-ratio bound,
+    throughput at the largest batch, scoring overhead at `scoring_context`, ragged allocated vs kept bytes, each
+    against its target in `targets`. Returns a DataFrame (bar, value, target, reached)."""
+    t = targets
+    d = res["decode"][res["decode"].status == "ok"]
+    n = int(d.context.max())
+    ctx = d[(d.sweep == "context") & (d.context == n) & (d.batch == 1)]
+    full = ctx[ctx.policy == "fullkv"].iloc[0]
+    rows = []
+    for pol in ("fullkv", "flowkv", "flowkv_global"):
+        r = ctx[(ctx.policy == pol) & ((ctx.budget == budget) | (pol == "fullkv"))]
+        if len(r):
+            r = r.iloc[0]
+            rows.append((f"decode step / floor, {pol}, n={n}, batch 1", r.floor_ratio, f"≤ {t.floor_ratio:g}",
+                         r.floor_ratio <= t.floor_ratio))
+    for pol in ("flowkv", "flowkv_global"):
+        r = ctx[(ctx.policy == pol) & (ctx.budget == budget)]
+        if len(r):
+            r = r.iloc[0]
+            frac = (full.decode_ms / r.decode_ms) / r.bound_speedup
+            rows.append((f"{pol} speed-up over FullKV / bytes-ratio bound ({full.decode_ms / r.decode_ms:.2f}× of "
+                         f"{r.bound_speedup:.2f}×), n={n}", frac, f"≥ {t.bound_fraction:g}", frac >= t.bound_fraction))
+    mb = d[d.sweep == "maxbatch"].set_index("policy")
+    if {"fullkv", "flowkv_global"} <= set(mb.index):
+        f, k = mb.loc["fullkv"], mb.loc["flowkv_global"]
+        gain = k.tokens_per_s / f.tokens_per_s
+        rows.append((f"tokens/s at the largest batch, n={n}: FlowKV {budget:.0%} (B={k.batch}) / FullKV "
+                     f"(B={f.batch}) = {k.tokens_per_s:.0f} / {f.tokens_per_s:.0f}", gain, f"≥ {t.batch_gain:g}",
+                     gain >= t.batch_gain))
+    if "scoring" in res:
+        sc = res["scoring"]
+        for pol in ("flowkv", "flowkv_global", "snapkv"):
+            r = sc[(sc.policy == pol) & (sc.context == scoring_context)]
+            if len(r):
+                v = float(r.fraction.iloc[0])
+                rows.append((f"{pol} scoring+selection / prefill, n={scoring_context}", v, f"≤ {t.scoring_share:g}",
+                             v <= t.scoring_share))
+    rag = d[d.layout == "ragged"]
+    worst = float((rag.allocated_bytes / rag.kept_bytes).max())
+    rows.append(("ragged cache allocated / kept bytes (worst row)", worst, f"≤ {t.alloc_over_kept:g}",
+                 worst <= t.alloc_over_kept))
+    return pd.DataFrame(rows, columns=["bar", "value", "target", "reached"])

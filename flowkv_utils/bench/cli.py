@@ -1,0 +1,132 @@
+"""`python -m flowkv_utils.bench <subcommand>` (or `flowkv-bench`): the subcommands of the package docstring."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ..budgets import BUDGET_HELP, parse_budget
+from ..kernels import triton_available
+from ..results import REPO, Recorder
+from .checks import score_checks
+from .cpu import context_sweep, load_times, notebook_times, policies_overhead
+from .gpu import TUNE, gpu_sweep
+from .scoring import scoring_parts, scoring_prefills
+from .shapes import SHAPES
+from .tables import recorder
+from .timing import copy_bandwidth
+
+COMMANDS = ("load", "notebooks", "policies", "decode", "gpu", "scoring", "all")
+CPU_COMMANDS = ["load", "policies", "decode", "notebooks"]  # what `all` runs
+
+
+def _embedded(device: str = "cpu"):
+    from ..models import load_model
+
+    return load_model("embedded", device=device)
+
+
+def parser() -> argparse.ArgumentParser:
+    doc = sys.modules[__package__].__doc__ or ""
+    ap = argparse.ArgumentParser(prog="python -m flowkv_utils.bench", description=doc.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in COMMANDS:
+        p = sub.add_parser(name)
+        p.add_argument("--out", type=Path, default=None, help="folder for CSV + meta.json (default runs/bench/<cmd>)")
+        if name == "notebooks":
+            p.add_argument("--set", dest="param_set", default="default")
+            p.add_argument("names", nargs="*")
+        if name == "policies":
+            p.add_argument("--n", type=int, default=4096, help="prompt tokens")
+            p.add_argument("--budget", type=parse_budget, default=0.05, help=BUDGET_HELP)
+        if name == "decode":
+            p.add_argument("--contexts", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+            p.add_argument("--budget", type=parse_budget, default=0.1, help=BUDGET_HELP)
+            p.add_argument("--steps", type=int, default=8)
+        if name == "scoring":
+            p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
+            p.add_argument("--contexts", type=int, nargs="+", default=[131072])
+            p.add_argument("--budget", type=float, default=0.05)
+            p.add_argument("--slacks", type=float, nargs="*", default=[0.0, 0.25],
+                           help="also prefill the whole model once per slack (FlowKV global re-packing)")
+            p.add_argument("--device", default="cuda")
+            p.add_argument("--tune", action="store_true", help="time launch-setting variants of the score kernel")
+        if name == "gpu":
+            p.add_argument("--slack", type=float, default=0.25, help="FlowKV global re-packing slack (layerwise)")
+            p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
+            p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 65536, 131072, 204800])
+            p.add_argument("--steps", type=int, default=30)
+            p.add_argument("--quick", action="store_true", help="no FullKV prefills, no batch search")
+            p.add_argument("--no-checks", action="store_true")
+            p.add_argument("--device", default="cuda", help="cuda (the sweep) or cpu (a dry run on a tiny shape: "
+                           "--shape tiny --contexts 1024 2048 --budgets 0.05 0.1 --steps 3 --max-batch 4)")
+            p.add_argument("--max-batch", type=int, default=4096)
+            p.add_argument("--tune", action="store_true", help="time several kernel block/warps/stages variants")
+            p.add_argument("--budgets", type=float, nargs="+", default=[0.01, 0.02, 0.05, 0.1, 0.2])
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    a = parser().parse_args(argv)
+    command = "python -m flowkv_utils.bench " + shlex.join(argv)
+    for cmd in CPU_COMMANDS if a.cmd == "all" else [a.cmd]:
+        out = a.out if (a.out and a.cmd != "all") else (a.out or REPO / "runs" / "bench") / cmd
+        print(f"== bench {cmd} → {out}", flush=True)
+        rec = recorder(out, command)
+        try:
+            _run(cmd, a, rec)
+            rec.save_meta()
+        finally:
+            rec.close()
+        print(summary(rec))
+    return 0
+
+
+def _run(cmd: str, a: argparse.Namespace, rec: Recorder) -> None:
+    """One subcommand (its arguments in `a`), recorded by `rec`."""
+    if cmd == "gpu":
+        gpu_sweep(rec.out, shape=a.shape, contexts=tuple(a.contexts), steps=a.steps, budgets=tuple(a.budgets),
+                  fullkv_prefill=not a.quick, batch_search=not a.quick, checks=not a.no_checks, device=a.device,
+                  max_batch=a.max_batch, kernel_variants=TUNE if a.tune else None, slack=a.slack, rec=rec)
+    elif cmd == "load":
+        load_times(rec)
+    elif cmd == "notebooks":
+        notebook_times(rec, getattr(a, "param_set", "default"), getattr(a, "names", None) or None)
+    elif cmd == "policies":
+        model, tok = _embedded()
+        policies_overhead(model, tok, getattr(a, "n", 4096), getattr(a, "budget", 0.05), rec=rec)
+    elif cmd == "decode":
+        model, tok = _embedded()
+        bw = copy_bandwidth("cpu")
+        rec.add("bandwidth", **bw)
+        context_sweep(model, getattr(a, "contexts", [512, 1024, 2048, 4096]), budget=getattr(a, "budget", 0.1),
+                      tok=tok, rec=rec, bw=bw, steps=getattr(a, "steps", 8))
+    elif cmd == "scoring":
+        if torch.device(a.device).type == "cuda" and triton_available() and not score_checks(rec, a.device):
+            raise SystemExit("the FlowKV score kernel disagrees with the PyTorch path (see check.csv)")
+        score_config = scoring_parts(rec, a.shape, tuple(a.contexts), a.budget, device=a.device, tune=a.tune)
+        if a.slacks:
+            scoring_prefills(rec, a.shape, tuple(a.contexts), a.budget, tuple(a.slacks), device=a.device,
+                             score_config=score_config)
+        rec.save_meta(score_config=asdict(score_config))
+
+
+def summary(rec: Recorder) -> str:
+    """A short printed table of what was measured (the last lines of a run)."""
+    lines = [f"-- {table}: {len(rows)} rows" for table, rows in rec.rows.items()]
+    for r in rec.rows.get("decode", [])[-12:]:
+        if r["status"] == "ok":
+            b = f"{r['budget']:.4g}" if isinstance(r["budget"], float) else str(r["budget"])
+            lines.append(f"  {r['sweep']:<8} {r['policy']:<13} b={b:<5} n={r['context']:<7} B={r['batch']:<4} "
+                         f"{r['impl']:<22} {r['decode_ms']:8.2f} ms  {r['tokens_per_s']:9.1f} tok/s"
+                         f"  floor×{r['floor_ratio']:.2f}")
+    for r in rec.rows.get("check", []):
+        if not r["ok"]:
+            lines.append(f"  CHECK FAILED: {r['what']} {r['config']} rel {r['rel_err']:.2e}")
+    return "\n".join(lines)

@@ -1,0 +1,334 @@
+"""The GPU sweep (`bench gpu`): kernel timing and tuning, checks, prefill with layer-wise compression per context,
+decode vs context / budget / batch / layout / implementation, the largest batch that fits, FullKV prefill peaks.
+
+Tuning returns launch settings as values (`kernel_speed` → `SplitKVConfig`, `scoring.tune_score_kernel` →
+`ScoreConfig`) that the sweep then passes to every call; meta.json records both."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ..fastdecode import SplitKVAttend, StaticRaggedCache
+from ..kernels import (
+    DEFAULT_CONFIG,
+    DEFAULT_SCORE_CONFIG,
+    ScoreConfig,
+    SplitKVConfig,
+    choose_split,
+    make_workspace,
+    split_kv_triton,
+    target_programs,
+    triton_available,
+    triton_tables,
+    use_triton,
+    work_items,
+)
+from ..models import shape_of
+from ..results import Recorder
+from .checks import chunked_prefill_check, decode_parity, kernel_checks, score_checks
+from .prefill import kept_lengths, prefill_context
+from .scoring import scoring_parts
+from .shapes import SHAPES, shape_model, synthetic_cache
+from .tables import RANDOM_WEIGHTS, model_cols, recorder
+from .timing import (
+    copy_bandwidth,
+    decode_row,
+    eager_path,
+    fast_path,
+    free_memory,
+    reset_peak,
+    time_fast_decode,
+    time_generate_decode,
+    weight_bytes,
+)
+
+# kernel variants timed with `bench gpu --tune`: changes to the default SplitKVConfig (benchmarks/NOTES.md says
+# what each was expected to do); a "split" entry fixes the keys per work item instead
+TUNE = [{}, {"block": 64}, {"block": 16}, {"num_warps": 2}, {"num_warps": 8}, {"num_stages": 2}, {"num_stages": 4},
+        {"waves": 4}, {"waves": 16}]
+
+
+def kernel_speed(rec: Recorder, bw: dict, device="cuda", n: int = 204800, budget: float = 0.05, G: int = 8,
+                 r: int = 4, d: int = 128, variants: list[dict] | None = None, reps: int = 50, seed: int = 0,
+                 base: SplitKVConfig = DEFAULT_CONFIG) -> SplitKVConfig:
+    """Time the Triton split-KV attention of one layer (Llama-3-8B geometry by default) on full and compressed
+    lengths (uniform, and ragged log-normal per-head lengths of the same total), over 8 layers' buffers (so that
+    the L2 cache does not serve the reads) captured in one CUDA graph (so that Python launch costs do not count).
+    variants: changes to `base` (block, num_warps, num_stages, waves) or a fixed "split". One 'kernel' row per
+    (lengths, variant), written once all are timed, best=True on the variant of the least summed time; returns
+    that variant's config."""
+    g = torch.Generator().manual_seed(seed)
+    kept = int(budget * n)
+    ragged = torch.exp(torch.randn(G, generator=g))  # log-normal per-head shares
+    ragged = (ragged / ragged.sum() * kept * G).round().long().clamp(min=0)
+    configs = {("full", f"full n={n}"): torch.full((G,), n), ("uniform", f"uniform {budget:.0%}"): torch.full((G,), kept),
+               ("ragged", f"ragged {budget:.0%} (log-normal heads)"): ragged}
+    variants = variants or [{}]
+    cfgs = [base.replace(**{k: v for k, v in var.items() if k != "split"}) for var in variants]
+    totals = [0.0] * len(variants)
+    rows = []
+    for (lengths, name), lens in configs.items():
+        off = torch.zeros(G + 1, dtype=torch.long)
+        off[1:] = torch.cumsum(lens, 0)
+        N = int(off[-1])
+        layers = [(torch.randn(N, d, dtype=torch.bfloat16, device=device),
+                   torch.randn(N, d, dtype=torch.bfloat16, device=device),
+                   torch.randn(G, 64, d, dtype=torch.bfloat16, device=device),
+                   torch.randn(G, 64, d, dtype=torch.bfloat16, device=device)) for _ in range(8)]
+        q = torch.randn(G, r, d, dtype=torch.bfloat16, device=device)
+        nt = torch.tensor([1], device=device)
+        kv_bytes = 2 * N * d * 2
+        for vi, (var, cfg) in enumerate(zip(variants, cfgs, strict=True)):
+            split = var.get("split") or choose_split(N, target_programs(device, cfg), cfg.block)
+            items = work_items(off, split, device)
+            tabs = [triton_tables(items, *lay) for lay in layers]
+            ws = make_workspace(items, G, r, d, torch.bfloat16, device)
+            for i in range(3):
+                split_kv_triton(q, tabs[i % 8], nt, d ** -0.5, ws, cfg)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()  # 8 calls (one per layer buffer) in a graph: no Python launch cost
+            with torch.cuda.graph(graph):
+                for i in range(8):
+                    split_kv_triton(q, tabs[i], nt, d ** -0.5, ws, cfg)
+            graph.replay()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(reps):
+                graph.replay()
+            b.record()
+            b.synchronize()
+            us = 1e3 * a.elapsed_time(b) / (8 * reps)
+            del graph
+            totals[vi] += us
+            rows.append((vi, dict(config=f"{name} G={G} r={r} d={d}", lengths=lengths, impl=f"triton waves={cfg.waves}",
+                                  split=split, block=cfg.block, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                                  waves=cfg.waves, kv_bytes=kv_bytes, us=us, GBps=kv_bytes / us / 1e3,
+                                  frac_of_copy=kv_bytes / us / 1e3 / bw["GBps"])))
+        del layers, tabs, ws
+        free_memory()
+    best = min(range(len(variants)), key=totals.__getitem__)
+    for vi, row in rows:
+        rec.add("kernel", **row, best=vi == best)
+    return cfgs[best]
+
+
+def largest_batch(rec: Recorder, model, counts: torch.Tensor, policy: str, budget, n: int, bw: dict, cap: int,
+                  steps: int, warmup: int, max_batch: int = 4096, config: SplitKVConfig = DEFAULT_CONFIG) -> int:
+    """Decode at growing batch sizes until memory runs out (doubling, then bisection); the largest that fits is
+    recorded with sweep='maxbatch', the others with sweep='batch'."""
+    s = shape_of(model)
+    dev = next(model.parameters()).device
+
+    def attempt(B: int) -> bool:
+        free_memory()
+        reset_peak(dev)
+        try:
+            sc = synthetic_cache(counts, B, s, n, cap, torch.bfloat16, dev, config=config)
+            decode_row(rec, model, sc, weights=RANDOM_WEIGHTS, bw=bw, policy=policy,
+                       budget=None if policy == "fullkv" else budget, context=n, sweep="batch", steps=steps,
+                       warmup=warmup, config=config)
+            del sc
+            return True
+        except torch.OutOfMemoryError:
+            rec.add("decode", **model_cols(model, RANDOM_WEIGHTS), sweep="batch", policy=policy, budget=budget,
+                    context=n, batch=B, status="oom")
+            return False
+        finally:
+            free_memory()
+
+    lo, hi = 0, None
+    B = 1
+    while hi is None:
+        if attempt(B):
+            lo, B = B, B * 2
+        else:
+            hi = B
+        if B > max_batch:
+            break
+    while hi is not None and hi - lo > 1 and lo >= 1:
+        mid = (lo + hi) // 2
+        if attempt(mid):
+            lo = mid
+        else:
+            hi = mid
+    if lo >= 1:  # mark the largest with a copy of its row
+        rows = [r for r in rec.rows["decode"] if r["sweep"] == "batch" and r["policy"] == policy
+                and r["batch"] == lo and r["status"] == "ok"]
+        if rows:
+            r = dict(rows[-1])
+            r["sweep"], r["note"] = "maxbatch", "largest batch that fits (doubling, then bisection)"
+            rec.add("decode", **{k: r[k] for k in rec.schemas["decode"]})
+    return lo
+
+
+def gpu_sweep(out: Path | str, *, shape: str = "llama3-8b", contexts: tuple[int, ...] = (8192, 32768, 65536,
+              131072, 204800), budgets: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2),
+              policies: tuple[str, ...] = ("fullkv", "snapkv", "flowkv", "flowkv_global"), budget: float = 0.05,
+              steps: int = 30, warmup: int = 5, fullkv_prefill: bool = True, batch_search: bool = True,
+              checks: bool = True, chunk: int = 8192, command: str | None = None,
+              device: str = "cuda", max_batch: int = 4096, kernel_variants: list[dict] | None = None,
+              slack: float = 0.25, rec: Recorder | None = None) -> Recorder:
+    """The GPU sweep (see the package docstring): kernel timing (fastest of `kernel_variants`) and score-kernel
+    tuning, checks, prefill with layer-wise compression per context (scoring overhead per policy, peak memory),
+    FullKV prefill peaks, decode vs context / budget / batch / layout / implementation, and the largest batch that
+    fits at the longest context. Writes CSVs + meta.json to out (through `rec` when given, else its own
+    recorder)."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench gpu needs a CUDA device (torch.cuda.is_available() is False); "
+                         "--device cpu runs the same sweep on the CPU (tiny shapes only)")
+    rec = rec or recorder(out, command)
+    t_start = time.perf_counter()
+    log = lambda what: print(f"{what} ({time.perf_counter() - t_start:.0f} s)", flush=True)
+    bw = copy_bandwidth(dev)
+    rec.add("bandwidth", **bw)
+    model = shape_model(shape, dev, max(contexts))
+    W = weight_bytes(model)
+    total_mem = torch.cuda.get_device_properties(0).total_memory if dev.type == "cuda" else None
+    meta = dict(bandwidth=bw, shape=SHAPES[shape], weight_bytes=W, weights=RANDOM_WEIGHTS, gpu_total_bytes=total_mem)
+    rec.save_meta(**meta)
+    log(f"model {shape}: {W / 1e9:.2f} GB of weights read per step; bandwidth {bw['GBps']:.0f} GB/s")
+    config, score_config = DEFAULT_CONFIG, DEFAULT_SCORE_CONFIG
+    if dev.type == "cuda" and triton_available():
+        config = kernel_speed(rec, bw, n=max(contexts), budget=budget, variants=kernel_variants)
+        meta["kernel_config"] = asdict(config)
+        rec.save_meta(**meta)
+        log(f"kernel timing done, using {config}")
+        if checks and not score_checks(rec, str(dev)):
+            raise SystemExit("the FlowKV score kernel disagrees with the PyTorch path (see check.csv)")
+        score_config = scoring_parts(rec, shape, (min(131072, max(contexts)),), budget, device=str(dev), tune=True,
+                                     extras=False)
+        meta["score_config"] = asdict(score_config)
+        rec.save_meta(**meta)
+        log(f"score kernel tuned, using {score_config}")
+    if checks:
+        _checks(rec, model, shape, contexts, config, score_config)
+        log("checks done")
+    cap = steps + warmup + 8
+    kw = dict(bw=bw, cap=cap, steps=steps, warmup=warmup, config=config)
+    counts = _prefills(rec, model, contexts, budgets, policies, budget, chunk, slack, score_config, log, **kw)
+    _decode_sweeps(rec, model, counts, budget, max(contexts), **kw)
+    log("decode sweeps done")
+    longest = max(contexts)
+    if batch_search:
+        for p in ("fullkv", "flowkv_global"):
+            if (longest, p, budget) in counts:
+                largest_batch(rec, model, counts[(longest, p, budget)], p, budget, longest, bw, cap, steps, warmup,
+                              max_batch, config)
+        log("batch search done")
+    if fullkv_prefill:
+        for n in contexts:
+            _prefill_or_oom(rec, model, n, policy="fullkv", chunk=chunk, keep_scores=False)
+            free_memory()
+        log("FullKV prefills done")
+    rec.save_meta(**meta, kernel_config=asdict(config), score_config=asdict(score_config),
+                  seconds=time.perf_counter() - t_start)
+    return rec
+
+
+def _prefill_or_oom(rec: Recorder, model, n: int, *, policy: str, budget=None, chunk: int, **kw):
+    """`prefill_context`, or a prefill row with status 'oom' (and None) when the device runs out of memory."""
+    try:
+        return prefill_context(rec, model, n, weights=RANDOM_WEIGHTS, policy=policy, chunk=chunk,
+                               **({} if budget is None else {"budget": budget}), **kw)
+    except torch.OutOfMemoryError as e:
+        rec.add("prefill", **model_cols(model, RANDOM_WEIGHTS), policy=policy, budget=budget, context=n,
+                chunk=chunk, status="oom", note=str(e)[:200])
+        free_memory()
+        return None
+
+
+def _checks(rec: Recorder, model, shape: str, contexts, config: SplitKVConfig, score_config: ScoreConfig) -> None:
+    """Kernel and whole-model checks; a failed judged check stops the sweep before any timing."""
+    dev = next(model.parameters()).device
+    ok = kernel_checks(rec, device=str(dev), config=config)
+    # whole-model parity is judged on a 2-layer model of the same shape; the deep model's errors are recorded
+    # next to its bf16 noise floor (chunked vs unchunked prefill: two exact computations, different rounding)
+    small = shape_model(shape, dev, max(contexts), layers=2)
+    n_chk = min(4096, min(contexts))
+    ok &= decode_parity(rec, small, n_chk, config=config, score_config=score_config)
+    ok &= chunked_prefill_check(rec, small, 2 * n_chk, chunk=max(64, n_chk // 2))
+    del small
+    free_memory()
+    if shape_of(model).layers > 2:
+        decode_parity(rec, model, n_chk, tol=None, config=config, score_config=score_config)
+        chunked_prefill_check(rec, model, 2 * n_chk, chunk=max(64, n_chk // 2), tol=None)
+    if not ok:
+        raise SystemExit("a fast path disagrees with the reference (see check.csv): no timings recorded")
+
+
+def _prefills(rec: Recorder, model, contexts, budgets, policies, budget: float, chunk: int, slack: float,
+              score_config: ScoreConfig, log, *, bw: dict, cap: int, steps: int, warmup: int,
+              config: SplitKVConfig) -> dict[tuple, torch.Tensor]:
+    """Per context: prefill compressing with FlowKV (global), decode of the cache it really kept (and at the
+    longest context the eager paths); returns the per-head lengths {(n, policy, budget): (L, G)} to decode."""
+    counts: dict[tuple, torch.Tensor] = {}
+    longest = max(contexts)
+    wl = RANDOM_WEIGHTS
+    for n in contexts:
+        comp = _prefill_or_oom(rec, model, n, policy="flowkv_global", budget=budget, chunk=chunk,
+                               also=("snapkv", "flowkv"), slack=slack, score_config=score_config)
+        if comp is None:
+            continue
+        for p in policies:
+            for b in (budgets if n == longest else (budget,)):
+                if p == "fullkv" and b != budget:
+                    continue
+                counts[(n, p, b)] = kept_lengths(comp, p, b)
+        # decode of the real compressed cache (batch 1), and the eager paths on it
+        cache = comp.cache(capacity=cap)
+        sc = StaticRaggedCache.from_ragged([cache], capacity=cap, config=config)
+        row = dict(weights=wl, bw=bw, policy="flowkv_global", budget=budget, context=n)
+        decode_row(rec, model, sc, **row, sweep="real", steps=steps, warmup=warmup, config=config,
+                   note="the cache prefill really kept (not synthetic)")
+        if n == longest:
+            ms = time_generate_decode(model, cache, steps=3)
+            decode_row(rec, model, sc, **row, sweep="impl", ms=ms, path=eager_path("reference"),
+                       note="generate.decode + RaggedCache.attend (per-head Python loop)")
+            ms = time_generate_decode(model, cache, steps=3, attend=SplitKVAttend(config=config))
+            decode_row(rec, model, sc, **row, sweep="impl", ms=ms,
+                       path=eager_path("triton" if use_triton("auto", cache.layers[0].k) else "torch"),
+                       note="generate.decode + fastdecode.SplitKVAttend (Python per layer)")
+        del sc, cache, comp
+        free_memory()
+        log(f"context {n} done")
+    return counts
+
+
+def _decode_sweeps(rec: Recorder, model, counts: dict[tuple, torch.Tensor], budget: float, longest: int, *,
+                   bw: dict, cap: int, steps: int, warmup: int, config: SplitKVConfig) -> None:
+    """Decode vs context and budget (synthetic contents, real per-head lengths), FullKV included; at the longest
+    context also without the CUDA graph, without fusion, and in the padded layout."""
+    s = shape_of(model)
+    dev = next(model.parameters()).device
+    for (n, p, b), c in sorted(counts.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+        sweep = "context" if b == budget else "budget"
+        bb = None if p == "fullkv" else b
+        row = dict(weights=RANDOM_WEIGHTS, bw=bw, policy=p, budget=bb, context=n)
+        try:
+            sc = synthetic_cache(c, 1, s, n, cap, torch.bfloat16, dev, config=config)
+            decode_row(rec, model, sc, **row, sweep=sweep, steps=steps, warmup=warmup, config=config)
+            if n == longest and b == budget and p in ("flowkv_global", "fullkv"):
+                ms, dec = time_fast_decode(model, sc, steps=10, warmup=2, graph=False, config=config)
+                decode_row(rec, model, sc, **row, sweep="impl", ms=ms,
+                           path={**fast_path(dec), "impl": f"{dec.label} (no graph)"},
+                           note="FastDecoder without CUDA graph")
+                ms, dec = time_fast_decode(model, sc, steps=steps, warmup=warmup, fuse=False, config=config)
+                decode_row(rec, model, sc, **row, sweep="impl", ms=ms, path=fast_path(dec),
+                           note="model modules via run_layer (no fusion)")
+                del dec
+            if n == longest and b == budget and p in ("flowkv", "flowkv_global"):
+                del sc
+                free_memory()
+                sc = synthetic_cache(c, 1, s, n, cap, torch.bfloat16, dev, layout="padded", config=config)
+                decode_row(rec, model, sc, **row, sweep="layout", layout="padded", steps=steps, warmup=warmup,
+                           config=config, note="every head padded to its layer's longest head (dense per-layer layout)")
+            del sc
+        except torch.OutOfMemoryError as e:
+            rec.add("decode", **model_cols(model, RANDOM_WEIGHTS), sweep=sweep, policy=p, budget=b, context=n,
+                    batch=1, status="oom", note=str(e)[:200])
+        free_memory()

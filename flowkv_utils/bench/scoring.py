@@ -1,0 +1,146 @@
+"""Where FlowKV's scoring + selection time goes: each step timed on one synthetic layer of a real shape, the score
+kernel's launch-setting variants (the fastest returned as a `ScoreConfig`, never stored in a global), and whole
+prefills per re-packing slack."""
+
+from __future__ import annotations
+
+import torch
+
+from ..kernels import DEFAULT_SCORE_CONFIG, ScoreConfig, triton_available
+from ..results import Recorder
+from .prefill import prefill_context
+from .shapes import SHAPES, shape_model
+from .tables import RANDOM_WEIGHTS
+from .timing import free_memory, median_ms
+
+# score-kernel variants (tokens per program, columns per product, warps) timed by `tune_score_kernel`
+SCORE_TUNE = [(64, 64, 4), (128, 64, 4), (64, 32, 4)]
+
+
+def scoring_parts(rec: Recorder, shape: str = "llama3-8b", contexts: tuple[int, ...] = (131072,),
+                  budget: float = 0.05, window: int = 32, device: str = "cuda", reps: int = 5,
+                  tune: bool = False, extras: bool = True,
+                  score_config: ScoreConfig = DEFAULT_SCORE_CONFIG) -> ScoreConfig:
+    """Where FlowKV's scoring + selection time goes, one synthetic layer of a real shape at a time (random bf16
+    q/k/v and W_O): window attention, the Gram-form score, the layer's top-k, the per-layer norm, and the global
+    cascade (one `add` per layer of the model, each followed by the per-layer count read-back a compressor does).
+    SnapKV's score + per-head top-k is timed on the same window attention for comparison. The score kernel runs
+    with `score_config`; tune: first time its launch-setting variants (`tune_score_kernel`) at each context and
+    use the fastest; extras: also the kernel at other product precisions (information only). Returns the score
+    config used at the last context (the tuned one when tune)."""
+    from ..policies.flowkv import gram_blocks
+
+    cfg = SHAPES[shape]
+    dev = torch.device(device)
+    dt = torch.bfloat16 if dev.type != "cpu" else torch.float32
+    gen = torch.Generator(device=dev).manual_seed(0)
+    H, d, D = cfg["heads"], cfg["head_dim"], cfg["hidden"]
+    gram = gram_blocks(torch.randn(H, d, D, device=dev, dtype=dt, generator=gen) * D ** -0.5, cfg["kv_heads"])
+    for n in contexts:
+        score_config = _parts_at(rec, shape, n, gram, budget, window, dt, gen, reps, tune, extras, score_config)
+        free_memory()
+    return score_config
+
+
+def _parts_at(rec: Recorder, shape: str, n: int, gram: torch.Tensor, budget: float, window: int, dt, gen,
+              reps: int, tune: bool, extras: bool, score_config: ScoreConfig) -> ScoreConfig:
+    """`scoring_parts` at one context n (random inputs drawn here, freed on return); returns the score config
+    used."""
+    from ..attention import window_attention
+    from ..budgets import check_window, resolve_budget
+    from ..policies.base import snap_scores
+    from ..policies.flowkv import flowkv_scores
+    from ..selection import GlobalCascade, topk_flat, topk_per_row
+
+    cfg = SHAPES[shape]
+    H, G, d, D, L = cfg["heads"], cfg["kv_heads"], cfg["head_dim"], cfg["hidden"], cfg["layers"]
+    dev = gram.device
+    m = n - window
+    b = resolve_budget(budget, n, L, G)
+    check_window(n, window, int(b.per_slot().min()), "flowkv")
+    q = torch.randn(H, window, d, device=dev, dtype=dt, generator=gen)
+    k = torch.randn(G, n, d, device=dev, dtype=dt, generator=gen)
+    v = torch.randn(G, n, d, device=dev, dtype=dt, generator=gen)
+    resid = torch.randn(window, D, device=dev, dtype=dt, generator=gen)
+    A = window_attention(q, k, d ** -0.5)
+    gpu_kernel = dev.type == "cuda" and triton_available()
+    if tune and gpu_kernel:  # before the timings: 'as used' is the fastest
+        score_config = tune_score_kernel(rec, A, v, gram, m, reps, f"{shape}, n={n}", score_config)
+    s = flowkv_scores(A, v, gram, m, config=score_config)
+    layer_total = int(b.per_slot()[0].sum()) - window * G
+    slots = (b.per_slot()[0] - window).to(dev)
+    parts = {  # part: (what to time, on the path its policy runs)
+        "window attention (H, w, n), float32": (lambda: window_attention(q, k, d ** -0.5), True),
+        "flowkv score (Gram form), as used": (lambda: flowkv_scores(A, v, gram, m, config=score_config), True),
+        "flowkv score, PyTorch path": (lambda: flowkv_scores(A, v, gram, m, impl="torch"), False),
+        "flowkv layer top-k (stable sort)": (lambda: topk_flat(s, layer_total), True),
+        "per-layer norm N2 (host read)": (lambda: float(resid.float().norm()), True),
+        "snapkv score + per-head top-k": (lambda: topk_per_row(snap_scores(A, G, window), slots), True),
+    }
+    if extras and gpu_kernel:  # for information: other product precisions
+        from ..kernels import flowkv_scores_triton
+        for prec in ("tf32x3", "tf32"):
+            parts[f"flowkv score, Triton {prec} products [not used]"] = (
+                lambda c=score_config.replace(precision=prec): flowkv_scores_triton(A, v, gram, m, c), False)
+    for part, (fn, on_path) in parts.items():
+        t = median_ms(fn, dev, reps)
+        rec.add("parts", shape=shape, part=part, context=n, budget=budget, ms_per_layer=t, ms_per_model=t * L,
+                variant=False, on_path=on_path)
+    k_total = int(b.total) - window * L * G
+    scales = torch.rand(L, generator=torch.Generator().manual_seed(1)).tolist()
+
+    def cascade():
+        c = GlobalCascade(k_total)
+        for li in range(L):
+            c.add(li, s * (0.5 + scales[li]))
+            torch.stack(list(c.kept_counts().values())).tolist()
+    t = median_ms(cascade, dev, max(1, reps // 2))
+    rec.add("parts", shape=shape, part="global cascade add + counts", context=n, budget=budget,
+            ms_per_layer=t / L, ms_per_model=t, variant=False, on_path=True,
+            note=f"{L} adds of {G * m} entries, k = {k_total}")
+    return score_config
+
+
+def tune_score_kernel(rec: Recorder, A, v, gram, m: int, reps: int = 5, label: str = "",
+                      base: ScoreConfig = DEFAULT_SCORE_CONFIG) -> ScoreConfig:
+    """Time the score kernel's launch-setting variants (`SCORE_TUNE`, changes to `base`) on one layer's inputs and
+    return the fastest; one 'parts' row per variant (variant=True, best=True on the fastest), written once all
+    are timed."""
+    from ..policies.flowkv import flowkv_scores
+
+    best, best_t, rows = base, float("inf"), []
+    for tokens, cols, warps in SCORE_TUNE:
+        cfg = base.replace(tokens=tokens, cols=cols, num_warps=warps)
+        row = dict(shape=label, part=f"score kernel tokens={tokens} cols={cols} warps={warps}",
+                   context=A.shape[-1], variant=True)
+        try:
+            t = median_ms(lambda cfg=cfg: flowkv_scores(A, v, gram, m, config=cfg), A.device, reps)
+        except Exception as e:  # e.g. triton's OutOfResources (shared memory): that variant does not run here
+            rows.append((None, dict(row, note=f"failed: {str(e)[:120]}")))
+            continue
+        rows.append((cfg, dict(row, ms_per_layer=t, note="launch-setting variant")))
+        if t < best_t:
+            best, best_t = cfg, t
+    for cfg, row in rows:
+        rec.add("parts", **row, best=cfg is not None and cfg == best)
+    return best
+
+
+def scoring_prefills(rec: Recorder, shape: str = "llama3-8b", contexts: tuple[int, ...] = (131072,),
+                     budget: float = 0.05, slacks: tuple[float, ...] = (0.0,), device: str = "cuda",
+                     chunk: int = 8192, score_config: ScoreConfig = DEFAULT_SCORE_CONFIG) -> Recorder:
+    """Whole-model prefills of a random-weight model of `shape` compressing with FlowKV (global) layer by layer,
+    once per re-packing slack: the scoring rows (every policy's share of prefill) and peak memory of each."""
+    dev = torch.device(device)
+    model = shape_model(shape, dev, max(contexts), torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    warm = min(8192, min(contexts))  # first calls pay for library initialisation: not recorded
+    prefill_context(Recorder(None, rec.meta, rec.schemas, echo=False), model, warm, weights=RANDOM_WEIGHTS,
+                    budget=budget, chunk=chunk, score_config=score_config)
+    for n in contexts:
+        for slack in slacks:
+            prefill_context(rec, model, n, weights=RANDOM_WEIGHTS, budget=budget, chunk=chunk, slack=slack,
+                            keep_scores=False, score_config=score_config)
+            free_memory()
+    del model
+    free_memory()
+    return rec

@@ -1,0 +1,180 @@
+"""Measuring: device synchronisation, copy bandwidth, bytes a decode step reads, peak memory, step timings, and the
+decode row with its floor (W + KV_kept) / BW."""
+
+from __future__ import annotations
+
+import gc
+import time
+
+import torch
+
+from .. import generate
+from ..cache import RaggedCache
+from ..fastdecode import FastDecoder, StaticRaggedCache
+from ..kernels import DEFAULT_CONFIG, SplitKVConfig
+from ..models import ModelShape, shape_of
+from ..results import Recorder
+from .tables import model_cols
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device: str | torch.device = "cpu", nbytes: int | None = None, reps: int = 10) -> dict:
+    """Device-to-device copy bandwidth, counting bytes read plus bytes written (median of reps copies)."""
+    device = torch.device(device)
+    nbytes = nbytes or (2 << 30 if device.type == "cuda" else 256 << 20)
+    a = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    times = []
+    for i in range(reps + 2):
+        sync(device)
+        t0 = time.perf_counter()
+        b.copy_(a)
+        sync(device)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    t = sorted(times)[len(times) // 2]
+    del a, b
+    return {"bytes": 2 * nbytes, "ms": 1e3 * t, "GBps": 2 * nbytes / t / 1e9}
+
+
+def weight_bytes(model) -> int:
+    """Bytes of weights a decode step reads: every parameter once, the input embedding table excluded (one row
+    is read) unless it is tied to the LM head."""
+    seen, total = set(), 0
+    emb = model.get_input_embeddings().weight
+    tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is emb
+    for p in model.parameters():
+        if id(p) in seen or (p is emb and not tied):
+            continue
+        seen.add(id(p))
+        total += p.numel() * p.element_size()
+    return total
+
+
+def full_kv_bytes(shape: ModelShape, n: int, dtype_bytes: int) -> int:
+    return shape.kv_bytes_per_token(dtype_bytes) * n
+
+
+def reset_peak(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak(device) -> tuple[int | None, int | None]:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+    return None, None
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def quantiles(ms: list[float]) -> tuple[float, float, float]:
+    """(median, 10th, 90th percentile) of a list of timings (nearest rank)."""
+    s = sorted(ms)
+    q = lambda f: s[min(len(s) - 1, max(0, int(round(f * (len(s) - 1)))))]
+    return q(0.5), q(0.1), q(0.9)
+
+
+def median_ms(fn, device, reps: int = 5, warmup: int = 1) -> float:
+    """Median wall time of fn() in ms, the device synchronised around every call."""
+    ms = []
+    for i in range(warmup + reps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        if i >= warmup:
+            ms.append(1e3 * (time.perf_counter() - t0))
+    return quantiles(ms)[0]
+
+
+def time_fast_decode(model, cache: StaticRaggedCache, steps: int = 20, warmup: int = 3, graph: bool = True,
+                     impl: str = "auto", fuse: bool | None = None,
+                     config: SplitKVConfig = DEFAULT_CONFIG) -> tuple[list[float], FastDecoder]:
+    """Per-step times (ms) of FastDecoder after warm-up; on CUDA each replay is timed with CUDA events."""
+    cache.rewind()
+    dec = FastDecoder(model, cache, impl=impl, fuse=fuse, config=config)
+    cuda = cache.device.type == "cuda"
+    if graph and cuda:
+        dec.capture()
+    ids = torch.randint(0, model.config.vocab_size, (cache.batch,), device=cache.device)
+    dec.step(ids)
+    for _ in range(warmup):
+        dec.step()
+    ms = []
+    for _ in range(steps):
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            dec.step_no_check() if dec.graph is not None else dec.step()
+            b.record()
+            b.synchronize()
+            ms.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            dec.step()
+            ms.append(1e3 * (time.perf_counter() - t0))
+    return ms, dec
+
+
+def time_generate_decode(model, cache: RaggedCache, steps: int = 5, warmup: int = 1, attend=None) -> list[float]:
+    """Per-step times (ms) of `generate.decode` (the eager reference path; attend=None: RaggedCache.attend)."""
+    dev = next(model.parameters()).device
+    ms = []
+    for i in range(warmup + steps):
+        tok = torch.randint(0, model.config.vocab_size, (1, 1))
+        sync(dev)
+        t0 = time.perf_counter()
+        generate.decode(model, cache, tok, attend=attend)
+        sync(dev)
+        if i >= warmup:
+            ms.append(1e3 * (time.perf_counter() - t0))
+    return ms
+
+
+def fast_path(dec: FastDecoder) -> dict:
+    """The decode-row columns saying what a FastDecoder ran (impl label, decoder, attention, fused, graph)."""
+    graph = dec.graph is not None
+    return dict(impl=f"{dec.label}{'+graph' if graph else ''}", decoder="fast", attention=dec.impl_used,
+                fused=dec.fuse, graph=graph)
+
+
+def eager_path(attention: str) -> dict:
+    """The decode-row columns of `generate.decode` with attention 'reference' (RaggedCache.attend) or 'triton' /
+    'torch' (fastdecode.SplitKVAttend)."""
+    return dict(impl=f"{attention}-eager", decoder="eager", attention=attention, fused=False, graph=False)
+
+
+def decode_row(rec: Recorder, model, cache: StaticRaggedCache, *, weights: str, bw: dict, policy: str,
+               budget, context: int, sweep: str, layout: str = "ragged", steps: int = 20, warmup: int = 3,
+               graph: bool = True, impl: str = "auto", config: SplitKVConfig = DEFAULT_CONFIG,
+               ms: list[float] | None = None, path: dict | None = None, note: str | None = None) -> dict:
+    """Time FastDecoder on `cache` (unless ms is given, timed by the caller along `path`: `fast_path` /
+    `eager_path`) and record one decode row with its floor."""
+    dev = cache.device
+    if ms is None:
+        ms, dec = time_fast_decode(model, cache, steps, warmup, graph, impl, config=config)
+        path = fast_path(dec)
+        del dec
+    med, p10, p90 = quantiles(ms)
+    W = weight_bytes(model)
+    kept = cache.kept_bytes()
+    esz = cache.layers[0].k.element_size()
+    full = full_kv_bytes(shape_of(model), context, esz) * cache.batch
+    floor = 1e3 * (W + kept) / (bw["GBps"] * 1e9)
+    pa, pr = peak(dev)
+    return rec.add("decode", **model_cols(model, weights), sweep=sweep, policy=policy, budget=budget,
+                   context=context, batch=cache.batch, layout=layout, **path, steps=len(ms), decode_ms=med,
+                   decode_ms_p10=p10, decode_ms_p90=p90, tokens_per_s=1e3 * cache.batch / med, kept_bytes=kept,
+                   allocated_bytes=cache.allocated_bytes(), full_kv_bytes=full, weight_bytes=W,
+                   bandwidth_GBps=bw["GBps"], floor_ms=floor, floor_ratio=med / floor,
+                   bound_speedup=(W + full) / (W + kept), peak_alloc_bytes=pa, peak_reserved_bytes=pr,
+                   status="ok", note=note)
