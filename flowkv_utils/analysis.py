@@ -215,7 +215,8 @@ def bars(res: dict, budget: float = 0.05, scoring_context: int = SCORING_CONTEXT
             r = r.iloc[0]
             frac = (full.decode_ms / r.decode_ms) / r.bound_speedup
             rows.append((f"{pol} speed-up over FullKV / bytes-ratio bound ({full.decode_ms / r.decode_ms:.2f}× of "
-                         f"{r.bound_speedup:.2f}×), n={n}", frac, f"≥ {t.bound_fraction:g}", frac >= t.bound_fraction))
+                         f"{r.bound_speedup:.2f}×), n={n}", frac, f"≥ {t.bound_fraction:g}",
+                         frac >= t.bound_fraction))
     mb = d[d.sweep == "maxbatch"].set_index("policy")
     if {"fullkv", "flowkv_global"} <= set(mb.index):
         f, k = mb.loc["fullkv"], mb.loc["flowkv_global"]
@@ -229,8 +230,8 @@ def bars(res: dict, budget: float = 0.05, scoring_context: int = SCORING_CONTEXT
             r = sc[(sc.policy == pol) & (sc.context == scoring_context)]
             if len(r):
                 v = float(r.fraction.iloc[0])
-                rows.append((f"{pol} scoring+selection / prefill, n={scoring_context}", v, f"≤ {t.scoring_share:g}",
-                             v <= t.scoring_share))
+                rows.append((f"{pol} scoring+selection / prefill, n={scoring_context}", v,
+                             f"≤ {t.scoring_share:g}", v <= t.scoring_share))
     rag = d[d.layout == "ragged"]
     worst = float((rag.allocated_bytes / rag.kept_bytes).max())
     rows.append(("ragged cache allocated / kept bytes (worst row)", worst, f"≤ {t.alloc_over_kept:g}",

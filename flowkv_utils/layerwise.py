@@ -21,7 +21,6 @@ import time
 
 import torch
 
-from .budgets import resolve_budget
 from .cache import RaggedCache, RaggedLayer, pack_layer
 from .capture import LayerCapture, Prefill
 from .models import shape_of

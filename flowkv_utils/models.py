@@ -7,8 +7,8 @@ The GGUF file is dequantised once (~20 s on 2 cores) and cached as an ordinary H
 
 from __future__ import annotations
 
-import importlib.util
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -81,18 +81,50 @@ def _check_family(config, where: str) -> None:
                          f"{', '.join(SUPPORTED_FAMILIES)} (decoder-only, rotary, GQA attention)")
 
 
-def _embedded_dir() -> Path:
-    """Dequantise the GGUF once into a plain HF directory; atomic (write to a temp dir, then rename)."""
-    gguf = embedded_gguf_path()
-    target = cache_dir() / "smollm2-135m-instruct-f32"
-    stamp = f"{gguf.stat().st_size}"
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+def gguf_architecture(path: Path) -> str:
+    """The `general.architecture` of a GGUF file, checking the file is complete; errors name the file."""
+    import gguf
+
+    size = path.stat().st_size
+    try:
+        reader = gguf.GGUFReader(str(path))
+        field = reader.fields["general.architecture"]
+        arch = bytes(field.parts[field.data[0]]).decode()
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except Exception as e:  # a truncated or foreign file fails in many ways inside the reader
+        raise ValueError(f"{path}: not a readable GGUF file ({size} bytes; {type(e).__name__}: {e}) — truncated or "
+                         "not GGUF; fetch it again") from None
+    if end > size:
+        raise ValueError(f"{path}: truncated GGUF file ({size} bytes, its tensors need {end})")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported: supported are "
+                         f"{', '.join(GGUF_ARCHITECTURES)}")
+    return arch
+
+
+def gguf_cache_entry(gguf_file: Path) -> tuple[Path, str]:
+    """(cache directory, stamp) of a GGUF file's dequantised copy: named by the file's name and size, valid while
+    the stamp (size and modification time) matches."""
+    st = Path(gguf_file).stat()
+    return cache_dir() / f"{Path(gguf_file).stem.lower()}-{st.st_size}-f32", f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def gguf_dir(gguf_file: Path, name: str | None = None) -> Path:
+    """Dequantise a GGUF file once into a plain float32 HF directory in the cache; atomic (temp dir, then rename).
+    Later loads find it by the file's size and modification time."""
+    gguf_file = Path(gguf_file).resolve()
+    target, stamp = gguf_cache_entry(gguf_file)
     if (target / "flowkv_stamp.txt").is_file() and (target / "flowkv_stamp.txt").read_text() == stamp:
         return target
+    gguf_architecture(gguf_file)
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
@@ -104,6 +136,7 @@ def _embedded_dir() -> Path:
         cfg.pop("quantization_config", None)
         cfg["torch_dtype"] = cfg["dtype"] = "float32"
         cfg["architectures"] = [type(model).__name__]
+        cfg["_name_or_path"] = name or f"{gguf_file.name} (GGUF, dequantised to float32)"
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
         tok.save_pretrained(tmp)
         (tmp / "flowkv_stamp.txt").write_text(stamp)
@@ -116,16 +149,31 @@ def _embedded_dir() -> Path:
     return target
 
 
+def _embedded_dir() -> Path:
+    """The embedded model's dequantised directory (see `gguf_dir`)."""
+    return gguf_dir(embedded_gguf_path(), EMBEDDED_NAME)
+
+
 def resolve_model_path(path: str | os.PathLike | None) -> Path:
-    """`None`/"embedded" → the cached embedded model; else a local HF directory (checked)."""
+    """`None`/"embedded" → the cached embedded model; a `.gguf` file (or a directory holding exactly one, and no
+    config.json) → its dequantised copy in the cache (`gguf_dir`); else a local HF directory (checked)."""
     if path is None or str(path) == EMBEDDED:
         return _embedded_dir()
     p = Path(path).expanduser()
     if not p.exists():
-        raise FileNotFoundError(f"model path {str(p)!r} does not exist: pass a local Hugging Face model "
-                                f"directory (config.json + weights) or {EMBEDDED!r}; nothing is downloaded")
+        raise FileNotFoundError(f"model path {str(p)!r} does not exist: pass a local Hugging Face model directory "
+                                f"(config.json + weights), a .gguf file or {EMBEDDED!r}; nothing is downloaded")
+    if p.is_file():
+        if p.suffix.lower() != ".gguf":
+            raise ValueError(f"model path {str(p)!r} is a file but not a .gguf file: pass a GGUF file or a Hugging "
+                             "Face model directory")
+        return gguf_dir(p)
     if not (p / "config.json").is_file():
-        raise FileNotFoundError(f"{str(p)!r} has no config.json: not a Hugging Face model directory")
+        ggufs = sorted(p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return gguf_dir(ggufs[0])
+        raise FileNotFoundError(f"{str(p)!r} has no config.json and " + (f"{len(ggufs)} .gguf files (name one)"
+                                if ggufs else "no .gguf file") + ": not a model directory")
     return p
 
 
@@ -144,6 +192,8 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype | str =
     tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
     if path is None or str(path) == EMBEDDED:
         model.config._name_or_path = EMBEDDED_NAME
+    elif (p / "flowkv_stamp.txt").is_file():  # a dequantised GGUF: the name written at conversion
+        model.config._name_or_path = json.loads((p / "config.json").read_text()).get("_name_or_path", p.name)
     # inference only: without this every analysis touching a weight (W_O, Gram blocks) builds an autograd graph
     return model.to(device).eval().requires_grad_(False), tok
 

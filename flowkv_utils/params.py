@@ -62,9 +62,11 @@ def _model_path(v) -> str | None:
     if v == "embedded":
         return None
     p = Path(str(v)).expanduser()
-    if p.is_dir() and (p / "config.json").is_file():
+    if p.is_dir() and ((p / "config.json").is_file() or len(list(p.glob("*.gguf"))) == 1):
         return None
-    return '"embedded" or a local Hugging Face model directory (with config.json) that exists'
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        return None
+    return '"embedded", a local Hugging Face model directory (with config.json) or a .gguf file that exists'
 
 
 def _positive_ints(v) -> str | None:

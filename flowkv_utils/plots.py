@@ -72,7 +72,7 @@ def policy_label(name: str) -> str:
     return POLICY_LABEL.get(name, name)
 
 
-def plot_curves(ax, table: pd.DataFrame, task: str = "average", x: str = "budget",
+def plot_curves(ax, table, task: str = "average", x: str = "budget",
                 policies: Sequence[str] | None = None, logx: bool = True, full_x: float | None = None,
                 reference: bool = True) -> None:
     """One line per policy (project colours/markers) of an `accuracy_table` for one task, against x = "budget"

@@ -127,7 +127,8 @@ def run(notebooks: list[Path], param_set: str | None, overrides: dict, out_dir: 
         (out_dir / f"{nb.stem[:2]}.numbers.json").unlink(missing_ok=True)  # this run's numbers only (checks.record)
         t0 = time.perf_counter()
         done = [s for s, _ in timings]
-        def stop(cell: str) -> SystemExit:
+
+        def stop(cell: str, nb=nb, done=done) -> SystemExit:
             print("\n" + interrupted_message(nb, cell, out_dir / nb.name, done,
                                              argv if argv is not None else sys.argv[1:]), file=sys.stderr, flush=True)
             return SystemExit(130)

@@ -35,6 +35,7 @@ import torch
 from . import metrics
 from .budgets import FULL, budget_label, parse_budget
 from .capture import prefill
+from .evaluate import batched_decode
 from .generate import generate, teacher_forced_logits
 from .models import fingerprint, shape_of
 from .policies import REGISTRY, Policy, get_policy
@@ -118,7 +119,8 @@ def plan(policies: Sequence[str], budgets: Sequence) -> list[tuple[str, int | fl
 def run_sweep(model, tok, instances: Sequence[TaskInstance], policies: Sequence[str], budgets: Sequence,
               path: str | Path, seed: int = 0, window: int = 32, fidelity: bool = True,
               policy_params: dict[str, dict] | None = None, kl_tokens: int = 16, progress: bool = True,
-              on_row: Callable[[dict], None] | None = None, fresh: bool = False) -> pd.DataFrame:
+              on_row: Callable[[dict], None] | None = None, fresh: bool = False,
+              fast: bool | None = None) -> pd.DataFrame:
     """Run every (instance, policy, budget) point whose rows are not yet in `path`, appending rows; returns the
     rows of this run (these instances, policies, budgets and settings), old and new.
 
@@ -133,6 +135,8 @@ def run_sweep(model, tok, instances: Sequence[TaskInstance], policies: Sequence[
         raise TypeError(f"fresh={fresh!r}: must be true or false")
     if not isinstance(fidelity, bool):
         raise TypeError(f"fidelity={fidelity!r}: must be true or false")
+    if fast is None:
+        fast = next(model.parameters()).device.type == "cuda"
     for name, v in (("seed", seed), ("window", window), ("kl_tokens", kl_tokens)):
         if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "seed" else 1):
             raise ValueError(f"{name}={v!r}: must be an int ≥ {0 if name == 'seed' else 1}")
@@ -170,7 +174,8 @@ def run_sweep(model, tok, instances: Sequence[TaskInstance], policies: Sequence[
             print(f"sweep: {total} points ({len(instances)} instances × {len(points)} (policy, budget)); "
                   f"{total - remaining} reused from {path}, {remaining} to run", flush=True)
         ctx = _Context(out, tqdm(total=total, initial=total - remaining, disable=not progress, desc="sweep",
-                                 unit="pt"), ident, fidelity, pols, kl_tokens, versions(), done, on_row, key, isha)
+                                 unit="pt"), ident, fidelity, pols, kl_tokens, versions(), done, on_row, key, isha,
+                       fast)
         try:
             for inst, pts in todo:
                 if pts:
@@ -200,45 +205,69 @@ class _Context:
     on_row: Callable[[dict], None] | None
     key: Callable
     isha: dict
+    fast: bool
 
 
 @torch.no_grad()
 def _run_instance(model, tok, inst: TaskInstance, pts: list, metric_names: list[str], ctx: _Context) -> None:
-    """One prefill, FullKV's answer (and fidelity references) once, then every (policy, budget) point."""
+    """One prefill, then every (policy, budget) point: its keep-set, its answer and its fidelity. FullKV's answer
+    (and the fidelity references) are computed once. Fast path (`ctx.fast`): all points' answers and teacher-forced
+    logits decode as one batch (`evaluate.batched_decode`); a point's elapsed_s is then its selection time plus its
+    share of the batch. Reference path: one point at a time (`generate.generate`, `teacher_forced_logits`)."""
     seed, window, fidelity, kl_tokens = ctx.ident["seed"], ctx.ident["window"], ctx.fidelity, ctx.kl_tokens
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     pf = prefill(model, inst.prompt_ids, window=window)
     s = pf.shape
     entry_bytes = 2 * s.head_dim * pf.layers[0].k.element_size()  # K and V of one (layer, head, token)
-    full_ids = generate(pf, None, inst.max_new_tokens, tok)
-    full_text = _text(tok, full_ids)
-    full_elapsed = time.perf_counter() - t0
-    ref_out, full_tf, cont = None, None, None
-    if fidelity:
-        cont = torch.tensor((full_ids or [int(pf.logits.argmax())])[:kl_tokens])
-        full_tf = teacher_forced_logits(pf, cont, None)
-        ref_out = [metrics.window_output(pf, li) for li in range(s.layers)]
     n_all = s.layers * s.kv_heads * pf.n
+    prefill_s = time.perf_counter() - t0
+    results, elapsed = {}, {}
+    for p, b in pts:  # keep-sets (None: keeps everything, FullKV's answer)
+        t1 = time.perf_counter()
+        r = None
+        if REGISTRY[p].role != "reference" and b != FULL:
+            r = ctx.policies[p](pf, b)
+            r = None if r.budget.full else r
+        results[(p, b)], elapsed[(p, b)] = r, time.perf_counter() - t1
+    compressed = [k for k, r in results.items() if r is not None]
+    answers, tf = {}, {}
+    t1 = time.perf_counter()
+    if ctx.fast:
+        out = batched_decode(pf, [None] + [results[k] for k in compressed], inst.max_new_tokens, tok,
+                             kl_tokens=kl_tokens if fidelity else 0)
+        full_ids, cont = out.answers[0], out.continuation
+        answers = dict(zip(compressed, out.answers[1:], strict=True))
+        if fidelity:
+            full_tf = out.logits[0]
+            tf = dict(zip(compressed, out.logits[1:], strict=True))
+        share = (time.perf_counter() - t1) / (len(compressed) + 1)
+        full_s = prefill_s + share
+        for k in compressed:
+            elapsed[k] += share
+    else:
+        full_ids = generate(pf, None, inst.max_new_tokens, tok)
+        cont = torch.tensor((full_ids or [int(pf.logits.argmax())])[:kl_tokens])
+        full_tf = teacher_forced_logits(pf, cont, None) if fidelity else None
+        full_s = prefill_s + time.perf_counter() - t1
+    ref_out = [metrics.window_output(pf, li) for li in range(s.layers)] if fidelity and compressed else None
+    full_text = _text(tok, full_ids)
 
     for p, b in pts:
+        result = results[(p, b)]
         t1 = time.perf_counter()
-        result = None
-        if REGISTRY[p].role != "reference" and b != FULL:
-            result = ctx.policies[p](pf, b)
-            if result.budget.full:
-                result = None
         if result is None:  # the full cache: FullKV's answer, zero error by definition
             text, kept, vals = full_text, n_all, {"attn_rel_err": 0.0, "kl_next_token": 0.0}
-            elapsed = full_elapsed if REGISTRY[p].role == "reference" else time.perf_counter() - t1
+            point_s = full_s if REGISTRY[p].role == "reference" else elapsed[(p, b)]
         else:
-            ids = generate(pf, result, inst.max_new_tokens, tok)
+            ids = answers[(p, b)] if ctx.fast else generate(pf, result, inst.max_new_tokens, tok)
             text, kept, vals = _text(tok, ids), result.total_kept, {}
             if fidelity:
                 vals["attn_rel_err"] = float(metrics.attention_output_errors(pf, result.keep, result.values,
                                                                              ref_out).mean())
-                vals["kl_next_token"] = metrics.next_token_kl(pf, cont, result, full_tf)
-            elapsed = time.perf_counter() - t1
+                comp = tf[(p, b)] if ctx.fast else teacher_forced_logits(pf, cont, result)
+                vals["kl_next_token"] = float(metrics.kl_divergence(full_tf[1:], comp[1:]).mean())
+            point_s = elapsed[(p, b)] + time.perf_counter() - t1
         vals[inst.metric] = metrics.score(inst.metric, text, inst.references,
                                           all_classes=inst.meta.get("all_classes", ()),
                                           cut_first_line=inst.meta.get("cut_first_line", False))
@@ -249,7 +278,7 @@ def _run_instance(model, tok, inst: TaskInstance, pts: list, metric_names: list[
                    "context_tokens": pf.n, "policy": p, "policy_params": policy_params_json(ctx.policies[p]),
                    "budget": budget_label(b), "budget_fraction": kept / n_all, "kept_entries": kept,
                    "budget_bytes": kept * entry_bytes, "metric": m, "value": vals[m],
-                   "prediction": _short(text), "versions": ctx.versions, "elapsed_s": round(elapsed, 3)}
+                   "prediction": _short(text), "versions": ctx.versions, "elapsed_s": round(point_s, 3)}
             ctx.out.write(row)
             if ctx.on_row is not None:
                 ctx.on_row(row)

@@ -157,7 +157,7 @@ def test_flowkv_score_kernel_in_the_interpreter(monkeypatch, G, r, d, w, m):  # 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_flowkv_score_kernel_on_gpu():  # pragma: no cover - CPU CI
     from flowkv_utils import bench
-    rec = bench.Recorder(None, bench.environment("pytest"), echo=False)
+    rec = bench.recorder(None, "pytest", echo=False)
     assert bench.score_checks(rec, "cuda")
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flowkv_utils import capture, generate, models, policies
+from flowkv_utils import capture, models, policies
 from flowkv_utils.cache import RaggedCache
 from flowkv_utils.layerwise import LayerwiseCompressor, streaming_policies
 

@@ -62,7 +62,8 @@ def test_embedded_wheel_missing(monkeypatch):
 
 # ---- the embedded cache is written atomically -----------------------------------------------------------------
 
-TARGET = "smollm2-135m-instruct-f32"
+def _target_name() -> str:
+    return models.gguf_cache_entry(models.embedded_gguf_path())[0].name
 
 
 class _FakeTok:
@@ -92,14 +93,14 @@ def fake_dequantise(monkeypatch):
 
 
 def _stamp() -> str:
-    return str(models.embedded_gguf_path().stat().st_size)
+    return models.gguf_cache_entry(models.embedded_gguf_path())[1]
 
 
 def test_cache_ignores_half_written_temp_dir(tmp_path, monkeypatch, embedded):
     """A crashed earlier build leaves a `.tmp-*` folder: loading must neither use nor trip over it."""
     real_dir = models.resolve_model_path("embedded")  # the session's real cache (built by the `embedded` fixture)
     monkeypatch.setenv("FLOWKV_CACHE", str(tmp_path))
-    target = tmp_path / TARGET
+    target = tmp_path / _target_name()
     target.mkdir()
     for f in real_dir.iterdir():  # a complete cache, by symlinks (no 500 MB copy)
         (target / f.name).symlink_to(f)
@@ -113,7 +114,7 @@ def test_cache_ignores_half_written_temp_dir(tmp_path, monkeypatch, embedded):
 
 def test_cache_rebuilds_on_stale_stamp_atomically(tmp_path, monkeypatch, fake_dequantise):
     monkeypatch.setenv("FLOWKV_CACHE", str(tmp_path))
-    target = tmp_path / TARGET
+    target = tmp_path / _target_name()
     target.mkdir()
     (target / "flowkv_stamp.txt").write_text("stale")
     (target / "leftover.bin").write_text("from an older build")
@@ -129,10 +130,10 @@ def test_cache_rebuilds_on_stale_stamp_atomically(tmp_path, monkeypatch, fake_de
 def test_cache_missing_stamp_means_incomplete(tmp_path, monkeypatch, fake_dequantise):
     """A target without its stamp (e.g. copied by hand, half there) is rebuilt, not trusted."""
     monkeypatch.setenv("FLOWKV_CACHE", str(tmp_path))
-    (tmp_path / TARGET).mkdir()
-    (tmp_path / TARGET / "config.json").write_text("{}")
+    (tmp_path / _target_name()).mkdir()
+    (tmp_path / _target_name() / "config.json").write_text("{}")
     resolve_model_path("embedded")
-    assert (tmp_path / TARGET / "flowkv_stamp.txt").read_text() == _stamp()
+    assert (tmp_path / _target_name() / "flowkv_stamp.txt").read_text() == _stamp()
 
 
 def test_cache_failure_mid_write_leaves_nothing(tmp_path, monkeypatch, fake_dequantise):
@@ -145,5 +146,74 @@ def test_cache_failure_mid_write_leaves_nothing(tmp_path, monkeypatch, fake_dequ
     monkeypatch.setattr(safetensors.torch, "save_file", boom)
     with pytest.raises(OSError, match="disk full"):
         resolve_model_path("embedded")
-    assert not (tmp_path / TARGET).exists(), "no half-written target"
+    assert not (tmp_path / _target_name()).exists(), "no half-written target"
     assert not list(tmp_path.glob(".tmp-*")), "the temporary directory is cleaned up"
+
+
+# ------------------------------------------------------------------------------------------- GGUF files as models
+def test_gguf_path_errors(tmp_path):
+    """A .gguf path that is missing, truncated, or of an unsupported architecture fails with a clear message."""
+    import shutil
+
+    from flowkv_utils.models import embedded_gguf_path, gguf_architecture
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_model_path(tmp_path / "nope.gguf")
+    src = embedded_gguf_path()
+    assert gguf_architecture(src) == "llama"
+    cut = tmp_path / "cut.gguf"
+    with open(src, "rb") as f, open(cut, "wb") as g:
+        g.write(f.read(src.stat().st_size // 2))
+    with pytest.raises(ValueError, match=r"cut.gguf: (truncated GGUF file|not a readable GGUF file)"):
+        resolve_model_path(cut)
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not gguf at all" * 10)
+    with pytest.raises(ValueError, match="junk.gguf: not a readable GGUF file"):
+        resolve_model_path(junk)
+    import gguf
+    import numpy as np
+
+    other = tmp_path / "gpt2.gguf"
+    w = gguf.GGUFWriter(str(other), "gpt2")
+    w.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match="GGUF architecture 'gpt2' is not supported: supported are llama, qwen2"):
+        resolve_model_path(other)
+    folder = tmp_path / "two"
+    folder.mkdir()
+    shutil.copy(other, folder / "a.gguf")
+    shutil.copy(other, folder / "b.gguf")
+    with pytest.raises(FileNotFoundError, match="2 .gguf files"):
+        resolve_model_path(folder)
+    (tmp_path / "x.bin").write_bytes(b"0")
+    with pytest.raises(ValueError, match="not a .gguf file"):
+        resolve_model_path(tmp_path / "x.bin")
+
+
+def test_part_assembly_checks_size_and_checksum(tmp_path):
+    """Joining parts: a checksum mismatch or a wrong size names the part files; a good join verifies."""
+    import dataclasses
+    import hashlib
+    import zipfile
+
+    from flowkv_utils import model_parts as mp
+
+    data = [b"abc" * 100, b"defg" * 50]
+    wheels = []
+    for i, d in enumerate(data, 1):
+        w = tmp_path / f"toy_part{i}-0.1-py3-none-any.whl"
+        with zipfile.ZipFile(w, "w") as z:
+            z.writestr(f"toy_part{i}/data/part{i:02d}.bin", d)
+        wheels.append(w)
+    whole = b"".join(data)
+    good = mp.PartedModel("toy", "toy.gguf", "toy-part", "0.1", 2, len(whole), hashlib.sha256(whole).hexdigest(), "")
+    assert mp.assemble(good, wheels, tmp_path / "out" / "toy.gguf", progress=False).read_bytes() == whole
+    with pytest.raises(ValueError, match=r"sha256 .* one of the part files \(toy_part1-0.1-py3-none-any.whl, toy_part2"):
+        mp.assemble(dataclasses.replace(good, sha256="0" * 64), wheels, tmp_path / "bad.gguf", progress=False)
+    with pytest.raises(ValueError, match=r"assembled 500 bytes, expected 501; the part files \(toy_part1"):
+        mp.assemble(dataclasses.replace(good, size=501), wheels, tmp_path / "bad.gguf", progress=False)
+    assert not (tmp_path / "bad.gguf").exists() and not (tmp_path / "bad.gguf.partial").exists()
+    assert set(mp.MODELS) == {"qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"}

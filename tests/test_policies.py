@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flowkv_utils.budgets import proportional_allocation
-from flowkv_utils.capture import prefill
 from flowkv_utils.cache import RaggedCache
+from flowkv_utils.capture import prefill
 from flowkv_utils.models import random_model
 from flowkv_utils.policies import REGISTRY, get_policy
 from flowkv_utils.policies.cake import cascade_budgets, indicator, layer_allocation

@@ -13,13 +13,12 @@ import textwrap
 
 import pandas as pd
 import pytest
-
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flowkv_utils import analysis, sweep
-from flowkv_utils.results import TableError, TableFile
 from flowkv_utils.policies import STUDY
+from flowkv_utils.results import TableError, TableFile
 
 SETUP = textwrap.dedent("""
     import torch
@@ -148,6 +147,7 @@ def test_resume_key_includes_every_setting(tiny, reference, tmp_path):
     other = random_model("llama", layers=2, heads=4, kv_heads=2, head_dim=8, vocab=128, seed=7)
     assert _count_rows(other, insts, path, **base) == 6
     import torch
+
     from flowkv_utils.tasks import TaskInstance
     i0 = insts[0]
     changed = TaskInstance(i0.task, i0.instance, torch.roll(i0.prompt_ids, 1, -1), i0.references, 4, "contains")

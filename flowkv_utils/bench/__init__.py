@@ -35,7 +35,14 @@ from .prefill import prefill_context
 from .scoring import SCORE_TUNE, scoring_parts, scoring_prefills, tune_score_kernel
 from .shapes import SHAPES, prompt_ids, shape_model, synthetic_cache
 from .tables import EMBEDDED_WEIGHTS, MODEL_COLS, RANDOM_WEIGHTS, SCHEMAS, load_results, model_cols, recorder
-from .timing import copy_bandwidth, decode_row, median_ms, time_fast_decode, time_generate_decode, weight_bytes
+from .timing import (
+    copy_bandwidth,
+    decode_row,
+    median_ms,
+    time_fast_decode,
+    time_generate_decode,
+    weight_bytes,
+)
 
 __all__ = ["EMBEDDED_WEIGHTS", "MODEL_COLS", "RANDOM_WEIGHTS", "SCHEMAS", "SCORE_TUNE", "SHAPES", "TUNE",
            "chunked_prefill_check", "context_sweep", "copy_bandwidth", "decode_parity", "decode_row", "gpu_sweep",

@@ -15,13 +15,14 @@ from ..kernels import triton_available
 from ..results import REPO, Recorder
 from .checks import score_checks
 from .cpu import context_sweep, load_times, notebook_times, policies_overhead
+from .evaluation import BUDGETS, eval_rate
 from .gpu import TUNE, gpu_sweep
 from .scoring import scoring_parts, scoring_prefills
 from .shapes import SHAPES
 from .tables import recorder
 from .timing import copy_bandwidth
 
-COMMANDS = ("load", "notebooks", "policies", "decode", "gpu", "scoring", "all")
+COMMANDS = ("load", "notebooks", "policies", "decode", "gpu", "scoring", "eval", "all")
 CPU_COMMANDS = ["load", "policies", "decode", "notebooks"]  # what `all` runs
 
 
@@ -37,7 +38,8 @@ def parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name in COMMANDS:
         p = sub.add_parser(name)
-        p.add_argument("--out", type=Path, default=None, help="folder for CSV + meta.json (default runs/bench/<cmd>)")
+        p.add_argument("--out", type=Path, default=None,
+                       help="folder for CSV + meta.json (default runs/bench/<cmd>)")
         if name == "notebooks":
             p.add_argument("--set", dest="param_set", default="default")
             p.add_argument("names", nargs="*")
@@ -56,6 +58,15 @@ def parser() -> argparse.ArgumentParser:
                            help="also prefill the whole model once per slack (FlowKV global re-packing)")
             p.add_argument("--device", default="cuda")
             p.add_argument("--tune", action="store_true", help="time launch-setting variants of the score kernel")
+        if name == "eval":
+            p.add_argument("--model-path", default="embedded", help='"embedded", a HF model folder or a .gguf file')
+            p.add_argument("--device", default="cuda")
+            p.add_argument("--dtype", default="bfloat16")
+            p.add_argument("--context", type=int, default=8000, help="prompt tokens (NIAH)")
+            p.add_argument("--instances", type=int, default=4)
+            p.add_argument("--budgets", type=parse_budget, nargs="+", default=list(BUDGETS), help=BUDGET_HELP)
+            p.add_argument("--no-reference", action="store_true", help="skip the reference path's check sample")
+            p.add_argument("--table", type=Path, default=None, help="also keep the fast path's sweep table here")
         if name == "gpu":
             p.add_argument("--slack", type=float, default=0.25, help="FlowKV global re-packing slack (layerwise)")
             p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
@@ -94,6 +105,9 @@ def _run(cmd: str, a: argparse.Namespace, rec: Recorder) -> None:
         gpu_sweep(rec.out, shape=a.shape, contexts=tuple(a.contexts), steps=a.steps, budgets=tuple(a.budgets),
                   fullkv_prefill=not a.quick, batch_search=not a.quick, checks=not a.no_checks, device=a.device,
                   max_batch=a.max_batch, kernel_variants=TUNE if a.tune else None, slack=a.slack, rec=rec)
+    elif cmd == "eval":
+        eval_rate(rec, a.model_path, a.device, a.dtype, a.context, a.instances, a.budgets, not a.no_reference,
+                  a.table)
     elif cmd == "load":
         load_times(rec)
     elif cmd == "notebooks":
@@ -126,6 +140,9 @@ def summary(rec: Recorder) -> str:
             lines.append(f"  {r['sweep']:<8} {r['policy']:<13} b={b:<5} n={r['context']:<7} B={r['batch']:<4} "
                          f"{r['impl']:<22} {r['decode_ms']:8.2f} ms  {r['tokens_per_s']:9.1f} tok/s"
                          f"  floor×{r['floor_ratio']:.2f}")
+    for r in rec.rows.get("eval", []):
+        lines.append(f"  eval {r['path']:<9} {r['points']} points in {r['seconds']:.1f} s = {r['points_per_s']:.1f} "
+                     f"points/s; same predictions as the reference: {r['check_same_predictions']}/{r['check_points']}")
     for r in rec.rows.get("check", []):
         if not r["ok"]:
             lines.append(f"  CHECK FAILED: {r['what']} {r['config']} rel {r['rel_err']:.2e}")

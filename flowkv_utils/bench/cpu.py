@@ -39,7 +39,8 @@ def context_sweep(model, contexts: list[int], *, policies: tuple[str, ...] = ("f
             ms = time_generate_decode(model, cache, reference_steps)
             decode_row(rec, model, StaticRaggedCache.from_ragged([cache], 4), weights=weights, bw=bw,
                        policy="flowkv_global", budget=budget, context=n, sweep="impl", ms=ms,
-                       path=eager_path("reference"), note="generate.decode with RaggedCache.attend (per-head loop)")
+                       path=eager_path("reference"),
+                       note="generate.decode with RaggedCache.attend (per-head loop)")
         del cache
         for p in policies:
             sc = synthetic_cache(kept_lengths(comp, p, budget), batch, s, n, steps + warmup + 4, dtype, dev)

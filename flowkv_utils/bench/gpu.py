@@ -65,7 +65,8 @@ def kernel_speed(rec: Recorder, bw: dict, device="cuda", n: int = 204800, budget
     kept = int(budget * n)
     ragged = torch.exp(torch.randn(G, generator=g))  # log-normal per-head shares
     ragged = (ragged / ragged.sum() * kept * G).round().long().clamp(min=0)
-    configs = {("full", f"full n={n}"): torch.full((G,), n), ("uniform", f"uniform {budget:.0%}"): torch.full((G,), kept),
+    configs = {("full", f"full n={n}"): torch.full((G,), n),
+               ("uniform", f"uniform {budget:.0%}"): torch.full((G,), kept),
                ("ragged", f"ragged {budget:.0%} (log-normal heads)"): ragged}
     variants = variants or [{}]
     cfgs = [base.replace(**{k: v for k, v in var.items() if k != "split"}) for var in variants]
@@ -104,8 +105,8 @@ def kernel_speed(rec: Recorder, bw: dict, device="cuda", n: int = 204800, budget
             us = 1e3 * a.elapsed_time(b) / (8 * reps)
             del graph
             totals[vi] += us
-            rows.append((vi, dict(config=f"{name} G={G} r={r} d={d}", lengths=lengths, impl=f"triton waves={cfg.waves}",
-                                  split=split, block=cfg.block, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            rows.append((vi, dict(config=f"{name} G={G} r={r} d={d}", lengths=lengths,
+                                  impl=f"triton waves={cfg.waves}", split=split, block=cfg.block, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                                   waves=cfg.waves, kv_bytes=kv_bytes, us=us, GBps=kv_bytes / us / 1e3,
                                   frac_of_copy=kv_bytes / us / 1e3 / bw["GBps"])))
         del layers, tabs, ws
@@ -189,7 +190,8 @@ def gpu_sweep(out: Path | str, *, shape: str = "llama3-8b", contexts: tuple[int,
     model = shape_model(shape, dev, max(contexts))
     W = weight_bytes(model)
     total_mem = torch.cuda.get_device_properties(0).total_memory if dev.type == "cuda" else None
-    meta = dict(bandwidth=bw, shape=SHAPES[shape], weight_bytes=W, weights=RANDOM_WEIGHTS, gpu_total_bytes=total_mem)
+    meta = dict(bandwidth=bw, shape=SHAPES[shape], weight_bytes=W, weights=RANDOM_WEIGHTS,
+                gpu_total_bytes=total_mem)
     rec.save_meta(**meta)
     log(f"model {shape}: {W / 1e9:.2f} GB of weights read per step; bandwidth {bw['GBps']:.0f} GB/s")
     config, score_config = DEFAULT_CONFIG, DEFAULT_SCORE_CONFIG
@@ -225,8 +227,8 @@ def gpu_sweep(out: Path | str, *, shape: str = "llama3-8b", contexts: tuple[int,
             _prefill_or_oom(rec, model, n, policy="fullkv", chunk=chunk, keep_scores=False)
             free_memory()
         log("FullKV prefills done")
-    rec.save_meta(**meta, kernel_config=asdict(config), score_config=asdict(score_config),
-                  seconds=time.perf_counter() - t_start)
+    meta.update(kernel_config=asdict(config), score_config=asdict(score_config))
+    rec.save_meta(**meta, seconds=time.perf_counter() - t_start)
     return rec
 
 
@@ -326,7 +328,8 @@ def _decode_sweeps(rec: Recorder, model, counts: dict[tuple, torch.Tensor], budg
                 free_memory()
                 sc = synthetic_cache(c, 1, s, n, cap, torch.bfloat16, dev, layout="padded", config=config)
                 decode_row(rec, model, sc, **row, sweep="layout", layout="padded", steps=steps, warmup=warmup,
-                           config=config, note="every head padded to its layer's longest head (dense per-layer layout)")
+                           config=config,
+                           note="every head padded to its layer's longest head (dense per-layer layout)")
             del sc
         except torch.OutOfMemoryError as e:
             rec.add("decode", **model_cols(model, RANDOM_WEIGHTS), sweep=sweep, policy=p, budget=b, context=n,

@@ -80,8 +80,9 @@ def _parts_at(rec: Recorder, shape: str, n: int, gram: torch.Tensor, budget: flo
     if extras and gpu_kernel:  # for information: other product precisions
         from ..kernels import flowkv_scores_triton
         for prec in ("tf32x3", "tf32"):
+            other = score_config.replace(precision=prec)
             parts[f"flowkv score, Triton {prec} products [not used]"] = (
-                lambda c=score_config.replace(precision=prec): flowkv_scores_triton(A, v, gram, m, c), False)
+                lambda c=other: flowkv_scores_triton(A, v, gram, m, c), False)
     for part, (fn, on_path) in parts.items():
         t = median_ms(fn, dev, reps)
         rec.add("parts", shape=shape, part=part, context=n, budget=budget, ms_per_layer=t, ms_per_model=t * L,

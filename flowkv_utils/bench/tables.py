@@ -22,6 +22,10 @@ EMBEDDED_WEIGHTS = "embedded (real weights)"
 
 MODEL_COLS = ["model", "weights", "dtype", "layers", "heads", "kv_heads", "head_dim", "hidden"]
 SCHEMAS: dict[str, list[str]] = {
+    # the accuracy sweep's evaluation rate (bench eval): one row per path (fast batched | reference)
+    "eval": ["model", "model_sha", "dtype", "context", "instances", "policies", "budgets", "fidelity", "path",
+             "points", "compressed_points", "seconds", "points_per_s", "check_points", "check_same_predictions",
+             "check_max_abs_diff", "note"],
     # one decode configuration: median time per step over the steps after warm-up. decoder: 'fast' (FastDecoder)
     # or 'eager' (generate.decode); attention: 'triton' | 'torch' (split-KV) | 'reference' (RaggedCache.attend);
     # fused / graph: fused projections, CUDA graph; impl: the same as one readable label
@@ -55,8 +59,9 @@ SCHEMAS: dict[str, list[str]] = {
 }
 
 # column types for `load_results` (every other column is a number, missing values NaN)
-TEXT = set(results.META) | {"model", "weights", "dtype", "sweep", "policy", "layout", "impl", "decoder", "attention", "status", "note",
-        "shape", "part", "kind", "what", "config", "ok", "lengths", "notebook", "param_set"}
+TEXT = set(results.META) | {"model", "weights", "dtype", "sweep", "policy", "layout", "impl", "decoder", "attention",
+                            "status", "note", "shape", "part", "kind", "what", "config", "ok", "lengths", "notebook",
+                            "param_set"}
 BOOL = {"fused", "graph", "variant", "best", "on_path"}
 INTEGER = {"layers", "heads", "kv_heads", "head_dim", "hidden", "context", "batch"}  # never missing
 

@@ -35,6 +35,18 @@ def built(name: str, build: Callable[[], dict]) -> dict:
     return _BUILT[name]
 
 
+def replace_fields(config, **changes):
+    """A copy of a frozen launch-settings dataclass with some fields changed; unknown names raise, naming the known
+    ones (`SplitKVConfig.replace`, `ScoreConfig.replace`)."""
+    import dataclasses
+
+    known = [f.name for f in dataclasses.fields(config)]
+    unknown = sorted(set(changes) - set(known))
+    if unknown:
+        raise ValueError(f"{type(config).__name__}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    return dataclasses.replace(config, **changes)
+
+
 def pow2_pad(x: int, least: int = 16) -> int:
     """Smallest power of two ≥ x and ≥ least (Triton block shapes must be powers of two, tl.dot needs ≥ 16)."""
     return max(least, 1 << (x - 1).bit_length())

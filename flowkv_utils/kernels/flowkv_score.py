@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._triton import built, pow2_pad
+from ._triton import built, pow2_pad, replace_fields
 
 PRECISIONS = ("split", "tf32x3", "tf32", "ieee")
 
@@ -39,11 +39,7 @@ class ScoreConfig:
 
     def replace(self, **changes) -> ScoreConfig:
         """A copy with some settings changed; unknown names raise, naming the known ones."""
-        unknown = sorted(set(changes) - set(self.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"ScoreConfig: unknown setting(s) {', '.join(unknown)}; "
-                             f"known: {', '.join(self.__dataclass_fields__)}")
-        return ScoreConfig(**{**self.__dict__, **changes})
+        return replace_fields(self, **changes)
 
 
 DEFAULT_SCORE_CONFIG = ScoreConfig()

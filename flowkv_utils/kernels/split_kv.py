@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._triton import built, pow2_pad, use_triton
+from ._triton import built, pow2_pad, replace_fields, use_triton
 
 LOG2E = 1.4426950408889634
 
@@ -42,11 +42,7 @@ class SplitKVConfig:
 
     def replace(self, **changes) -> SplitKVConfig:
         """A copy with some settings changed; unknown names raise, naming the known ones."""
-        unknown = sorted(set(changes) - set(self.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"SplitKVConfig: unknown setting(s) {', '.join(unknown)}; "
-                             f"known: {', '.join(self.__dataclass_fields__)}")
-        return SplitKVConfig(**{**self.__dict__, **changes})
+        return replace_fields(self, **changes)
 
 
 DEFAULT_CONFIG = SplitKVConfig()

@@ -25,7 +25,16 @@ import torch.nn.functional as F
 
 from ..budgets import Budget, check_window, resolve_budget
 from ..capture import Prefill
-from ..selection import PolicyResult, floor_first, pad_scores, shown, stack_layers, topk_flat, topk_per_row, with_window
+from ..selection import (
+    PolicyResult,
+    floor_first,
+    pad_scores,
+    shown,
+    stack_layers,
+    topk_flat,
+    topk_per_row,
+    with_window,
+)
 
 __all__ = ["ROLES", "Policy", "PolicyResult", "check_odd_kernel", "check_param", "group_mean", "layer_topk",
            "pool1d", "snap_scores", "window_mass"]

@@ -1,0 +1,82 @@
+"""How fast the accuracy sweep evaluates: points per second of `sweep.run_sweep` on a real model, the fast batched
+path (`evaluate.batched_decode`) against the reference path, and whether both give the same predictions.
+
+    python -m flowkv_utils.bench eval --model-path embedded --device cuda --dtype bfloat16 --context 8000
+
+One 'eval' row per path: points (instances × (policy, budget)), wall seconds (prefill, selection, decoding and the
+fidelity metrics included; the model load excluded), points/s, and on the check sample (the first instance, every
+point) how many predictions equal the reference path's and the largest difference of each metric.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .. import sweep
+from ..budgets import parse_budget
+from ..models import fingerprint, load_model, shape_of
+from ..policies import STUDY
+from ..results import Recorder
+from ..tasks import niah
+
+BUDGETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)  # the study's six fractions of the prompt (plus "full" for FullKV)
+
+
+def eval_rate(rec: Recorder, model_path: str = "embedded", device: str = "cuda", dtype: str = "bfloat16",
+              context: int = 8000, instances: int = 4, budgets=BUDGETS, reference: bool = True,
+              table: Path | str | None = None) -> list[dict]:
+    """Time the sweep on `instances` NIAH prompts of `context` tokens with every study policy at `budgets` (+ full),
+    fidelity on: the fast path over all instances, the reference path over the first (the check sample).
+    table: also keep the fast path's sweep table there (a results table like notebook 03's)."""
+    budgets = [parse_budget(b) for b in budgets] + ["full"]
+    model, tok = load_model(model_path, dtype=dtype, device=device)
+    s = shape_of(model)
+    depths = [(i + 0.5) / instances for i in range(instances)]
+    insts = niah.niah(tok, [context], depths, seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        def timed(path: str, sample, fast: bool):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            df = sweep.run_sweep(model, tok, sample, STUDY, budgets, Path(tmp) / f"{path}.csv", window=32,
+                                 fidelity=True, progress=False, fast=fast)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            return df, time.perf_counter() - t0
+
+        # warm-up (kernels compiled, CUDA graphs captured once) on a short prompt, not timed
+        sweep.run_sweep(model, tok, niah.niah(tok, [512], [0.5], seed=1), STUDY, budgets[:1] + ["full"],
+                        Path(tmp) / "warm.csv", window=32, progress=False, fast=True)
+        fast, t_fast = timed("fast", insts, True)
+        if table:
+            Path(table).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(tmp) / "fast.csv", table)
+        ref, t_ref = timed("ref", insts[:1], False) if reference else (None, None)
+    n_pts = len(insts) * len(sweep.plan(STUDY, budgets))
+    n_comp = len(insts) * sum(1 for _, b in sweep.plan(STUDY, budgets) if b != "full")
+    same, diff, n_check = None, None, None
+    if ref is not None:
+        a = fast[fast.instance == insts[0].instance].sort_values(sweep.KEY).reset_index(drop=True)
+        b = ref.sort_values(sweep.KEY).reset_index(drop=True)
+        first = a.metric == a.metric.iloc[0]  # one row per point for the prediction count
+        same = int((a.prediction == b.prediction)[first].sum())
+        n_check = int(first.sum())
+        diff = float((a.value - b.value).abs().max())
+    base = dict(model=s.name, model_sha=fingerprint(model), dtype=dtype, context=insts[0].context_tokens,
+                policies=len(STUDY), budgets=";".join(map(str, budgets)), fidelity=True)
+    rows = [rec.add("eval", **base, instances=len(insts), path="fast", points=n_pts, compressed_points=n_comp,
+                    seconds=round(t_fast, 3), points_per_s=round(n_pts / t_fast, 2), check_points=n_check,
+                    check_same_predictions=same, check_max_abs_diff=diff,
+                    note="evaluate.batched_decode: all points of an instance in one batch")]
+    if ref is not None:
+        pts = len(sweep.plan(STUDY, budgets))
+        rows.append(rec.add("eval", **base, instances=1, path="reference", points=pts,
+                            compressed_points=n_comp // len(insts), seconds=round(t_ref, 3),
+                            points_per_s=round(pts / t_ref, 2), note="generate.generate one point at a time"))
+    rec.save_meta(eval={"model_path": str(model_path), "device": device, "context": context})
+    return rows

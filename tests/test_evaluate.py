@@ -1,0 +1,56 @@
+"""The sweep's fast path (`evaluate.batched_decode`: all points of an instance decoded as one batch over the
+ragged caches) against the reference path (one point at a time): the same greedy answers and the same fidelity
+values within tolerance, on random-weight models of two families and on the real embedded model."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from flowkv_utils import sweep
+from flowkv_utils.capture import prefill
+from flowkv_utils.evaluate import batched_decode
+from flowkv_utils.generate import generate, teacher_forced_logits
+from flowkv_utils.models import chat_ids, random_model
+from flowkv_utils.policies import STUDY, get_policy
+from flowkv_utils.tasks import TaskInstance
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _compare(fast: pd.DataFrame, ref: pd.DataFrame) -> None:
+    key = sweep.KEY
+    a = fast.drop(columns=sweep.TIMING).sort_values(key).reset_index(drop=True)
+    b = ref.drop(columns=sweep.TIMING).sort_values(key).reset_index(drop=True)
+    assert (a.prediction == b.prediction).all(), "greedy answers differ between the fast and the reference path"
+    pd.testing.assert_frame_equal(a.drop(columns=["value"]), b.drop(columns=["value"]))
+    assert torch.allclose(torch.tensor(a.value.values), torch.tensor(b.value.values), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_fast_sweep_equals_reference_sweep(family, tmp_path):
+    m = random_model(family, layers=2, heads=4, kv_heads=2, head_dim=8, vocab=128, seed=0)
+    g = torch.Generator().manual_seed(0)
+    insts = [TaskInstance("t", f"i{i}", torch.randint(0, 128, (1, 48 + 8 * i), generator=g), ["5"], 6, "contains")
+             for i in range(2)]
+    args = (m, None, insts, STUDY, [12, 24, "full"])
+    ref = sweep.run_sweep(*args, tmp_path / "ref.csv", window=8, progress=False, fast=False)
+    fast = sweep.run_sweep(*args, tmp_path / "fast.csv", window=8, progress=False, fast=True)
+    _compare(fast, ref)
+
+
+@pytest.mark.model
+def test_fast_path_on_the_embedded_model(embedded):
+    """Real weights, a real prompt: each policy's batched answer and teacher-forced logits equal its own decode."""
+    model, tok = embedded
+    from conftest import PROMPT
+
+    pf = prefill(model, chat_ids(tok, PROMPT), window=32)
+    names = ["snapkv", "adakv", "flowkv", "flowkv_global", "smoothevict", "streamingllm"]
+    results = [None] + [get_policy(p, window=32)(pf, 64) for p in names]
+    out = batched_decode(pf, results, 12, tok, kl_tokens=6)
+    for r, ans, lg in zip(results, out.answers, out.logits, strict=True):
+        assert ans == generate(pf, r, 12, tok)
+        want = teacher_forced_logits(pf, out.continuation, r)
+        assert float((lg - want).norm() / want.norm()) < 1e-4
