@@ -24,7 +24,8 @@ pytestmark = pytest.mark.gpu
 
 
 def _model(device: str, family: str = "llama"):
-    return random_model(family, layers=3, heads=8, kv_heads=2, head_dim=16, vocab=256, seed=0, device=device)
+    """The same weights on every device (built on the CPU, then moved: CUDA's generator draws other numbers)."""
+    return random_model(family, layers=3, heads=8, kv_heads=2, head_dim=16, vocab=256, seed=0).to(device)
 
 
 def _ids(n: int = 96, seed: int = 0) -> torch.Tensor:

@@ -50,7 +50,7 @@ def eval_rate(rec: Recorder, model_path: str = "embedded", device: str = "cuda",
             return df, time.perf_counter() - t0
 
         # warm-up (kernels compiled, CUDA graphs captured once) on a short prompt, not timed
-        sweep.run_sweep(model, tok, niah.niah(tok, [512], [0.5], seed=1), STUDY, budgets[:1] + ["full"],
+        sweep.run_sweep(model, tok, niah.niah(tok, [512], [0.5], seed=1), STUDY, [0.5, "full"],
                         Path(tmp) / "warm.csv", window=32, progress=False, fast=True)
         fast, t_fast = timed("fast", insts, True)
         if table:
