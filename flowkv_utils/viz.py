@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from matplotlib.colors import LogNorm
 
-from .policies.base import PolicyResult
+from .selection import PolicyResult
 
 
 def find_span(ids: list[int] | torch.Tensor, sub: list[int] | torch.Tensor) -> range:

@@ -12,7 +12,7 @@ import torch  # noqa: E402
 
 from flowkv_utils import viz  # noqa: E402
 from flowkv_utils.budgets import resolve_budget  # noqa: E402
-from flowkv_utils.policies.base import PolicyResult  # noqa: E402
+from flowkv_utils.selection import PolicyResult  # noqa: E402
 
 
 def test_find_span():
