@@ -147,6 +147,14 @@ def run_sweep(model, tok, instances: Sequence[TaskInstance], policies: Sequence[
             raise ValueError(f"policy_params names unknown policy {p!r}: registered are {', '.join(REGISTRY)}")
     pols = {p: get_policy(p, **({} if REGISTRY[p].role == "reference" else {"window": window}),
                           **policy_params.get(p, {})) for p in dict.fromkeys(p for p, _ in points)}
+    shape = shape_of(model)
+    for inst in instances:  # every budget must fit every prompt (window included) before anything is computed
+        for p, b in points:
+            try:
+                pols[p].budget_for(inst.context_tokens, shape.layers, shape.kv_heads, b)
+            except ValueError as e:
+                raise ValueError(f"instance {inst.task}/{inst.instance} ({inst.context_tokens} tokens), budget "
+                                 f"{budget_label(b)}: {e}") from None
     path = Path(path)
     if fresh:
         moved = move_aside(path)

@@ -92,6 +92,14 @@ def test_plan_and_budget_errors():
         sweep.plan(["snapkv"], [128, "128"])
 
 
+def test_budgets_that_cannot_hold_the_window_fail_before_anything_runs(tiny, tmp_path):
+    path = tmp_path / "w.csv"
+    with pytest.raises(ValueError, match=r"instance tiny/i0 \(40 tokens\), budget 0.1: snapkv: budget of 4 tokens"):
+        sweep.run_sweep(tiny["MODEL"], None, tiny["INSTANCES"], ["snapkv"], [0.5, 0.1], path, window=8,
+                        progress=False)
+    assert not path.exists()
+
+
 def test_rows_are_tidy_and_consistent(tiny, reference):
     _, df = reference
     n_points = len(tiny["INSTANCES"]) * len(sweep.plan(STUDY, tiny["BUDGETS"]))

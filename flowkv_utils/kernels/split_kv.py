@@ -69,8 +69,14 @@ def target_programs(device: torch.device | str, config: SplitKVConfig = DEFAULT_
     return 16
 
 
+CPU_ITEM_KEYS = 256  # keys per work item on the CPU: the PyTorch path pads every item to `split` keys
+
+
 def auto_split(total_keys: int, device: torch.device | str, config: SplitKVConfig = DEFAULT_CONFIG) -> int:
-    """The split a layer of `total_keys` packed keys gets by default on `device`."""
+    """The split a layer of `total_keys` packed keys gets by default on `device`: ≈ waves × multiprocessors items
+    on CUDA; on the CPU items of ≈ CPU_ITEM_KEYS keys, so that padding short segments to the split stays cheap."""
+    if torch.device(device).type != "cuda":
+        return choose_split(total_keys, max(16, math.ceil(total_keys / CPU_ITEM_KEYS)), config.block)
     return choose_split(total_keys, target_programs(device, config), config.block)
 
 @dataclass
