@@ -202,3 +202,17 @@ def test_longbench_errors(tok, tmp_path):
     with pytest.raises(ValueError, match="line 2"):
         longbench.longbench(tok, tmp_path)
     assert longbench.dataset_scores([("a", 1.0), ("a", 0.0), ("b", 1.0)]) == {"a": 0.5, "b": 1.0, "average": 0.75}
+
+
+def test_haystack_does_not_depend_on_what_the_process_imported():
+    """A Jupyter kernel imports more of the standard library than a script: the haystack (and so every NIAH/RULER
+    prompt and its instance checksum) must be the same in both."""
+    import subprocess
+    import sys
+
+    code = "from flowkv_utils.tasks import haystack; import hashlib; print(hashlib.sha256(haystack.text().encode()).hexdigest())"
+    plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    more = subprocess.run([sys.executable, "-c", "import asyncio, email.utils, multiprocessing.pool, "
+                           "concurrent.futures.thread, http.server, IPython; " + code],
+                          capture_output=True, text=True, check=True).stdout
+    assert plain == more and len(plain.strip()) == 64

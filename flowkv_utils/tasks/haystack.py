@@ -62,7 +62,10 @@ def paragraphs() -> tuple[str, ...]:
                 mod = importlib.import_module(name)
         except Exception:  # a module missing from this Python build simply contributes nothing
             continue
-        objs = [mod] + [getattr(mod, m, None) for m in sorted(dir(mod)) if not m.startswith("_")]
+        # submodules are skipped: `dir(package)` lists a submodule only once something imported it, so they would
+        # make the haystack depend on what the process imported before (a Jupyter kernel imports more)
+        objs = [mod] + [o for m in sorted(dir(mod)) if not m.startswith("_")
+                        and not inspect.ismodule(o := getattr(mod, m, None))]
         for obj in objs:
             try:
                 doc = inspect.getdoc(obj) if obj is not None else None
