@@ -216,3 +216,24 @@ def test_haystack_does_not_depend_on_what_the_process_imported():
                            "concurrent.futures.thread, http.server, IPython; " + code],
                           capture_output=True, text=True, check=True).stdout
     assert plain == more and len(plain.strip()) == 64
+
+
+@pytest.mark.notebook
+def test_haystack_is_the_same_inside_a_jupyter_kernel(tmp_path):
+    """An IPython kernel also replaces some standard-library objects (pdb's debugger): they must not enter it."""
+    import hashlib
+
+    import nbformat
+    import papermill as pm
+
+    from flowkv_utils.tasks import haystack
+
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                           "language": "python"}})
+    nb.cells = [nbformat.v4.new_code_cell("from flowkv_utils.tasks import haystack; import hashlib; "
+                                          "print(hashlib.sha256(haystack.text().encode()).hexdigest())")]
+    nbformat.write(nb, tmp_path / "h.ipynb")
+    out = pm.execute_notebook(str(tmp_path / "h.ipynb"), str(tmp_path / "o.ipynb"), kernel_name="python3",
+                              progress_bar=False)
+    printed = "".join(o.get("text", "") for o in out.cells[0].outputs).strip()
+    assert printed == hashlib.sha256(haystack.text().encode()).hexdigest()

@@ -64,8 +64,10 @@ def paragraphs() -> tuple[str, ...]:
             continue
         # submodules are skipped: `dir(package)` lists a submodule only once something imported it, so they would
         # make the haystack depend on what the process imported before (a Jupyter kernel imports more)
+        # and so are objects defined elsewhere (an IPython kernel replaces e.g. pdb's debugger with its own class)
         objs = [mod] + [o for m in sorted(dir(mod)) if not m.startswith("_")
-                        and not inspect.ismodule(o := getattr(mod, m, None))]
+                        and not inspect.ismodule(o := getattr(mod, m, None))
+                        and getattr(o, "__module__", name) in (name, None)]
         for obj in objs:
             try:
                 doc = inspect.getdoc(obj) if obj is not None else None
