@@ -40,6 +40,7 @@ class Prefill:
     layers: list[LayerCapture]
     logits: torch.Tensor  # (vocab,) next-token logits after the prompt, float32
     _attn: dict = field(default_factory=dict, repr=False)
+    _memo: dict = field(default_factory=dict, repr=False)
 
     @property
     def n(self) -> int:
@@ -63,13 +64,25 @@ class Prefill:
     def b_o(self, layer: int) -> torch.Tensor | None:
         return self.model.model.layers[layer].self_attn.o_proj.bias
 
-    def forget_attention(self, layer: int | None = None) -> None:
-        """Drop the memoised window attention of one layer (None: of every layer), e.g. so that each policy timed
-        on the same layer pays for its own."""
+    def memo(self, layer: int, key: tuple, compute: Callable[[], torch.Tensor]):
+        """A budget-independent quantity of one layer (a policy's scores, projected-value norms, ...), computed
+        once per prompt: every budget of a sweep reuses it. `key` must name everything the value depends on
+        besides the prefill and the layer (e.g. the policy and its parameters). Callers must not modify it."""
+        k = (layer, *key)
+        if k not in self._memo:
+            self._memo[k] = compute()
+        return self._memo[k]
+
+    def forget(self, layer: int | None = None) -> None:
+        """Drop the memoised window attention and `memo` entries of one layer (None: of every layer), e.g. so
+        that each policy timed on the same layer pays for its own."""
         if layer is None:
             self._attn.clear()
+            self._memo.clear()
         else:
             self._attn.pop(layer, None)
+            for k in [k for k in self._memo if k[0] == layer]:
+                del self._memo[k]
 
 
 def head_wo(attn, shape: ModelShape) -> torch.Tensor:

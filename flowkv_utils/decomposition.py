@@ -70,21 +70,22 @@ def renormalised_output(pf: Prefill, layer: int, keep: torch.Tensor | None = Non
     """What eviction really computes: softmax renormalised over the kept tokens, then Σ_h A'_h V_{g(h)} W_O^h + b_O.
 
     keep: bool (H, n) — which tokens each *query* head still sees — or (G, n) per KV head, applied to every query
-    head of its group; None keeps all. P: projected values (H, n, D) if already computed (else the cheaper route
-    through V then W_O, which never holds an H·n·D tensor). values (G, n, d): replacement values (SmoothEvict's
-    merged values) instead of the captured V. Returns (w, D) float32."""
+    head of its group; None keeps all. A leading batch dimension (B, G|H, n) gives B outputs at once. P: projected
+    values (H, n, D) if already computed (else the cheaper route through V then W_O, which never holds an H·n·D
+    tensor). values (G, n, d), or (B, G, n, d) with a batch: replacement values (SmoothEvict's merged values)
+    instead of the captured V. Returns (w, D) float32, or (B, w, D)."""
     A = pf.attn(layer)  # (H, w, n)
     H, G = A.shape[0], pf.layers[layer].v.shape[0]
     if keep is not None:
         m = keep.to(A.device)
-        m = m.repeat_interleave(H // G, dim=0) if m.shape[0] != H else m  # (H, n)
-        A = A * m.unsqueeze(1)
+        m = m.repeat_interleave(H // G, dim=-2) if m.shape[-2] != H else m  # (..., H, n)
+        A = A * m.unsqueeze(-2)  # (..., H, w, n)
         A = A / A.sum(-1, keepdim=True).clamp_min(1e-30)
     if P is not None:
-        out = torch.einsum("hwn,hnD->wD", A, P)
+        out = torch.einsum("...hwn,hnD->...wD", A, P)
     else:
-        v = (pf.layers[layer].v if values is None else values).float().repeat_interleave(H // G, dim=0)  # (H, n, d)
-        out = torch.einsum("hwd,hdD->wD", torch.bmm(A, v), pf.w_o(layer).float())
+        v = (pf.layers[layer].v if values is None else values).float().repeat_interleave(H // G, dim=-3)
+        out = torch.einsum("...hwd,hdD->...wD", torch.matmul(A, v), pf.w_o(layer).float())  # v (..., H, n, d)
     b = pf.b_o(layer)
     return out if b is None else out + b.float()
 

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .cache import RaggedCache
 from .capture import Prefill
 from .fastdecode import FastDecoder, StaticRaggedCache
 from .generate import stop_ids
@@ -31,6 +30,13 @@ class BatchDecode:
     answers: list[list[int]]
     logits: torch.Tensor | None
     continuation: torch.Tensor | None
+
+
+def stack_keeps(pf: Prefill, results: list[PolicyResult | None]) -> torch.Tensor:
+    """(B, L, G, n) bool keep masks of the points on the prefill's device (None: the full cache)."""
+    dev = pf.layers[0].k.device
+    full = torch.ones(len(pf.layers), pf.shape.kv_heads, pf.n, dtype=torch.bool, device=dev)
+    return torch.stack([full if r is None else r.keep.to(dev) for r in results])
 
 
 @torch.no_grad()
@@ -50,8 +56,8 @@ def batched_decode(pf: Prefill, results: list[PolicyResult | None], max_new_toke
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be ≥ 1")
     T = kl_tokens if continuation is None else int(continuation.numel())
     B = len(results)
-    caches = [RaggedCache.from_prefill(pf, r, capacity=0) for r in results]
-    sc = StaticRaggedCache.from_ragged(caches, capacity=max(max_new_tokens - 1, T, 1))
+    sc = StaticRaggedCache.from_keeps(pf, stack_keeps(pf, results), [None if r is None else r.values for r in results],
+                                      capacity=max(max_new_tokens - 1, T, 1))
     dec = FastDecoder(pf.model, sc, impl=impl, fuse=False, compile=False)
     if graph if graph is not None else sc.device.type == "cuda":
         dec.capture()

@@ -148,6 +148,26 @@ class StaticRaggedCache:
             layers.append(_static_layer(k, v, off, capacity, split, config))
         return cls(layers, B, G, torch.tensor([c.next_pos for c in caches]))
 
+    @classmethod
+    def from_keeps(cls, pf, keeps: torch.Tensor, values: list | None, capacity: int, split: int | None = None,
+                   config: SplitKVConfig = DEFAULT_CONFIG) -> StaticRaggedCache:
+        """B compressed caches of one prompt packed straight from its prefill (what `from_ragged` of B
+        `RaggedCache.from_prefill`s gives, in one gather per layer): keeps (B, L, G, n) bool; values: B entries of
+        per-layer replacement values (a merging policy's) or None (the captured V)."""
+        B, L, G, n = keeps.shape
+        values = [None] * B if values is None else list(values)
+        layers = []
+        for li, c in enumerate(pf.layers):
+            keep = keeps[:, li].to(c.k.device)  # (B, G, n)
+            k = c.k.unsqueeze(0).expand(B, *c.k.shape)[keep]  # (N, d) sequence-major, then head, then token
+            if all(x is None for x in values):
+                v = c.v.unsqueeze(0).expand(B, *c.v.shape)[keep]
+            else:
+                v = torch.stack([c.v if x is None else x[li].to(c.v.device) for x in values])[keep]
+            off = offsets_of(keep.sum(-1).view(-1))
+            layers.append(_static_layer(k, v, off, capacity, split, config))
+        return cls(layers, B, G, torch.full((B,), pf.n, dtype=torch.long))
+
     def kept_bytes(self) -> int:
         return kept_bytes(self.layers)
 

@@ -104,7 +104,7 @@ class LayerwiseCompressor:
             keep = self._select(name, li)  # (G, n) bool, or None: everything
             _sync(dev)
             self.seconds[name] += time.perf_counter() - t0
-            self.pf.forget_attention(li)  # each policy pays its own window attention
+            self.pf.forget(li)  # each policy pays its own window attention
             self.counts[name][li] = self.n if keep is None else keep.sum(-1).cpu()
             if name == self.main:
                 keep_main = keep

@@ -171,14 +171,37 @@ def attention_output_errors(pf, keep: torch.Tensor, values: list[torch.Tensor] |
 
     keep (L, G, n) bool; values: per-layer merged values (G, n, d) or None; reference: the full outputs
     [window_output(pf, ℓ)] if already computed (a sweep computes them once per prompt)."""
-    L, G, n = keep.shape
+    return attention_output_errors_batch(pf, keep.unsqueeze(0), [values], reference)[0]
+
+
+def attention_output_errors_batch(pf, keeps: torch.Tensor, values: list | None = None,
+                                  reference: list[torch.Tensor] | None = None,
+                                  max_bytes: int = 1 << 28) -> torch.Tensor:
+    """`attention_output_errors` of B keep-sets of one prompt at once: keeps (B, L, G, n) bool, values a list of B
+    entries (per-layer merged values or None; None: all captured), → (B, L) float32. Points go through the
+    renormalised output in chunks of at most `max_bytes` of masked attention (a sweep's fast path)."""
+    if keeps.dim() != 4:
+        raise ValueError(f"keeps {tuple(keeps.shape)}: expected (B, L, G, n) bool")
+    B, L, G, n = keeps.shape
     if n != pf.n or L != len(pf.layers):
-        raise ValueError(f"keep mask {tuple(keep.shape)} does not match the prefill (L={len(pf.layers)}, n={pf.n})")
-    errs = torch.empty(L)
+        raise ValueError(f"keep mask {tuple(keeps.shape[1:])} does not match the prefill (L={len(pf.layers)}, "
+                         f"n={pf.n})")
+    values = [None] * B if values is None else list(values)
+    if len(values) != B:
+        raise ValueError(f"values: {len(values)} entries for {B} keep-sets")
+    errs = torch.empty(B, L)
     for li in range(L):
         full = reference[li] if reference is not None else window_output(pf, li)  # O (w, D)
-        kept = window_output(pf, li, keep[li], None if values is None else values[li])  # O_S (w, D)
-        errs[li] = (kept - full).norm() / full.norm().clamp_min(1e-30)
+        chunk = max(1, max_bytes // (4 * pf.attn(li).numel()))  # points whose masked attention fits max_bytes
+        dev = full.device
+        for c in range(0, B, chunk):
+            e = min(B, c + chunk)
+            vals = None
+            if any(values[b] is not None for b in range(c, e)):  # merged values where a point has them
+                v = pf.layers[li].v
+                vals = torch.stack([v if values[b] is None else values[b][li].to(v.device) for b in range(c, e)])
+            kept = renormalised_output(pf, li, keeps[c:e, li].to(dev), values=vals)  # O_S (b, w, D)
+            errs[c:e, li] = ((kept - full).flatten(1).norm(dim=1) / full.norm().clamp_min(1e-30)).cpu()
     return errs
 
 

@@ -208,15 +208,29 @@ class TableFile:
     def _write_line(self, values: list) -> None:
         buf = io.StringIO()
         csv.writer(buf, lineterminator="\n").writerow(values)
-        os.write(self.fd, buf.getvalue().encode("utf-8"))
+        self._append(buf.getvalue())
+
+    def _append(self, text: str) -> None:
+        data = memoryview(text.encode("utf-8"))
+        while data:  # os.write may write less than asked
+            data = data[os.write(self.fd, data):]
         os.fsync(self.fd)
 
     def write(self, row: dict) -> None:
-        unknown = sorted(set(row) - set(self.columns))
-        if unknown:
-            raise ValueError(f"{self.path}: unknown column(s) {', '.join(unknown)}; columns are "
-                             f"{', '.join(self.columns)}")
-        self._write_line(["" if row.get(c) is None else row.get(c) for c in self.columns])
+        self.write_many([row])
+
+    def write_many(self, rows: Sequence[dict]) -> None:
+        """Append rows in one write and one fsync (a crash can only tear the last line, which reading drops)."""
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        for row in rows:
+            unknown = sorted(set(row) - set(self.columns))
+            if unknown:
+                raise ValueError(f"{self.path}: unknown column(s) {', '.join(unknown)}; columns are "
+                                 f"{', '.join(self.columns)}")
+            w.writerow(["" if row.get(c) is None else row.get(c) for c in self.columns])
+        if rows:
+            self._append(buf.getvalue())
 
     def close(self) -> None:
         if getattr(self, "fd", None) is not None:

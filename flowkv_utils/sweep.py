@@ -54,6 +54,7 @@ NUMERIC = ["budget_fraction", "value", "elapsed_s"]
 INTEGER = ["context_tokens", "seed", "window", "kept_entries", "budget_bytes"]
 TIMING = ["elapsed_s"]
 FIDELITY = ("attn_rel_err", "kl_next_token")
+PHASES = ("prefill", "select", "decode", "fidelity", "write")  # where a sweep's time goes (df.attrs["phases"])
 PREDICTION_CHARS = 160
 
 
@@ -183,7 +184,7 @@ def run_sweep(model, tok, instances: Sequence[TaskInstance], policies: Sequence[
                   f"{total - remaining} reused from {path}, {remaining} to run", flush=True)
         ctx = _Context(out, tqdm(total=total, initial=total - remaining, disable=not progress, desc="sweep",
                                  unit="pt"), ident, fidelity, pols, kl_tokens, versions(), done, on_row, key, isha,
-                       fast)
+                       fast, {p: policy_params_json(pol) for p, pol in pols.items()})
         try:
             for inst, pts in todo:
                 if pts:
@@ -193,9 +194,12 @@ def run_sweep(model, tok, instances: Sequence[TaskInstance], policies: Sequence[
     finally:
         out.close()
     df = load_results(path)
+    phases = {k: round(v, 3) for k, v in ctx.phases.items()}
     wanted = {key(inst, p, b, m) for inst in instances for p, b in points for m in metric_names(inst)}
     mask = [k in wanted for k in map(tuple, df[KEY].astype(str).itertuples(index=False))]
-    return df[mask].reset_index(drop=True)
+    df = df[mask].reset_index(drop=True)
+    df.attrs["phases"] = phases  # seconds this call spent per phase (PHASES), new points only
+    return df
 
 
 @dataclass
@@ -214,15 +218,21 @@ class _Context:
     key: Callable
     isha: dict
     fast: bool
+    params_json: dict = dataclasses.field(default_factory=dict)  # {policy: policy_params_json}
+    phases: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))  # seconds per phase
 
 
 @torch.no_grad()
 def _run_instance(model, tok, inst: TaskInstance, pts: list, metric_names: list[str], ctx: _Context) -> None:
     """One prefill, then every (policy, budget) point: its keep-set, its answer and its fidelity. FullKV's answer
-    (and the fidelity references) are computed once. Fast path (`ctx.fast`): all points' answers and teacher-forced
-    logits decode as one batch (`evaluate.batched_decode`); a point's elapsed_s is then its selection time plus its
-    share of the batch. Reference path: one point at a time (`generate.generate`, `teacher_forced_logits`)."""
+    (and the fidelity references) are computed once; a policy's budget-independent scores once for all its budgets
+    (`Prefill.memo`), so a point's selection time is its policy's total over its points. Fast path (`ctx.fast`):
+    all points' answers and teacher-forced logits decode as one batch (`evaluate.batched_decode`) and the fidelity
+    metrics run batched; a point's elapsed_s is then its selection time plus its share of the batch. Reference
+    path: one point at a time (`generate.generate`, `teacher_forced_logits`, `metrics.attention_output_errors`).
+    The instance's rows are written together (one fsync; a crash leaves whole rows, and a rerun redoes the rest)."""
     seed, window, fidelity, kl_tokens = ctx.ident["seed"], ctx.ident["window"], ctx.fidelity, ctx.kl_tokens
+    phase = ctx.phases
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     pf = prefill(model, inst.prompt_ids, window=window)
@@ -230,25 +240,39 @@ def _run_instance(model, tok, inst: TaskInstance, pts: list, metric_names: list[
     entry_bytes = 2 * s.head_dim * pf.layers[0].k.element_size()  # K and V of one (layer, head, token)
     n_all = s.layers * s.kv_heads * pf.n
     prefill_s = time.perf_counter() - t0
+    phase["prefill"] += prefill_s
     results, elapsed = {}, {}
-    for p, b in pts:  # keep-sets (None: keeps everything, FullKV's answer)
+    for p in dict.fromkeys(p for p, _ in pts):  # keep-sets (None: keeps everything, FullKV's answer)
+        mine = [(q, b) for q, b in pts if q == p]
         t1 = time.perf_counter()
-        r = None
-        if REGISTRY[p].role != "reference" and b != FULL:
-            r = ctx.policies[p](pf, b)
-            r = None if r.budget.full else r
-        results[(p, b)], elapsed[(p, b)] = r, time.perf_counter() - t1
+        for k in mine:
+            r = None
+            if REGISTRY[p].role != "reference" and k[1] != FULL:
+                r = ctx.policies[p](pf, k[1])
+                r = None if r.budget.full else r
+            results[k] = r
+        share = (time.perf_counter() - t1) / len(mine)
+        elapsed.update({k: share for k in mine})
+    phase["select"] += time.perf_counter() - t0 - prefill_s
     compressed = [k for k, r in results.items() if r is not None]
-    answers, tf = {}, {}
+    answers, vals = {}, {k: {} for k in compressed}
     t1 = time.perf_counter()
     if ctx.fast:
         out = batched_decode(pf, [None] + [results[k] for k in compressed], inst.max_new_tokens, tok,
                              kl_tokens=kl_tokens if fidelity else 0)
-        full_ids, cont = out.answers[0], out.continuation
+        full_ids = out.answers[0]
         answers = dict(zip(compressed, out.answers[1:], strict=True))
-        if fidelity:
-            full_tf = out.logits[0]
-            tf = dict(zip(compressed, out.logits[1:], strict=True))
+        t2 = time.perf_counter()
+        phase["decode"] += t2 - t1
+        if fidelity and compressed:
+            kl = metrics.kl_divergence(out.logits[:1, 1:], out.logits[1:, 1:]).mean(-1).cpu()  # (P,)
+            ref_out = [metrics.window_output(pf, li) for li in range(s.layers)]
+            err = metrics.attention_output_errors_batch(
+                pf, torch.stack([results[k].keep for k in compressed]), [results[k].values for k in compressed],
+                ref_out).mean(1)  # (P,)
+            for i, k in enumerate(compressed):
+                vals[k] = {"attn_rel_err": float(err[i]), "kl_next_token": float(kl[i])}
+        phase["fidelity"] += time.perf_counter() - t2
         share = (time.perf_counter() - t1) / (len(compressed) + 1)
         full_s = prefill_s + share
         for k in compressed:
@@ -258,36 +282,48 @@ def _run_instance(model, tok, inst: TaskInstance, pts: list, metric_names: list[
         cont = torch.tensor((full_ids or [int(pf.logits.argmax())])[:kl_tokens])
         full_tf = teacher_forced_logits(pf, cont, None) if fidelity else None
         full_s = prefill_s + time.perf_counter() - t1
-    ref_out = [metrics.window_output(pf, li) for li in range(s.layers)] if fidelity and compressed else None
+        ref_out = [metrics.window_output(pf, li) for li in range(s.layers)] if fidelity and compressed else None
+        for k in compressed:  # one point at a time: the definitions
+            t2 = time.perf_counter()
+            result = results[k]
+            answers[k] = generate(pf, result, inst.max_new_tokens, tok)
+            t3 = time.perf_counter()
+            if fidelity:
+                vals[k]["attn_rel_err"] = float(metrics.attention_output_errors(pf, result.keep, result.values,
+                                                                                ref_out).mean())
+                comp = teacher_forced_logits(pf, cont, result)
+                vals[k]["kl_next_token"] = float(metrics.kl_divergence(full_tf[1:], comp[1:]).mean())
+            elapsed[k] += time.perf_counter() - t2
+            phase["decode"] += t3 - t2
+            phase["fidelity"] += time.perf_counter() - t3
+        phase["decode"] += full_s - prefill_s
     full_text = _text(tok, full_ids)
 
+    t1 = time.perf_counter()
+    rows = []
     for p, b in pts:
         result = results[(p, b)]
-        t1 = time.perf_counter()
         if result is None:  # the full cache: FullKV's answer, zero error by definition
-            text, kept, vals = full_text, n_all, {"attn_rel_err": 0.0, "kl_next_token": 0.0}
+            text, kept, v = full_text, n_all, {"attn_rel_err": 0.0, "kl_next_token": 0.0}
             point_s = full_s if REGISTRY[p].role == "reference" else elapsed[(p, b)]
         else:
-            ids = answers[(p, b)] if ctx.fast else generate(pf, result, inst.max_new_tokens, tok)
-            text, kept, vals = _text(tok, ids), result.total_kept, {}
-            if fidelity:
-                vals["attn_rel_err"] = float(metrics.attention_output_errors(pf, result.keep, result.values,
-                                                                             ref_out).mean())
-                comp = tf[(p, b)] if ctx.fast else teacher_forced_logits(pf, cont, result)
-                vals["kl_next_token"] = float(metrics.kl_divergence(full_tf[1:], comp[1:]).mean())
-            point_s = elapsed[(p, b)] + time.perf_counter() - t1
-        vals[inst.metric] = metrics.score(inst.metric, text, inst.references,
-                                          all_classes=inst.meta.get("all_classes", ()),
-                                          cut_first_line=inst.meta.get("cut_first_line", False))
+            text, kept, v = _text(tok, answers[(p, b)]), result.total_kept, dict(vals[(p, b)])
+            point_s = elapsed[(p, b)]
+        v[inst.metric] = metrics.score(inst.metric, text, inst.references,
+                                       all_classes=inst.meta.get("all_classes", ()),
+                                       cut_first_line=inst.meta.get("cut_first_line", False))
         for m in metric_names:
             if ctx.key(inst, p, b, m) in ctx.done:  # a point cut short by a crash
                 continue
-            row = {**ctx.ident, "task": inst.task, "instance": inst.instance, "instance_sha": ctx.isha[id(inst)],
-                   "context_tokens": pf.n, "policy": p, "policy_params": policy_params_json(ctx.policies[p]),
-                   "budget": budget_label(b), "budget_fraction": kept / n_all, "kept_entries": kept,
-                   "budget_bytes": kept * entry_bytes, "metric": m, "value": vals[m],
-                   "prediction": _short(text), "versions": ctx.versions, "elapsed_s": round(point_s, 3)}
-            ctx.out.write(row)
-            if ctx.on_row is not None:
-                ctx.on_row(row)
-        ctx.bar.update(1)
+            rows.append({**ctx.ident, "task": inst.task, "instance": inst.instance,
+                         "instance_sha": ctx.isha[id(inst)], "context_tokens": pf.n, "policy": p,
+                         "policy_params": ctx.params_json[p], "budget": budget_label(b),
+                         "budget_fraction": kept / n_all, "kept_entries": kept, "budget_bytes": kept * entry_bytes,
+                         "metric": m, "value": v[m], "prediction": _short(text), "versions": ctx.versions,
+                         "elapsed_s": round(point_s, 3)})
+    ctx.out.write_many(rows)
+    phase["write"] += time.perf_counter() - t1
+    if ctx.on_row is not None:
+        for row in rows:
+            ctx.on_row(row)
+    ctx.bar.update(len(pts))

@@ -54,3 +54,35 @@ def test_fast_path_on_the_embedded_model(embedded):
         assert ans == generate(pf, r, 12, tok)
         want = teacher_forced_logits(pf, out.continuation, r)
         assert float((lg - want).norm() / want.norm()) < 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_caches_packed_from_keeps_equal_the_ragged_caches(family):
+    """`StaticRaggedCache.from_keeps` (one gather per layer) packs exactly what `from_ragged` of the points'
+    own RaggedCaches packs, merged values included; the batched fidelity equals the per-point one."""
+    from flowkv_utils.cache import RaggedCache
+    from flowkv_utils.evaluate import stack_keeps
+    from flowkv_utils.fastdecode import StaticRaggedCache
+    from flowkv_utils.metrics import attention_output_errors, attention_output_errors_batch, window_output
+
+    m = random_model(family, layers=2, heads=4, kv_heads=2, head_dim=8, vocab=128, seed=1)
+    pf = prefill(m, torch.randint(0, 128, (1, 60), generator=torch.Generator().manual_seed(1)), window=8)
+    results = [None] + [get_policy(p, window=8)(pf, b) for p in ("snapkv", "smoothevict", "flowkv_global")
+                        for b in (16, 0.5)]
+    a = StaticRaggedCache.from_keeps(pf, stack_keeps(pf, results), [None if r is None else r.values for r in results], 4)
+    b = StaticRaggedCache.from_ragged([RaggedCache.from_prefill(pf, r, capacity=0) for r in results], 4)
+    for x, y in zip(a.layers, b.layers, strict=True):
+        assert torch.equal(x.offsets, y.offsets) and torch.equal(x.k, y.k) and torch.equal(x.v, y.v)
+    comp = [r for r in results if r is not None]
+    got = attention_output_errors_batch(pf, torch.stack([r.keep for r in comp]), [r.values for r in comp],
+                                        max_bytes=1)  # one point per chunk and all at once agree
+    assert torch.allclose(got, attention_output_errors_batch(pf, torch.stack([r.keep for r in comp]),
+                                                             [r.values for r in comp]), rtol=1e-6, atol=1e-7)
+    for row, r in zip(got, comp, strict=True):
+        single = []
+        for li in range(2):  # the definition, one layer at a time
+            full = window_output(pf, li)
+            kept = window_output(pf, li, r.keep[li], None if r.values is None else r.values[li])
+            single.append((kept - full).norm() / full.norm())
+        assert torch.allclose(row, torch.stack(single), rtol=1e-5, atol=1e-7)
+        assert torch.allclose(row, attention_output_errors(pf, r.keep, r.values), rtol=1e-6, atol=1e-7)

@@ -105,6 +105,27 @@ def test_policy_matches_reference(entry, case):
             torch.testing.assert_close(v_got[ok].double(), v_want[ok], rtol=1e-4, atol=1e-5)
 
 
+@FEW
+@given(case=cases(max_n=120), other=st.floats(0.05, 1.0))
+def test_budgets_share_a_prefill(case, other):
+    """Budget-independent pieces are computed once per prompt (`Prefill.memo`): every policy, called at several
+    budgets on one prefill — after all the others — keeps exactly what it keeps on a fresh prefill."""
+    pf, w, budget = case
+    fresh = lambda: prefill(pf.model, pf.input_ids, window=pf.window)
+    shared = fresh()
+    for b in (other, budget):
+        for entry in ALL:
+            name, params = entry
+            try:
+                got = get_policy(name, window=w, **params)(shared, b)
+            except ValueError:  # this budget does not fit the window: nothing to compare
+                continue
+            want = get_policy(name, window=w, **params)(fresh(), b)
+            assert torch.equal(got.keep, want.keep), f"{label(entry)} at {b!r}: the shared prefill changed the keep-set"
+            if want.values is not None:
+                assert all(torch.equal(a, c) for a, c in zip(got.values, want.values, strict=True))
+
+
 @pytest.mark.parametrize("name", list(REGISTRY))
 @FEW
 @given(case=cases(max_n=80), over=st.integers(0, 5))

@@ -143,6 +143,8 @@ def summary(rec: Recorder) -> str:
     for r in rec.rows.get("eval", []):
         lines.append(f"  eval {r['path']:<9} {r['points']} points in {r['seconds']:.1f} s = {r['points_per_s']:.1f} "
                      f"points/s; same predictions as the reference: {r['check_same_predictions']}/{r['check_points']}")
+        lines.append("       seconds: " + ", ".join(f"{k[:-2]} {r[k]:.2f}" for k in
+                                                    ("prefill_s", "select_s", "decode_s", "fidelity_s", "write_s")))
     for r in rec.rows.get("check", []):
         if not r["ok"]:
             lines.append(f"  CHECK FAILED: {r['what']} {r['config']} rel {r['rel_err']:.2e}")

@@ -69,7 +69,7 @@ def policies_overhead(model, tok, n: int = 4096, budget: float | int = 0.05, win
     mc = model_cols(model, EMBEDDED_WEIGHTS if tok is not None else RANDOM_WEIGHTS)
     for name in names or STUDY:
         pol = get_policy(name) if REGISTRY[name].role == "reference" else get_policy(name, window=window)
-        pf.forget_attention()  # each policy pays for its own window attention
+        pf.forget()  # each policy pays for its own window attention
         sync(dev)
         t0 = time.perf_counter()
         res = pol(pf, budget)

@@ -69,14 +69,16 @@ def eval_rate(rec: Recorder, model_path: str = "embedded", device: str = "cuda",
         diff = float((a.value - b.value).abs().max())
     base = dict(model=s.name, model_sha=fingerprint(model), dtype=dtype, context=insts[0].context_tokens,
                 policies=len(STUDY), budgets=";".join(map(str, budgets)), fidelity=True)
+    phases = lambda df: {f"{k}_s": v for k, v in df.attrs["phases"].items()}  # where the time went
     rows = [rec.add("eval", **base, instances=len(insts), path="fast", points=n_pts, compressed_points=n_comp,
                     seconds=round(t_fast, 3), points_per_s=round(n_pts / t_fast, 2), check_points=n_check,
-                    check_same_predictions=same, check_max_abs_diff=diff,
+                    check_same_predictions=same, check_max_abs_diff=diff, **phases(fast),
                     note="evaluate.batched_decode: all points of an instance in one batch")]
     if ref is not None:
         pts = len(sweep.plan(STUDY, budgets))
         rows.append(rec.add("eval", **base, instances=1, path="reference", points=pts,
                             compressed_points=n_comp // len(insts), seconds=round(t_ref, 3),
-                            points_per_s=round(pts / t_ref, 2), note="generate.generate one point at a time"))
+                            points_per_s=round(pts / t_ref, 2), **phases(ref),
+                            note="generate.generate one point at a time"))
     rec.save_meta(eval={"model_path": str(model_path), "device": device, "context": context})
     return rows

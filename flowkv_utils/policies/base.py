@@ -6,6 +6,7 @@ A policy turns a `Prefill` and a budget into a keep mask (L, G, n) over (layer, 
 A policy supplies up to three small pieces, and `Policy.select` runs them for every layer:
 
     layer_scores(pf, ℓ)                 → (G, m) scores of the selectable prefix (m = n − w; w = 0 without a window)
+                                          (budget-independent: computed once per prompt, `Policy.scores`)
     allocate(pf, b)                     → (L, G) selectable tokens per head, and info (default: uniform split)
     keep_layer(pf, ℓ, scores, slots)    → ((G, m) bool kept prefix, (G, m) scores to show)  (default: per-head top-k)
 
@@ -120,6 +121,11 @@ class Policy:
         """Scope "model" only: prefix tokens every head keeps before the model-wide top-k (0: none)."""
         return 0
 
+    def scores(self, pf: Prefill, layer: int) -> torch.Tensor:
+        """`layer_scores`, computed once per prompt and reused by every budget (`Prefill.memo`, keyed by the
+        policy's class and parameters). The returned tensor is shared: never modify it in place."""
+        return pf.memo(layer, ("layer_scores", repr(self)), lambda: self.layer_scores(pf, layer))
+
     # the loop ---------------------------------------------------------------------------------------------
     def select(self, pf: Prefill, b: Budget):
         """Every layer: scores → kept prefix → + window. Returns (keep (L, G, n), shown scores (L, G, n), info).
@@ -135,7 +141,7 @@ class Policy:
         slots, info = self.allocate(pf, b)
         keeps, scores = [], []
         for li in range(b.layers):
-            mask, s = self.keep_layer(pf, li, self.layer_scores(pf, li), slots[li])
+            mask, s = self.keep_layer(pf, li, self.scores(pf, li), slots[li])
             keeps.append(with_window(mask, w))
             scores.append(pad_scores(shown(s), w))
         keep, sc = stack_layers(keeps, scores)

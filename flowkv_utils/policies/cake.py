@@ -91,6 +91,8 @@ class CAKE(Policy):
         """(L, G) head slots ∝ layer preference; reads every layer's window attention first (so it does not
         stream here: the cascade of `cascade_budgets` is tested, not wired into the layer-wise compressor)."""
         m = pf.n - self.window
-        prefs = [preference(self.attn(pf, li)[..., :m], self.tau1, self.tau2) for li in range(b.layers)]
+        prefs = [pf.memo(li, ("cake_preference", self.window, self.tau1, self.tau2),
+                         lambda li=li: preference(self.attn(pf, li)[..., :m], self.tau1, self.tau2))
+                 for li in range(b.layers)]
         slots = layer_allocation(torch.tensor(prefs, dtype=torch.float64), self.selectable(b), b.kv_heads, m)
         return slots, {"layer_budgets": (slots.sum(1) + b.kv_heads * self.window).tolist(), "preferences": prefs}

@@ -19,7 +19,11 @@ from .snapkv import SnapKV
 
 
 def projected_value_l1(pf: Prefill, layer: int, m: int) -> torch.Tensor:
-    """pn_g[j] = mean_{h∈g} ‖V_g[j] W_O^h‖₁ for the first m tokens: (G, m)."""
+    """pn_g[j] = mean_{h∈g} ‖V_g[j] W_O^h‖₁ for the first m tokens: (G, m), once per prompt (`Prefill.memo`)."""
+    return pf.memo(layer, ("projected_value_l1", m), lambda: _projected_value_l1(pf, layer, m))
+
+
+def _projected_value_l1(pf: Prefill, layer: int, m: int) -> torch.Tensor:
     s = pf.shape
     v = pf.layers[layer].v[:, :m].float()  # (G, m, d)
     wo = pf.w_o(layer).float().view(s.kv_heads, s.group, s.head_dim, s.hidden)  # (G, r, d, D)

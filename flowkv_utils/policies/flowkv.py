@@ -155,7 +155,7 @@ class FlowKVGlobal(FlowKV):
 
     def normalised_scores(self, pf: Prefill, layer: int) -> torch.Tensor:
         """(G, n − w) layer scores divided by the layer's norm factor (comparable across layers)."""
-        raw = self.layer_scores(pf, layer)
+        raw = self.scores(pf, layer)
         return raw / max(layer_norm_factor(pf, layer, self.norm, raw, self.window), 1e-30)
 
     def model_floor(self, b: Budget) -> int:
