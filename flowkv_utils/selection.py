@@ -50,7 +50,8 @@ def rank_desc(scores: torch.Tensor) -> torch.Tensor:
 
 def topk_per_row(scores: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
     """Bool mask of the top-k[r] entries of each row r of scores (R, m); k may differ per row."""
-    k = torch.as_tensor(k, device=scores.device).reshape(-1, *([1] * (scores.dim() - 1)))
+    # a host k goes up without waiting for the GPU (pageable memory is staged at once, so this is safe)
+    k = torch.as_tensor(k).to(scores.device, non_blocking=True).reshape(-1, *([1] * (scores.dim() - 1)))
     return rank_desc(scores) < k
 
 
@@ -89,9 +90,9 @@ def floor_first(scores: torch.Tensor, floor: int) -> torch.Tensor:
 
 
 def stack_layers(keeps: list[torch.Tensor], scores: list[torch.Tensor] | None = None):
-    """Stack per-layer (G, n) results into (L, G, n) CPU tensors."""
-    keep = torch.stack([k.cpu() for k in keeps])
-    sc = torch.stack([s.float().cpu() for s in scores]) if scores else None
+    """Stack per-layer (G, n) results into (L, G, n) tensors, on their device (the prefill's: nothing waits)."""
+    keep = torch.stack(keeps)
+    sc = torch.stack([s.float() for s in scores]) if scores else None
     return keep, sc
 
 

@@ -20,8 +20,9 @@ def adaptive_head_mask(scores: torch.Tensor, layer_total: int, alpha: float) -> 
     """(G, m) bool: each head's top ⌊α·total/G⌋, then the flattened top-k fills the layer total exactly."""
     G = scores.shape[0]
     floor = int(alpha * (layer_total // G))
-    keep = topk_per_row(scores, floor)
-    keep |= topk_flat(masked(scores, keep), layer_total - int(keep.sum()))
+    floor = min(floor, scores.shape[-1])
+    keep = topk_per_row(scores, floor)  # exactly G·floor entries (known without reading the mask back)
+    keep |= topk_flat(masked(scores, keep), layer_total - G * floor)
     return keep
 
 

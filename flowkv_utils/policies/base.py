@@ -78,7 +78,7 @@ class Policy:
             raise ValueError(f"{self.name}: window={self.window} but the prefill captured only "
                              f"{pf.window} window queries; prefill with window ≥ {self.window}")
         if b.full:
-            keep = torch.ones(b.layers, b.kv_heads, pf.n, dtype=torch.bool)
+            keep = torch.ones(b.layers, b.kv_heads, pf.n, dtype=torch.bool, device=pf.layers[0].k.device)
             return PolicyResult(self.name, b, keep, info={"full": True})
         keep, scores, info = self.select(pf, b)
         got = int(keep.sum())
@@ -105,7 +105,7 @@ class Policy:
     def keep_layer(self, pf: Prefill | None, layer: int, scores: torch.Tensor,
                    slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Kept prefix (G, m) of one layer given its scores and per-head slots (G,), and the scores to show."""
-        return topk_per_row(scores, slots.to(scores.device)), scores
+        return topk_per_row(scores, slots), scores
 
     def head_counts(self, scores: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """(G,) prefix entries each head keeps, from its scores alone (the compressor's `kept_counts`)."""

@@ -155,8 +155,11 @@ class FlowKVGlobal(FlowKV):
 
     def normalised_scores(self, pf: Prefill, layer: int) -> torch.Tensor:
         """(G, n − w) layer scores divided by the layer's norm factor (comparable across layers)."""
-        raw = self.scores(pf, layer)
-        return raw / max(layer_norm_factor(pf, layer, self.norm, raw, self.window), 1e-30)
+        def compute():
+            raw = self.scores(pf, layer)
+            return raw / max(layer_norm_factor(pf, layer, self.norm, raw, self.window), 1e-30)
+
+        return pf.memo(layer, ("normalised_scores", repr(self)), compute)
 
     def model_floor(self, b: Budget) -> int:
         """Tokens per head guaranteed beyond the window (head_floor, capped at the selectable share)."""
