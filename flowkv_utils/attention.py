@@ -54,6 +54,25 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, scaling: float, n_past: i
     return torch.softmax(logits, dim=-1)
 
 
+COLUMN_SUM_ELEMENTS = 2**25  # attention weights held at once by `attention_column_sums` (128 MiB of float32)
+
+
+def attention_column_sums(q: torch.Tensor, k: torch.Tensor, scaling: float,
+                          max_elements: int = COLUMN_SUM_ELEMENTS) -> torch.Tensor:
+    """Accumulated causal attention of every prompt query: c_h[j] = Σ_i A_h[i, j] (H2O's score), (H, n) float32.
+
+    q: (H, n, d) every prompt query (after RoPE), k: (G, n, d). The weights come from `window_attention`, one block
+    of query rows at a time (at most ~max_elements weights per block), so no n × n map is ever held; the block size
+    changes only the float32 summation order, never which weights are summed."""
+    H, n, _ = q.shape
+    rows = max(1, max_elements // (H * n))  # query rows per block
+    out = torch.zeros(H, n, dtype=torch.float32, device=q.device)
+    for s in range(0, n, rows):
+        e = min(n, s + rows)  # rows s..e-1 see keys 0..e-1
+        out[:, :e] += window_attention(q[:, s:e], k[:, :e], scaling).sum(dim=1)
+    return out
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
                      chunk: int | None = None) -> torch.Tensor:
     """Causal self-attention output (B, H, T, d) for a full prompt, GQA-aware, via SDPA.

@@ -6,7 +6,9 @@ GPU and compression applied layer by layer. `tests/test_capture.py` checks the l
 
 Per layer ℓ we keep: window queries Q (H, w, d) after RoPE; all keys/values K, V (G, n, d) in GQA layout;
 the attention block output O (w, D) on the window rows; the residual stream entering the layer (w, D);
-and, from the model, W_O^h (d, D) per head and b_O.
+and, from the model, W_O^h (d, D) per head and b_O. Only when asked (`all_queries=True`, for policies whose class
+says `needs_all_queries`, e.g. H2O) every prompt query too (H, n, d), from which `Prefill.column_sums` accumulates
+the attention of all queries block by block.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attention import causal_attention, project_qkv, scaling_of, window_attention
+from .attention import attention_column_sums, causal_attention, project_qkv, scaling_of, window_attention
 from .models import ModelShape, shape_of
 
 
@@ -28,6 +30,7 @@ class LayerCapture:
     attn_out: torch.Tensor  # (w, D) attention block output (o_proj applied, bias included) on the window rows
     resid: torch.Tensor  # (w, D) residual stream entering the layer, window rows
     scaling: float
+    queries: torch.Tensor | None = None  # (H, n, d) every prompt query after RoPE; only with prefill(all_queries=True)
 
 
 @dataclass
@@ -41,6 +44,7 @@ class Prefill:
     logits: torch.Tensor  # (vocab,) next-token logits after the prompt, float32
     _attn: dict = field(default_factory=dict, repr=False)
     _memo: dict = field(default_factory=dict, repr=False)
+    _colsum: dict = field(default_factory=dict, repr=False)
 
     @property
     def n(self) -> int:
@@ -56,6 +60,18 @@ class Prefill:
             c = self.layers[layer]
             self._attn[layer] = window_attention(c.q, c.k, c.scaling)
         return self._attn[layer]
+
+    def column_sums(self, layer: int) -> torch.Tensor:
+        """Attention accumulated over every prompt query, c_h[j] = Σ_{i<n} A_h[i, j]: (H, n) float32, memoised.
+        Computed block by block from the captured queries (`attention.attention_column_sums`): never n × n."""
+        if layer not in self._colsum:
+            c = self.layers[layer]
+            if c.queries is None:
+                raise ValueError(f"layer {layer}: the prefill kept only the {self.window} window queries; the "
+                                 f"attention of every prompt query needs prefill(..., all_queries=True) (see "
+                                 f"policies.prefill_options)")
+            self._colsum[layer] = attention_column_sums(c.queries, c.k, c.scaling)
+        return self._colsum[layer]
 
     def w_o(self, layer: int) -> torch.Tensor:
         """Per-head output projections W_O^h stacked: (H, d, D), so that O = Σ_h (A_h V_h) @ W_O^h."""
@@ -74,15 +90,15 @@ class Prefill:
         return self._memo[k]
 
     def forget(self, layer: int | None = None) -> None:
-        """Drop the memoised window attention and `memo` entries of one layer (None: of every layer), e.g. so
+        """Drop the memoised window attention, column sums and `memo` entries of one layer (None: of every layer), e.g. so
         that each policy timed on the same layer pays for its own."""
-        if layer is None:
-            self._attn.clear()
-            self._memo.clear()
-        else:
-            self._attn.pop(layer, None)
-            for k in [k for k in self._memo if k[0] == layer]:
-                del self._memo[k]
+        for memo in (self._attn, self._colsum):
+            if layer is None:
+                memo.clear()
+            else:
+                memo.pop(layer, None)
+        for k in [k for k in self._memo if layer is None or k[0] == layer]:
+            del self._memo[k]
 
 
 def head_wo(attn, shape: ModelShape) -> torch.Tensor:
@@ -139,13 +155,15 @@ LayerHook = Callable[[int, LayerCapture], LayerCapture | None]
 
 @torch.no_grad()
 def prefill(model, input_ids: torch.Tensor, window: int = 32, chunk: int | None = None,
-            on_layer: LayerHook | None = None, keep_kv: bool = True) -> Prefill:
+            on_layer: LayerHook | None = None, keep_kv: bool = True, all_queries: bool = False) -> Prefill:
     """Run the prompt through the model and capture every layer (see module docstring).
 
     window: number of last prompt queries kept (the observation window; 1 ≤ window ≤ n).
     chunk: process queries/MLP rows in chunks of this many tokens (long prompts; None = all at once).
     on_layer(ℓ, capture): called as soon as layer ℓ is done — a policy may compress there (cascading);
     it may return a replacement capture (e.g. with k, v already evicted) to be stored instead.
+    all_queries: also keep every prompt query (H, n, d) per layer (H2O's accumulated attention; memory ≈ r/2 × the
+    K/V of the prompt for r = H/G); dropped with the K/V when keep_kv is False.
     """
     input_ids = check_token_ids(input_ids, model.config.vocab_size)
     if input_ids.dim() == 1:
@@ -166,13 +184,14 @@ def prefill(model, input_ids: torch.Tensor, window: int = 32, chunk: int | None 
         attend = lambda q, k, v, a=layer.self_attn: causal_attention(q, k, v, scaling_of(a), chunk=chunk)
         h, q, k, v, o = run_layer(layer, h, cos, sin, attend, chunk)
         cap = LayerCapture(q=q[0, :, -window:].clone(), k=k[0], v=v[0], attn_out=o[0, -window:].clone(),
-                           resid=resid_win, scaling=scaling_of(layer.self_attn))
+                           resid=resid_win, scaling=scaling_of(layer.self_attn), queries=q[0] if all_queries else None)
         del q, o
         if on_layer is not None:
             cap = on_layer(li, cap) or cap
         if not keep_kv:  # fresh empty tensors: a [:, :0] view would keep the layer's whole K/V storage alive
             G, _, d = cap.k.shape
             cap.k, cap.v = cap.k.new_empty(G, 0, d), cap.v.new_empty(G, 0, d)
+            cap.queries = None
         del k, v  # only the capture may hold this layer's K/V now
         captures.append(cap)
     logits = model.lm_head(inner.norm(h[:, -1:]))[0, -1].float()

@@ -7,10 +7,11 @@ ragged layout (`cache.pack_layer`); the layer's dense K/V are then dropped. So a
 compresses here, with exactly the keep-set it selects one-shot. A model-wide policy (scope "model", e.g. FlowKV
 global) ranks every (ℓ, g, j) together: `selection.GlobalCascade` keeps the running global top-k of its
 `model_scores` and evicts from earlier layers as later ones arrive, which gives exactly the one-shot selection
-while holding ≈ budget + one layer.
+while holding ≈ budget + one layer. A policy that needs every prompt query (H2O) reads them from the layer's capture:
+pass `**comp.prefill_options` to the prefill; they are dropped with the layer's K/V after the hook.
 
     comp = LayerwiseCompressor(model, ids, "flowkv_global", 0.05, also=("snapkv", "flowkv"))
-    pf = prefill(model, ids, window=32, chunk=8192, on_layer=comp, keep_kv=False)
+    pf = prefill(model, ids, window=32, chunk=8192, on_layer=comp, keep_kv=False, **comp.prefill_options)
     cache = comp.cache(capacity=64)          # RaggedCache of the kept entries
     comp.seconds                             # scoring + selection time per policy (synchronised)
 """
@@ -24,7 +25,7 @@ import torch
 from .cache import RaggedCache, RaggedLayer, pack_layer
 from .capture import LayerCapture, Prefill
 from .models import shape_of
-from .policies import REGISTRY, Policy, get_policy
+from .policies import REGISTRY, Policy, get_policy, prefill_options
 from .selection import GlobalCascade, floor_first, topk_flat, with_window
 
 
@@ -74,6 +75,7 @@ class LayerwiseCompressor:
             name: get_policy(name, **({} if REGISTRY[name].role == "reference" else {"window": window}),
                              **{k: v for k, v in params.get(name, {}).items() if k != "window"})
             for name in self.names}
+        self.prefill_options = prefill_options(self.policies.values())  # what `capture.prefill` must capture
         self.budgets = {name: p.budget_for(self.n, L, G, budget) for name, p in self.policies.items()}
         self.budget = self.budgets[self.main]
         self.slots = {name: p.allocate(self.pf, self.budgets[name])[0] for name, p in self.policies.items()

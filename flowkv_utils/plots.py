@@ -15,12 +15,14 @@ POLICY_STYLE = {
     "pyramidkv": ("#17becf", "^"), "adakv": ("#2ca02c", "D"), "criticalkv": ("#bcbd22", "P"),
     "criticaladakv": ("#9edae5", "p"), "cake": ("#9467bd", "X"), "flowkv": ("#d62728", "*"),
     "flowkv_global": ("#ff7f0e", "h"), "smoothevict": ("#e377c2", "d"),
+    "h2o": ("#8c564b", "<"), "tova": ("#637939", ">"), "keydiff": ("#7b4173", "H"),
 }
 POLICY_LABEL = {
     "fullkv": "FullKV", "streamingllm": "StreamingLLM", "snapkv": "SnapKV", "pyramidkv": "PyramidKV",
     "adakv": "AdaKV", "criticalkv": "CriticalKV", "criticaladakv": "CriticalAdaKV", "cake": "CAKE",
     "flowkv": "FlowKV (derived, layer-wise)", "flowkv_global": "FlowKV (derived, global)",
     "smoothevict": "SmoothEvict (project interpretation)",
+    "h2o": "H2O", "tova": "TOVA", "keydiff": "KeyDiff",
 }
 
 

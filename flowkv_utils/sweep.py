@@ -38,7 +38,7 @@ from .capture import prefill
 from .evaluate import batched_decode
 from .generate import generate, teacher_forced_logits
 from .models import fingerprint, shape_of
-from .policies import REGISTRY, Policy, get_policy
+from .policies import REGISTRY, Policy, get_policy, prefill_options
 from .results import TableFile, move_aside, read_table
 from .results import versions as _versions
 from .tasks import TaskInstance
@@ -235,7 +235,7 @@ def _run_instance(model, tok, inst: TaskInstance, pts: list, metric_names: list[
     phase = ctx.phases
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    pf = prefill(model, inst.prompt_ids, window=window)
+    pf = prefill(model, inst.prompt_ids, window=window, **prefill_options(ctx.policies.values()))
     s = pf.shape
     entry_bytes = 2 * s.head_dim * pf.layers[0].k.element_size()  # K and V of one (layer, head, token)
     n_all = s.layers * s.kv_heads * pf.n

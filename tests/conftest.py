@@ -40,9 +40,10 @@ def embedded():
 
 @pytest.fixture(scope="session")
 def small_prefill(embedded):
-    """Prefill of PROMPT (~300 tokens, question at the end) on the embedded model, window 32."""
+    """Prefill of PROMPT (~300 tokens, question at the end) on the embedded model, window 32; every prompt query is
+    kept too (all_queries), so that every registered policy (H2O) runs on it."""
     model, tok = embedded
-    return prefill(model, chat_ids(tok, PROMPT), window=WINDOW)
+    return prefill(model, chat_ids(tok, PROMPT), window=WINDOW, all_queries=True)
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ VARIANTS: list[tuple[str, dict]] = [
     ("flowkv_global", {"norm": "N3", "head_floor": 2}),
     ("flowkv_global", {"sinks": 2, "kernel": 3}),
     ("smoothevict", {"sinks": 2}),
+    ("h2o", {"normalise": True}),
 ]
 
 ALL = DEFAULT_POLICIES + VARIANTS

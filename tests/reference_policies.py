@@ -592,3 +592,55 @@ REFERENCES = {
     "criticalkv": criticalkv, "criticaladakv": criticaladakv, "cake": cake, "flowkv": flowkv,
     "flowkv_global": flowkv_global, "smoothevict": smoothevict,
 }
+
+
+# ---------------------------------------------------------------------------------------------- H2O, TOVA, KeyDiff
+def h2o(pf, budget, window: int = 32, normalise: bool = False, **_) -> Ref:
+    """s_g[j] = mean_{h∈g} Σ_{i<n} A_h[i, j] (every prompt query; ÷ (n − j) with normalise), j < n − w; top
+    B − w plus the window. A: the full causal attention of the captured queries (one n × n map, fine here)."""
+    L, H, G, d, D, n = geometry(pf)
+    r = H // G
+
+    def scores_of(li):
+        c = pf.layers[li]
+        A = window_attention(c.queries, c.k, c.scaling).double()  # (H, n, n), row i = query at position i
+        col = [A[h].sum(dim=0).tolist() for h in range(H)]  # Σ_i A_h[i, j]
+        seen = [n - j if normalise else 1 for j in range(n)]  # queries i ≥ j see token j
+        return [[sum(col[h][j] for h in range(g * r, (g + 1) * r)) / r / seen[j] for j in range(n - window)]
+                for g in range(G)]
+
+    return _per_head_topk(pf, budget, window, scores_of)
+
+
+def tova(pf, budget, **_) -> Ref:
+    """s[j] = (1/H) Σ_h A_h[n − 1, j] over all n tokens, the same for every KV head; top B, no window."""
+    L, H, G, d, D, n = geometry(pf)
+
+    def scores_of(li):
+        last = attention(pf, li, 1)[:, 0].tolist()  # [h][j]: the last prompt query's attention
+        s = [sum(last[h][j] for h in range(H)) / H for j in range(n)]
+        return [list(s) for _ in range(G)]
+
+    return _per_head_topk(pf, budget, 0, scores_of)
+
+
+def keydiff(pf, budget, **_) -> Ref:
+    """s_g[j] = 1 − cos(k_j, μ_g) (kvpress ranks by −cos: same order), μ_g = (1/n) Σ_i k_i/‖k_i‖ over the
+    head's keys (after RoPE); top B, no window."""
+    L, H, G, d, D, n = geometry(pf)
+
+    def scores_of(li):
+        out = []
+        for g in range(G):
+            keys = pf.layers[li].k[g].double().tolist()  # [j][x]
+            norms = [math.sqrt(sum(x * x for x in kj)) for kj in keys]
+            mu = [sum(keys[j][x] / norms[j] for j in range(n)) / n for x in range(d)]
+            mu_norm = math.sqrt(sum(x * x for x in mu))
+            out.append([1.0 - sum(a * b for a, b in zip(keys[j], mu, strict=True)) / (norms[j] * mu_norm)
+                         for j in range(n)])
+        return out
+
+    return _per_head_topk(pf, budget, 0, scores_of)
+
+
+REFERENCES.update(h2o=h2o, tova=tova, keydiff=keydiff)

@@ -12,7 +12,7 @@ from flowkv_utils.cache import RaggedCache
 from flowkv_utils.capture import prefill
 from flowkv_utils.generate import decode, generate, teacher_forced_logits
 from flowkv_utils.models import random_model
-from flowkv_utils.policies import REGISTRY, get_policy
+from flowkv_utils.policies import REGISTRY, get_policy, prefill_options
 from flowkv_utils.policies.smoothevict import merge_values
 
 # (family, layers, heads, kv_heads, head_dim, seed): GQA, MHA + q/k norms, biases with r = 3, MQA
@@ -119,7 +119,7 @@ def test_compressed_decode_equals_dense_masked_attention(name):
 @pytest.mark.parametrize("name", list(REGISTRY))
 def test_ragged_bytes_are_the_kept_bytes(name):
     model = tiny(*FAMILIES[0])
-    pf = prefill(model, ids_of(120, 5), window=8)
+    pf = prefill(model, ids_of(120, 5), window=8, **prefill_options([name]))
     res = get_policy(name, window=8)(pf, 24)
     cache = RaggedCache.from_prefill(pf, res)
     L, G, d = len(pf.layers), pf.shape.kv_heads, pf.shape.head_dim

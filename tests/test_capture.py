@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from flowkv_utils.attention import attention_column_sums
 from flowkv_utils.capture import prefill
 from flowkv_utils.models import random_model, shape_of
 
@@ -113,3 +114,28 @@ def test_window_out_of_range(family_model, window):
     ids = torch.randint(0, 128, (1, 20))
     with pytest.raises(ValueError, match=f"window={window}"):
         prefill(family_model, ids, window=window)
+
+
+def test_all_queries_and_their_column_sums(family_model):
+    """all_queries keeps every prompt query (its last w rows are the window's); Prefill.column_sums equals the column
+    sums of the full causal attention of a prefill whose window is the whole prompt, whatever the block size."""
+    ids = torch.randint(0, 128, (1, 45), generator=torch.Generator().manual_seed(5))
+    pf = prefill(family_model, ids, window=6, all_queries=True)
+    whole = prefill(family_model, ids, window=45)  # every query captured as the "window": A is (H, n, n)
+    s = pf.shape
+    for li, cap in enumerate(pf.layers):
+        assert cap.queries.shape == (s.heads, 45, s.head_dim)
+        torch.testing.assert_close(cap.queries[:, -6:], cap.q, rtol=0, atol=0)
+        want = whole.attn(li).sum(dim=1)  # (H, n): Σ over all query rows
+        torch.testing.assert_close(pf.column_sums(li), want, rtol=1e-5, atol=1e-5)
+        for blocks in (1, 7, 10**9):  # max_elements: one row per block, a few rows, everything at once
+            got = attention_column_sums(cap.queries, cap.k, cap.scaling, max_elements=blocks)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert prefill(family_model, ids, window=6, all_queries=True, keep_kv=False).layers[0].queries is None
+
+
+def test_column_sums_need_all_queries(family_model):
+    pf = prefill(family_model, torch.randint(0, 128, (1, 20)), window=4)
+    assert pf.layers[0].queries is None
+    with pytest.raises(ValueError, match=r"all_queries=True"):
+        pf.column_sums(0)

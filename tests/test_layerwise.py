@@ -17,7 +17,7 @@ W = 8
 def setup():
     m = models.random_model("llama", layers=4, heads=8, kv_heads=2, head_dim=16, hidden=64, vocab=100)
     ids = torch.randint(0, 100, (1, 120), generator=torch.Generator().manual_seed(0))
-    return m, ids, capture.prefill(m, ids, window=W)
+    return m, ids, capture.prefill(m, ids, window=W, all_queries=True)
 
 
 @pytest.mark.parametrize("name", streaming_policies())
@@ -28,10 +28,10 @@ def test_layerwise_equals_one_shot(setup, name, chunk):
     res = pol(pf, 30)
     comp = LayerwiseCompressor(m, ids, name, 30, window=W, also=("snapkv", "flowkv", "flowkv_global"),
                                keep_scores=True)
-    out = capture.prefill(m, ids, window=W, chunk=chunk, on_layer=comp)
+    out = capture.prefill(m, ids, window=W, chunk=chunk, on_layer=comp, **comp.prefill_options)
     comp.finish_counts()
     assert torch.equal(comp.keep_mask(), res.keep)
-    assert all(c.k.numel() == 0 and c.v.numel() == 0 for c in out.layers)  # no dense K/V kept
+    assert all(c.k.numel() == 0 and c.v.numel() == 0 and c.queries is None for c in out.layers)  # no dense K/V kept
     ref = RaggedCache.from_prefill(pf, res, 8)
     got = comp.cache(8)
     for a, b in zip(got.layers, ref.layers, strict=True):
@@ -75,3 +75,14 @@ def test_unknown_policy_is_rejected(setup):
     comp = LayerwiseCompressor(m, ids, "snapkv", 30, window=W)
     with pytest.raises(ValueError, match="kept_counts"):
         comp.kept_counts("flowkv", 30)
+
+
+def test_h2o_needs_every_query_from_the_prefill(setup):
+    """H2O accumulates the attention of every prompt query: the compressor says which prefill option it needs,
+    and a prefill without it fails naming the option."""
+    m, ids, _ = setup
+    comp = LayerwiseCompressor(m, ids, "h2o", 30, window=W)
+    assert comp.prefill_options == {"all_queries": True}
+    assert LayerwiseCompressor(m, ids, "snapkv", 30, window=W, also=("tova", "keydiff")).prefill_options == {}
+    with pytest.raises(ValueError, match=r"h2o: .*all_queries=True"):
+        capture.prefill(m, ids, window=W, on_layer=comp)

@@ -56,14 +56,14 @@ def policies_overhead(model, tok, n: int = 4096, budget: float | int = 0.05, win
                       names: list[str] | None = None, rec: Recorder | None = None) -> Recorder:
     """Every study policy on one real prompt of n tokens: scoring+selection time as a fraction of the prefill,
     and the bytes its ragged cache keeps vs allocates."""
-    from ..policies import REGISTRY, STUDY, get_policy
+    from ..policies import REGISTRY, STUDY, get_policy, prefill_options
 
     rec = rec or recorder(None, echo=False)
     dev = next(model.parameters()).device
     ids = prompt_ids(n, model.config.vocab_size, tok)
     sync(dev)
     t0 = time.perf_counter()
-    pf = prefill(model, ids, window=window)
+    pf = prefill(model, ids, window=window, **prefill_options(names or STUDY))  # H2O: every query (memory only)
     sync(dev)
     t_pf = time.perf_counter() - t0
     mc = model_cols(model, EMBEDDED_WEIGHTS if tok is not None else RANDOM_WEIGHTS)

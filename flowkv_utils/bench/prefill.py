@@ -53,7 +53,7 @@ def prefill_context(rec: Recorder, model, n: int, *, weights: str, policy: str =
                                policy_params=score_params(score_config))
     sync(dev)
     t0 = time.perf_counter()
-    prefill(model, ids, window=window, chunk=chunk, on_layer=comp, keep_kv=False)
+    prefill(model, ids, window=window, chunk=chunk, on_layer=comp, keep_kv=False, **comp.prefill_options)
     sync(dev)
     total = time.perf_counter() - t0
     comp.finish_counts()

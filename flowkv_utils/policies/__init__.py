@@ -11,10 +11,13 @@ from .cake import CAKE
 from .criticalkv import CriticalAdaKV, CriticalKV
 from .flowkv import FlowKV, FlowKVGlobal
 from .fullkv import FullKV
+from .h2o import H2O
+from .keydiff import KeyDiff
 from .pyramidkv import PyramidKV
 from .smoothevict import SmoothEvict
 from .snapkv import SnapKV
 from .streaming import StreamingLLM
+from .tova import TOVA
 
 REGISTRY: dict[str, type[Policy]] = {
     "fullkv": FullKV,
@@ -28,6 +31,9 @@ REGISTRY: dict[str, type[Policy]] = {
     "flowkv": FlowKV,
     "flowkv_global": FlowKVGlobal,
     "smoothevict": SmoothEvict,
+    "h2o": H2O,
+    "tova": TOVA,
+    "keydiff": KeyDiff,
 }
 
 CATEGORIES = ("role", "head_adaptive", "layer_adaptive", "output_aware", "scope", "streams", "in_study")
@@ -51,6 +57,13 @@ STUDY = names(in_study=True)
 BASELINES = names(role="baseline")
 
 
+def prefill_options(policies) -> dict[str, bool]:
+    """Keyword arguments `capture.prefill` needs so that every one of `policies` (names or instances) can run,
+    e.g. prefill(model, ids, window=32, **prefill_options(["snapkv", "h2o"])) → all_queries=True for H2O."""
+    classes = [type(get_policy(p)) if isinstance(p, str) else type(p) for p in policies]
+    return {"all_queries": True} if any(c.needs_all_queries for c in classes) else {}
+
+
 def get_policy(name: str, **params) -> Policy:
     """Instantiate a registered policy by name, e.g. get_policy("snapkv", window=32, kernel=7)."""
     key = name.lower().replace("-", "_") if isinstance(name, str) else name
@@ -64,4 +77,4 @@ def get_policy(name: str, **params) -> Policy:
 
 
 __all__ = ["BASELINES", "CATEGORIES", "REGISTRY", "ROLES", "STUDY", "Policy", "PolicyResult", "categories",
-           "get_policy", "names"]
+           "get_policy", "names", "prefill_options"]

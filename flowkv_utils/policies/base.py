@@ -61,6 +61,8 @@ class Policy:
     scope: ClassVar[str] = "layer"  # "layer": each layer selects alone; "model": one top-k over every layer
     streams: ClassVar[bool] = True  # can compress layer by layer during prefill (LayerwiseCompressor)
     in_study: ClassVar[bool] = True  # drawn in the study's figures and tables (variants may opt out)
+    # what the policy needs from the prefill beyond the window (`policies.prefill_options` turns it into arguments)
+    needs_all_queries: ClassVar[bool] = False  # every prompt query, not only the window's (H2O)
 
     def __post_init__(self) -> None:
         check_param(self.name, "window", self.window, isinstance(self.window, int) and not isinstance(
