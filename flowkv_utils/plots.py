@@ -15,12 +15,14 @@ POLICY_STYLE = {
     "pyramidkv": ("#17becf", "^"), "adakv": ("#2ca02c", "D"), "criticalkv": ("#bcbd22", "P"),
     "criticaladakv": ("#9edae5", "p"), "cake": ("#9467bd", "X"), "flowkv": ("#d62728", "*"),
     "flowkv_global": ("#ff7f0e", "h"), "smoothevict": ("#e377c2", "d"),
+    "defensivekv": ("#8c564b", ">"), "layer_defensivekv": ("#c49c94", "<"), "lava": ("#393b79", "8"),
 }
 POLICY_LABEL = {
     "fullkv": "FullKV", "streamingllm": "StreamingLLM", "snapkv": "SnapKV", "pyramidkv": "PyramidKV",
     "adakv": "AdaKV", "criticalkv": "CriticalKV", "criticaladakv": "CriticalAdaKV", "cake": "CAKE",
     "flowkv": "FlowKV (derived, layer-wise)", "flowkv_global": "FlowKV (derived, global)",
     "smoothevict": "SmoothEvict (project interpretation)",
+    "defensivekv": "DefensiveKV", "layer_defensivekv": "Layer-DefensiveKV", "lava": "LAVa",
 }
 
 

@@ -9,8 +9,10 @@ from .adakv import AdaKV
 from .base import ROLES, Policy, PolicyResult
 from .cake import CAKE
 from .criticalkv import CriticalAdaKV, CriticalKV
+from .defensivekv import DefensiveKV, LayerDefensiveKV
 from .flowkv import FlowKV, FlowKVGlobal
 from .fullkv import FullKV
+from .lava import LAVa
 from .pyramidkv import PyramidKV
 from .smoothevict import SmoothEvict
 from .snapkv import SnapKV
@@ -28,6 +30,9 @@ REGISTRY: dict[str, type[Policy]] = {
     "flowkv": FlowKV,
     "flowkv_global": FlowKVGlobal,
     "smoothevict": SmoothEvict,
+    "defensivekv": DefensiveKV,
+    "layer_defensivekv": LayerDefensiveKV,
+    "lava": LAVa,
 }
 
 CATEGORIES = ("role", "head_adaptive", "layer_adaptive", "output_aware", "scope", "streams", "in_study")

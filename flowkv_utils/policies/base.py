@@ -60,6 +60,9 @@ class Policy:
     scope: ClassVar[str] = "layer"  # "layer": each layer selects alone; "model": one top-k over every layer
     streams: ClassVar[bool] = True  # can compress layer by layer during prefill (LayerwiseCompressor)
     in_study: ClassVar[bool] = True  # drawn in the study's figures and tables (variants may opt out)
+    # False: the keep-set needs more than the kept scores and slots (e.g. the layer's attention again, or scores that
+    # depend on the budget), so LayerwiseCompressor.kept_counts cannot re-select at another budget from them
+    budget_free_scores: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         check_param(self.name, "window", self.window, isinstance(self.window, int) and not isinstance(
