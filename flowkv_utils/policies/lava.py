@@ -30,13 +30,14 @@ from .base import Policy, check_odd_kernel, check_param, pool1d
 from .cake import layer_allocation
 
 
-def lava_scores(A: torch.Tensor, v: torch.Tensor, kv_heads: int, window: int, kernel: int = 7) -> torch.Tensor:
-    """s_g[j] = max_{h∈g} maxpool_k(a_h)[j] · ν_g for the prefix j < n − w. A (H, w, n), v (G, n, d) → (G, n − w),
-    in A's dtype (float32 for selection; the allocation passes float64)."""
+def lava_scores(A: torch.Tensor, v: torch.Tensor, kv_heads: int, window: int, kernel: int = 7,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """s_g[j] = max_{h∈g} maxpool_k(a_h)[j] · ν_g for the prefix j < n − w. A (H, w, n), v (G, n, d) → (G, n − w)
+    in `dtype` (float32 for selection; the allocation asks for float64, accumulated without a float64 copy of A)."""
     H, w, n = A.shape
     m = n - window
-    pooled = pool1d(A[:, :, :m].mean(1), kernel)  # (H, m) per query head
-    nu = v[:, :m].to(A.dtype).abs().sum(-1).amax(-1)  # (G,) the head's largest value L1 norm
+    pooled = pool1d(A[:, :, :m].sum(1, dtype=dtype) / w, kernel)  # (H, m) window mean, per query head
+    nu = v[:, :m].abs().sum(-1, dtype=dtype).amax(-1)  # (G,) the head's largest value L1 norm
     return pooled.view(kv_heads, H // kv_heads, m).amax(1) * nu.unsqueeze(-1)
 
 
@@ -87,8 +88,8 @@ class LAVa(Policy):
 
     def sparsity(self, pf: Prefill, layer: int) -> float:
         """σ_ℓ of one layer, from its scores recomputed in float64 (so the rounding of the layer split is exact)."""
-        return normalised_entropy(lava_scores(self.attn(pf, layer).double(), pf.layers[layer].v, pf.shape.kv_heads,
-                                              self.window, self.kernel))
+        return normalised_entropy(lava_scores(self.attn(pf, layer), pf.layers[layer].v, pf.shape.kv_heads,
+                                              self.window, self.kernel, dtype=torch.float64))
 
     def allocate(self, pf: Prefill, b: Budget) -> tuple[torch.Tensor, dict]:
         """(L, G) slots: layer totals ∝ σ_ℓ (capped at G·(n − w), exact total), split evenly; `keep_layer` then
