@@ -194,7 +194,9 @@ class LayerwiseCompressor:
 
     def kept_counts(self, name: str, budget: int | float | str) -> torch.Tensor:
         """(L, G) kept tokens per head (window included) of policy `name` at another budget: from the budget alone
-        for policies with uniform head budgets, else from the kept scores (needs keep_scores=True)."""
+        for policies with uniform head budgets, else from the kept scores (needs keep_scores=True). A policy whose
+        keep-set needs more than its kept scores (`budget_free_scores = False`: DefensiveKV's stage 1 reads the
+        layer's attention again) has counts at this compressor's budget only; another budget is an error."""
         L, G = self.shape.layers, self.shape.kv_heads
         if name not in self.policies:
             raise ValueError(f"kept_counts({name!r}): not one of this compressor's policies {', '.join(self.names)}")
@@ -205,6 +207,12 @@ class LayerwiseCompressor:
         if b.full:
             return torch.full((L, G), self.n, dtype=torch.long)
         w = p.kept_window
+        if not p.budget_free_scores:  # its keep-set needs the layer's capture again: only its own budget is known
+            if b != self.budgets[name]:
+                raise ValueError(f"kept_counts({name!r}, {budget!r}): {name} cannot re-select from kept scores "
+                                 f"(budget_free_scores = False); only this compressor's budget is known")
+            if p.scope != "model":
+                return self.counts[name].clone()
         slots = p.allocate(self.pf, b)[0]
         if not p.head_adaptive:
             return slots + w

@@ -16,6 +16,7 @@ POLICY_STYLE = {
     "criticaladakv": ("#9edae5", "p"), "cake": ("#9467bd", "X"), "flowkv": ("#d62728", "*"),
     "flowkv_global": ("#ff7f0e", "h"), "smoothevict": ("#e377c2", "d"),
     "h2o": ("#8c564b", "<"), "tova": ("#637939", ">"), "keydiff": ("#7b4173", "H"),
+    "defensivekv": ("#e7969c", ">"), "layer_defensivekv": ("#c49c94", "<"), "lava": ("#393b79", "8"),
 }
 POLICY_LABEL = {
     "fullkv": "FullKV", "streamingllm": "StreamingLLM", "snapkv": "SnapKV", "pyramidkv": "PyramidKV",
@@ -23,6 +24,7 @@ POLICY_LABEL = {
     "flowkv": "FlowKV (derived, layer-wise)", "flowkv_global": "FlowKV (derived, global)",
     "smoothevict": "SmoothEvict (project interpretation)",
     "h2o": "H2O", "tova": "TOVA", "keydiff": "KeyDiff",
+    "defensivekv": "DefensiveKV", "layer_defensivekv": "Layer-DefensiveKV", "lava": "LAVa",
 }
 
 

@@ -23,6 +23,11 @@ VARIANTS: list[tuple[str, dict]] = [
     ("flowkv_global", {"sinks": 2, "kernel": 3}),
     ("smoothevict", {"sinks": 2}),
     ("h2o", {"normalise": True}),
+    ("defensivekv", {"threshold": 0.0, "kernel": 1}),
+    ("defensivekv", {"threshold": 1.0, "kernel": 3}),
+    ("layer_defensivekv", {"threshold": 0.5}),
+    ("lava", {"alpha": 0.0}),
+    ("lava", {"alpha": 1.0, "kernel": 1}),
 ]
 
 ALL = DEFAULT_POLICIES + VARIANTS

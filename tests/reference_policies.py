@@ -644,3 +644,183 @@ def keydiff(pf, budget, **_) -> Ref:
 
 
 REFERENCES.update(h2o=h2o, tova=tova, keydiff=keydiff)
+
+
+# ---------------------------------------------------------------------------------------------------- DefensiveKV
+# github.com/FFY0/DefensiveKV, kvpress/presses/efficient_defensivekv_press.py (+ the layer variant's global top-k)
+def top_near(items: list[tuple[float, tuple]], k: int) -> tuple[set, bool]:
+    """`top`, with a near-tie flag that also sees clusters: float32 may round two close values to one, so a chosen
+    and an unchosen value that differ but lie within TIE_RTOL of the boundary values make the choice ambiguous
+    even when the k-th and (k+1)-th are an exact tie (stage-1 tokens at the layer maximum, scores clamped at a mean)."""
+    chosen, amb = top(items, k)
+    order = sorted(items, key=lambda t: (-t[0], t[1]))
+    k = max(0, min(k, len(order)))
+    if 0 < k < len(order):
+        a, b = order[k - 1][0], order[k][0]
+        near = lambda x, y: math.isfinite(x) and math.isfinite(y) and abs(x - y) <= TIE_RTOL * max(abs(x), abs(y))
+        amb |= any(near(x, a) and x != a for x, _ in order[k:]) or any(near(x, b) and x != b for x, _ in order[:k])
+    return chosen, amb
+
+
+def defensive_layer(pf, layer: int, w: int, kernel: int, threshold: float, cap: int):
+    """S'_g[j] of one layer, (G, n − w) as lists, and a near-tie flag of its first stage.
+
+    Per query head h and window row i over the prefix columns: avg-pool (÷ k), rescale to the row's prefix mass;
+    M_g[j] = max over h ∈ g and i; D = max(M, mean_j M); q_g[j] = pn_g[j] / Σ_g' pn_g'[j]; S = D·q. Stage 1 per head:
+    tokens by mean attention ā_g (mean over h ∈ g and i, normalised over j), most first, while the running share
+    stays below threshold − β (β = mean over h, i of the mass on the last w prefix columns), at most cap; they get
+    max S of the layer."""
+    L, H, G, d, D, n = geometry(pf)
+    r, m = H // G, n - w
+    A = attention(pf, layer, w).tolist()  # [h][i][j]
+    R = [[None] * w for _ in range(H)]
+    for h in range(H):
+        for i in range(w):
+            row = A[h][i][:m]
+            pooled = pool(row, kernel, "avg")
+            tot = sum(pooled)
+            R[h][i] = [x / tot * sum(row) if tot > 0 else 0.0 for x in pooled]
+    pn = projected_l1(pf, layer, m)
+    S = []
+    for g in range(G):
+        M = [max(R[h][i][j] for h in range(g * r, (g + 1) * r) for i in range(w)) for j in range(m)]
+        mean = sum(M) / m
+        S.append([max(M[j], mean) * (pn[g][j] / sum(pn[x][j] for x in range(G))
+                                     if sum(pn[x][j] for x in range(G)) > 0 else 0.0) for j in range(m)])
+    bias = sum(sum(A[h][i][max(0, m - w):m]) for h in range(H) for i in range(w)) / (H * w)
+    tau = threshold - bias
+    smax = max(x for row in S for x in row)
+    amb = False
+    for g in range(G):
+        abar = [sum(A[h][i][j] for h in range(g * r, (g + 1) * r) for i in range(w)) / (r * w) for j in range(m)]
+        tot = sum(abar)
+        p = [x / tot if tot > 0 else 0.0 for x in abar]
+        order = sorted(range(m), key=lambda j: (-p[j], j))
+        count, run = 0, 0.0
+        for t, j in enumerate(order):
+            run += p[j]
+            amb |= abs(run - tau) < 1e-5  # the crossing itself is a near-tie (float32 vs float64)
+            if run >= tau:
+                count = t
+                break
+        count = min(count, cap)
+        chosen, a = top_near([(p[j], (j,)) for j in range(m)], count)
+        amb |= a
+        for (j,) in chosen:
+            S[g][j] = smax
+    return S, amb
+
+
+def defensivekv(pf, budget, window: int = 32, kernel: int = 5, threshold: float = 0.9, **_) -> Ref:
+    """Per layer: stage 1 capped at the layer's smallest per-head slot minus w, then the flattened top over
+    (g, j < n − w) fills Σ slots − G·w; plus every window."""
+    L, H, G, d, D, n = geometry(pf)
+    w = window
+    total = model_total(budget, n, L, G)
+    ref = new_ref(L, G, n)
+    if total >= n * L * G:
+        ref.keep[:] = True
+        return ref
+    slots = slot_budgets(total, L, G)
+    for li in range(L):
+        s, amb = defensive_layer(pf, li, w, kernel, threshold, min(slots[li]) - w)
+        chosen, a = top_near([(s[g][j], (g, j)) for g in range(G) for j in range(n - w)], sum(slots[li]) - G * w)
+        for g, j in chosen:
+            ref.keep[li, g, j] = True
+        for g in range(G):
+            ref.scores[li, g, : n - w] = torch.tensor(s[g], dtype=torch.float64)
+        ref.ambiguous[li] = amb or a
+        keep_window(ref, li, w)
+    return ref
+
+
+def layer_defensivekv(pf, budget, window: int = 32, kernel: int = 5, threshold: float = 0.9, **_) -> Ref:
+    """DefensiveKV's per-layer scores (stage 1 capped per layer as above), one top over every (ℓ, g, j) of the model
+    fills G·L·(B − w) (no per-layer normalisation); plus every window."""
+    L, H, G, d, D, n = geometry(pf)
+    w, m = window, n - window
+    total = model_total(budget, n, L, G)
+    ref = new_ref(L, G, n)
+    if total >= n * L * G:
+        ref.keep[:] = True
+        return ref
+    slots = slot_budgets(total, L, G)
+    s, amb = [], False
+    for li in range(L):
+        x, a = defensive_layer(pf, li, w, kernel, threshold, min(slots[li]) - w)
+        s.append(x)
+        amb |= a
+    chosen, a = top_near([(s[li][g][j], (li, g, j)) for li in range(L) for g in range(G) for j in range(m)],
+                    total - w * L * G)
+    for li, g, j in chosen:
+        ref.keep[li, g, j] = True
+    for li in range(L):
+        for g in range(G):
+            ref.scores[li, g, :m] = torch.tensor(s[li][g], dtype=torch.float64)
+        keep_window(ref, li, w)
+    ref.ambiguous[:] = amb or a
+    ref.info["layer_budgets"] = ref.keep.sum((1, 2)).tolist()
+    return ref
+
+
+# ---------------------------------------------------------------------------------------------------- LAVa
+# github.com/MGDDestiny/Lava, adaptive_snapkv/monkeypatch/snapkv_utils.py (LavaKVCluster) + the hijack's layer loop
+def lava_scores(pf, layer: int, w: int, kernel: int) -> list[list[float]]:
+    """s_g[j] = max_{h∈g} maxpool_k(a_h)[j] · ν_g, ν_g = max_{j < n − w} Σ_d |V_g[j, d]|."""
+    L, H, G, d, D, n = geometry(pf)
+    r, m = H // G, n - w
+    A = attention(pf, layer, w).tolist()
+    v = pf.layers[layer].v.double().tolist()
+    out = []
+    for g in range(G):
+        nu = max(sum(abs(x) for x in v[g][j]) for j in range(m))
+        pooled = [pool([sum(A[h][i][j] for i in range(w)) / w for j in range(m)], kernel, "max")
+                  for h in range(g * r, (g + 1) * r)]
+        out.append([max(p[j] * nu for p in pooled) for j in range(m)])
+    return out
+
+
+def lava_sparsity(s: list[list[float]]) -> float:
+    """Normalised entropy of the flattened scores: −Σ p log(p + 1e-16) / log N, p = s / (Σ s + 1e-16)."""
+    flat = [x for row in s for x in row]
+    if len(flat) < 2:
+        return 0.0
+    tot = sum(flat) + 1e-16
+    return -sum(x / tot * math.log(x / tot + 1e-16) for x in flat) / math.log(len(flat))
+
+
+def lava(pf, budget, window: int = 32, kernel: int = 7, alpha: float = 0.2, **_) -> Ref:
+    """Layer totals ∝ σ_ℓ (CAKE's capped, exactly rounded split); in a layer of total T, c_g = head g's entries in
+    the flattened top-T, B_g = (1 − α)c_g + α·T/G rounded by largest remainder (ties to the earlier head); each
+    head keeps its top B_g and its window."""
+    L, H, G, d, D, n = geometry(pf)
+    w, m = window, n - window
+    total = model_total(budget, n, L, G)
+    ref = new_ref(L, G, n)
+    if total >= n * L * G:
+        ref.keep[:] = True
+        return ref
+    scores = [lava_scores(pf, li, w, kernel) for li in range(L)]
+    sig = [lava_sparsity(s) for s in scores]
+    totals, amb = cake_layer_totals(sig, total - w * L * G, G * m)
+    for li in range(L):
+        s, T = scores[li], totals[li]
+        chosen, a = top_near([(s[g][j], (g, j)) for g in range(G) for j in range(m)], T)
+        x = [(1 - alpha) * sum(1 for gg, _ in chosen if gg == g) + alpha * T / G for g in range(G)]
+        k = [math.floor(t) for t in x]
+        extra = sorted(range(G), key=lambda g: (-(x[g] - k[g]), g))[: T - sum(k)]
+        for g in extra:
+            k[g] += 1
+        for g in range(G):
+            c, b = top_near([(s[g][j], (j,)) for j in range(m)], k[g])
+            for (j,) in c:
+                ref.keep[li, g, j] = True
+            ref.scores[li, g, :m] = torch.tensor(s[g], dtype=torch.float64)
+            a |= b
+        ref.ambiguous[li] = a or amb
+        keep_window(ref, li, w)
+    ref.info.update(layer_budgets=[t + G * w for t in totals], sparsity=sig)
+    return ref
+
+
+REFERENCES.update(defensivekv=defensivekv, layer_defensivekv=layer_defensivekv, lava=lava)

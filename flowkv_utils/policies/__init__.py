@@ -9,31 +9,36 @@ from .adakv import AdaKV
 from .base import ROLES, Policy, PolicyResult
 from .cake import CAKE
 from .criticalkv import CriticalAdaKV, CriticalKV
+from .defensivekv import DefensiveKV, LayerDefensiveKV
 from .flowkv import FlowKV, FlowKVGlobal
 from .fullkv import FullKV
 from .h2o import H2O
 from .keydiff import KeyDiff
+from .lava import LAVa
 from .pyramidkv import PyramidKV
 from .smoothevict import SmoothEvict
 from .snapkv import SnapKV
 from .streaming import StreamingLLM
 from .tova import TOVA
 
-REGISTRY: dict[str, type[Policy]] = {
+REGISTRY: dict[str, type[Policy]] = {  # in the order figures and tables list them
     "fullkv": FullKV,
     "streamingllm": StreamingLLM,
+    "h2o": H2O,
+    "tova": TOVA,
+    "keydiff": KeyDiff,
     "snapkv": SnapKV,
     "pyramidkv": PyramidKV,
     "adakv": AdaKV,
     "criticalkv": CriticalKV,
     "criticaladakv": CriticalAdaKV,
+    "defensivekv": DefensiveKV,
+    "layer_defensivekv": LayerDefensiveKV,
+    "lava": LAVa,
     "cake": CAKE,
     "flowkv": FlowKV,
     "flowkv_global": FlowKVGlobal,
     "smoothevict": SmoothEvict,
-    "h2o": H2O,
-    "tova": TOVA,
-    "keydiff": KeyDiff,
 }
 
 CATEGORIES = ("role", "head_adaptive", "layer_adaptive", "output_aware", "scope", "streams", "in_study")

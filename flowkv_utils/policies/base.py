@@ -63,6 +63,9 @@ class Policy:
     in_study: ClassVar[bool] = True  # drawn in the study's figures and tables (variants may opt out)
     # what the policy needs from the prefill beyond the window (`policies.prefill_options` turns it into arguments)
     needs_all_queries: ClassVar[bool] = False  # every prompt query, not only the window's (H2O)
+    # False: the keep-set needs more than the kept scores and slots (e.g. the layer's attention again, or scores that
+    # depend on the budget), so LayerwiseCompressor.kept_counts cannot re-select at another budget from them
+    budget_free_scores: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         check_param(self.name, "window", self.window, isinstance(self.window, int) and not isinstance(
