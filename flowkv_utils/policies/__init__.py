@@ -11,6 +11,7 @@ from .cake import CAKE
 from .criticalkv import CriticalAdaKV, CriticalKV
 from .flowkv import FlowKV, FlowKVGlobal
 from .fullkv import FullKV
+from .presets import KVPRESS, PRESETS
 from .pyramidkv import PyramidKV
 from .smoothevict import SmoothEvict
 from .snapkv import SnapKV
@@ -63,5 +64,5 @@ def get_policy(name: str, **params) -> Policy:
         raise TypeError(f"policy {name!r}: {e}") from None
 
 
-__all__ = ["BASELINES", "CATEGORIES", "REGISTRY", "ROLES", "STUDY", "Policy", "PolicyResult", "categories",
+__all__ = ["BASELINES", "CATEGORIES", "KVPRESS", "PRESETS", "REGISTRY", "ROLES", "STUDY", "Policy", "PolicyResult", "categories",
            "get_policy", "names"]
