@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.flowkv-installed
 PIPQ   := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: setup figures test smoke bench lab clean-runs
+.PHONY: setup figures test smoke bench lab clean-runs kvpress-check
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -32,6 +32,29 @@ test: $(STAMP)      ## unit, property and smoke-notebook tests
 
 bench: $(STAMP)     ## CPU benchmarks: load times, notebook run times, policy overhead
 	$(PY) -m flowkv_utils.bench all
+
+# kvpress cross-check (not part of `make test` nor CI): NVIDIA kvpress in its own venv (it pins transformers < 5.3),
+# the project's keep-sets here, per-layer Jaccard → results/kvpress_crosscheck.csv (tools/kvpress_crosscheck.py).
+# kvpress is installed --no-deps and its imports' deps pinned explicitly, so no other torch is pulled in.
+KVENV   ?= .venv-kvpress
+KVPY    := $(KVENV)/bin/python
+KVSTAMP := $(KVENV)/.kvpress-installed
+KVPIPQ  := $(KVPY) -m pip install --quiet --disable-pip-version-check
+
+$(KVSTAMP):
+	@test -x $(KVPY) || $(PYTHON) -m venv $(KVENV)
+	@echo "installing kvpress into $(KVENV) (first time: ~2 min) ..."
+	@if [ -n "$(TORCH)" ]; then $(KVPIPQ) "$(TORCH)"; fi
+	$(KVPIPQ) --no-deps "kvpress==0.5.5"
+	$(KVPIPQ) "transformers>=4.56,<5.3" "numpy>=2,<3" "pandas>=2.2.2,<3" "accelerate>=1,<2" "peft>=0.20" \
+	  "datasets>=2.21" "cachetools>=5.5.2,<6" "requests>=2.32.3,<3" "fire>=0.6,<0.7" tqdm safetensors
+	$(KVPY) -m pip check
+	@touch $@
+
+kvpress-check: $(STAMP) $(KVSTAMP)   ## cross-check against kvpress (~15 min on 2 cores): results/kvpress_crosscheck.csv
+	$(PY) tools/kvpress_crosscheck.py project
+	$(KVPY) tools/kvpress_crosscheck.py kvpress
+	$(PY) tools/kvpress_crosscheck.py compare
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/

@@ -200,3 +200,35 @@ def proportional_allocation(weights: torch.Tensor, total: int, cap: int) -> torc
             base[j] += 1
             rem -= 1
     return fill_to_total(base, total, cap)
+
+
+def _spread_evenly(alloc: torch.Tensor, amount: int, cap: int) -> torch.Tensor:
+    """Add `amount` over the entries below cap: the same share to each, one more to the first (amount mod k)."""
+    below = (alloc < cap).nonzero().flatten()
+    if amount > 0 and below.numel():
+        alloc[below] += amount // below.numel()
+        alloc[below[: amount % below.numel()]] += 1
+    return alloc
+
+
+def even_excess_allocation(weights: torch.Tensor, total: int, cap: int) -> torch.Tensor:
+    """Integer allocation ∝ weights with each entry ≤ cap and an exact sum, by CAKE's official rule
+    (antgroup/cakekv, cake/utils.py `adjust_budgets`): shares truncated to integers; entries over cap clipped and
+    their excess spread *evenly* over the entries below cap (the first ones take the remainder); then the
+    truncation shortfall spread the same way. [proj] Where an even share pushes an entry past cap (the official
+    code then clips it when evicting and spends less than the total), the excess is spread again, until none is
+    over, so the total stays exact. `proportional_allocation` is the project's rule (excess ∝ weights)."""
+    L = weights.numel()
+    if total > L * cap:
+        raise ValueError(f"total={total} exceeds {L} × cap {cap}")
+    w = weights.double().clamp_min(0)
+    if w.sum() <= 0:
+        w = torch.ones_like(w)
+    alloc = torch.floor(w / w.sum() * total).long()  # int() of non-negative floats, as np.array(..., dtype=int)
+    excess = int((alloc - cap).clamp_min(0).sum())
+    alloc = _spread_evenly(alloc.clamp_max(cap), excess, cap)
+    alloc = _spread_evenly(alloc, total - int(alloc.sum()), cap)
+    while (alloc > cap).any():
+        excess = int((alloc - cap).clamp_min(0).sum())
+        alloc = _spread_evenly(alloc.clamp_max(cap), excess, cap)
+    return alloc

@@ -74,8 +74,10 @@ def model_name(model) -> str:
 
 
 def policy_params_json(p: Policy) -> str:
-    """The policy's full parameters (window excluded: its own column) as canonical JSON."""
-    params = {f.name: getattr(p, f.name) for f in dataclasses.fields(p) if f.name != "window"}
+    """The policy's full parameters (window excluded: its own column) as canonical JSON; a parameter in the
+    class's `recorded_when_set` only when it differs from its default."""
+    params = {f.name: getattr(p, f.name) for f in dataclasses.fields(p) if f.name != "window"
+              and not (f.name in p.recorded_when_set and getattr(p, f.name) == f.default)}
     params = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in params.items()}
     return json.dumps(params, sort_keys=True)
 

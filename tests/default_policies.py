@@ -3,7 +3,7 @@ tests — as kvpress's tests/default_presses.py. Each entry: (registry name, par
 
 from __future__ import annotations
 
-from flowkv_utils.policies import REGISTRY
+from flowkv_utils.policies import KVPRESS, REGISTRY
 
 DEFAULT_POLICIES: list[tuple[str, dict]] = [(name, {}) for name in REGISTRY]
 
@@ -28,7 +28,15 @@ VARIANTS: list[tuple[str, dict]] = [
     ("layer_defensivekv", {"threshold": 0.5}),
     ("lava", {"alpha": 0.0}),
     ("lava", {"alpha": 1.0, "kernel": 1}),
+    # kvpress-compatible settings (policies.KVPRESS, below) and their pieces on their own
+    ("snapkv", {"pool": "avg", "kernel": 3}),
+    ("adakv", {"shares": "kept", "alpha": 0.7}),
+    ("criticalkv", {"shares": "kept", "first_stage": 0.8}),
+    ("criticaladakv", {"shares": "kept", "alpha": 0.8, "first_stage": 0.3}),
+    ("cake", {"allocation": "official"}),
+    ("cake", {"allocation": "official", "tau1": 0.3, "tau2": 0.3}),  # peaked preferences: layers get clipped
 ]
+VARIANTS += [(name, params) for name, params in KVPRESS.items() if params]
 
 ALL = DEFAULT_POLICIES + VARIANTS
 

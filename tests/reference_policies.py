@@ -109,11 +109,15 @@ def keep_window(ref: Ref, layer: int, w: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- scores
-def snap_scores(pf, layer: int, w: int, kernel: int) -> list[list[float]]:
-    """s_g[j] = maxpool_k(mean_{h∈g} a_h)[j], j < n − w, a_h[j] = mean_i A_h[i, j] (group mean *before* pooling)."""
+def snap_scores(pf, layer: int, w: int, kernel: int, pool_kind: str = "max") -> list[list[float]]:
+    """s_g[j] = maxpool_k(mean_{h∈g} a_h)[j], j < n − w, a_h[j] = mean_i A_h[i, j] (group mean *before* pooling).
+    pool_kind "avg": kvpress's SnapKVPress order instead — each query head's a_h average-pooled, then the group mean."""
     L, H, G, d, D, n = geometry(pf)
     r, m = H // G, n - w
     A = attention(pf, layer, w).tolist()
+    if pool_kind == "avg":
+        per_head = [pool([sum(A[h][i][j] for i in range(w)) / w for j in range(m)], kernel, "avg") for h in range(H)]
+        return [[sum(per_head[h][j] for h in range(g * r, (g + 1) * r)) / r for j in range(m)] for g in range(G)]
     out = []
     for g in range(G):
         mean = []
@@ -215,8 +219,8 @@ def _per_head_topk(pf, budget, w: int, scores_of) -> Ref:
     return ref
 
 
-def snapkv(pf, budget, window: int = 32, kernel: int = 7, **_) -> Ref:
-    return _per_head_topk(pf, budget, window, lambda li: snap_scores(pf, li, window, kernel))
+def snapkv(pf, budget, window: int = 32, kernel: int = 7, pool: str = "max", **_) -> Ref:
+    return _per_head_topk(pf, budget, window, lambda li: snap_scores(pf, li, window, kernel, pool))
 
 
 def pyramid_schedule(Bp: int, L: int, n: int, w: int, beta: int) -> list[int]:
@@ -246,7 +250,7 @@ def pyramid_schedule(Bp: int, L: int, n: int, w: int, beta: int) -> list[int]:
     return sched
 
 
-def pyramidkv(pf, budget, window: int = 32, kernel: int = 7, beta: int = 20, **_) -> Ref:
+def pyramidkv(pf, budget, window: int = 32, kernel: int = 7, beta: int = 20, pool: str = "max", **_) -> Ref:
     L, H, G, d, D, n = geometry(pf)
     w = window
     total = model_total(budget, n, L, G)
@@ -266,7 +270,7 @@ def pyramidkv(pf, budget, window: int = 32, kernel: int = 7, beta: int = 20, **_
             rem -= 1
         i += 1
     for li in range(L):
-        s = snap_scores(pf, li, w, kernel)
+        s = snap_scores(pf, li, w, kernel, pool)
         for g in range(G):
             chosen, amb = top([(s[g][j], (j,)) for j in range(n - w)], slots[li][g])
             for (j,) in chosen:
@@ -278,11 +282,20 @@ def pyramidkv(pf, budget, window: int = 32, kernel: int = 7, beta: int = 20, **_
     return ref
 
 
-def adaptive_prefix(s: list[list[float]], layer_total: int, alpha: float) -> tuple[list[set], bool]:
-    """AdaKV in one layer: each head's own top ⌊α·B'⌋ (B' = ⌊layer_total / G⌋), then the flattened top over
-    all (g, j) fills layer_total. Returns per-head chosen token sets and the near-tie flag."""
+def share(fraction: float, prefix: int, w: int, shares: str) -> int:
+    """Prefix tokens a share stands for: ⌊f·B'⌋ of the selectable B' ("selectable"), or of the kept count B' + w
+    whose first w are the window ("kept", kvpress): max(0, ⌊f·(B' + w)⌋ − w)."""
+    if shares == "selectable":
+        return math.floor(fraction * prefix)
+    return max(0, math.floor(fraction * (prefix + w)) - w)
+
+
+def adaptive_prefix(s: list[list[float]], layer_total: int, alpha: float, w: int = 0,
+                    shares: str = "selectable") -> tuple[list[set], bool]:
+    """AdaKV in one layer: each head's own top safeguard (α of B' = ⌊layer_total / G⌋, see `share`), then the
+    flattened top over all (g, j) fills layer_total. Returns per-head chosen token sets and the near-tie flag."""
     G, m = len(s), len(s[0])
-    safe = math.floor(alpha * (layer_total // G))
+    safe = share(alpha, layer_total // G, w, shares)
     chosen = [set() for _ in range(G)]
     amb = False
     for g in range(G):
@@ -296,7 +309,8 @@ def adaptive_prefix(s: list[list[float]], layer_total: int, alpha: float) -> tup
     return chosen, amb or a
 
 
-def adakv(pf, budget, window: int = 32, kernel: int = 7, alpha: float = 0.2, **_) -> Ref:
+def adakv(pf, budget, window: int = 32, kernel: int = 7, alpha: float = 0.2, pool: str = "max",
+          shares: str = "selectable", **_) -> Ref:
     L, H, G, d, D, n = geometry(pf)
     w = window
     total = model_total(budget, n, L, G)
@@ -307,8 +321,8 @@ def adakv(pf, budget, window: int = 32, kernel: int = 7, alpha: float = 0.2, **_
     slots = slot_budgets(total, L, G)
     heads = []
     for li in range(L):
-        s = snap_scores(pf, li, w, kernel)
-        chosen, amb = adaptive_prefix(s, sum(slots[li]) - G * w, alpha)
+        s = snap_scores(pf, li, w, kernel, pool)
+        chosen, amb = adaptive_prefix(s, sum(slots[li]) - G * w, alpha, w, shares)
         for g in range(G):
             for j in chosen[g]:
                 ref.keep[li, g, j] = True
@@ -320,16 +334,19 @@ def adakv(pf, budget, window: int = 32, kernel: int = 7, alpha: float = 0.2, **_
     return ref
 
 
-def two_stage(base: list[float], crit: list[float], k: int, first: float) -> tuple[set, bool]:
-    """CriticalKV in one head: top ⌊first·k⌋ by base, then the rest of k by crit among the others."""
-    k1 = math.floor(k * first)
+def two_stage(base: list[float], crit: list[float], k: int, first: float, w: int = 0, shares: str = "selectable",
+              at_least: int = 0) -> tuple[set, bool]:
+    """CriticalKV in one head: the top k1 by base — k1 = `share` of first over k prefix tokens, raised to
+    `at_least` — then the rest of k by crit among the others."""
+    k1 = max(share(first, k, w, shares), at_least)
     s1, a1 = top([(base[j], (j,)) for j in range(len(base))], k1)
     rest = [(crit[j], (j,)) for j in range(len(base)) if (j,) not in s1]
     s2, a2 = top(rest, k - k1)
     return {j for (j,) in s1 | s2}, a1 or a2
 
 
-def criticalkv(pf, budget, window: int = 32, kernel: int = 7, first_stage: float = 0.5, **_) -> Ref:
+def criticalkv(pf, budget, window: int = 32, kernel: int = 7, first_stage: float = 0.5, pool: str = "max",
+               shares: str = "selectable", **_) -> Ref:
     L, H, G, d, D, n = geometry(pf)
     w = window
     total = model_total(budget, n, L, G)
@@ -339,11 +356,11 @@ def criticalkv(pf, budget, window: int = 32, kernel: int = 7, first_stage: float
         return ref
     slots = slot_budgets(total, L, G)
     for li in range(L):
-        s = snap_scores(pf, li, w, kernel)
+        s = snap_scores(pf, li, w, kernel, pool)
         pn = projected_l1(pf, li, n - w)
         for g in range(G):
             crit = [(s[g][j] + 1e-4) * pn[g][j] for j in range(n - w)]
-            chosen, amb = two_stage(s[g], crit, slots[li][g] - w, first_stage)
+            chosen, amb = two_stage(s[g], crit, slots[li][g] - w, first_stage, w, shares)
             for j in chosen:
                 ref.keep[li, g, j] = True
             ref.scores[li, g, : n - w] = torch.tensor(crit, dtype=torch.float64)
@@ -353,8 +370,9 @@ def criticalkv(pf, budget, window: int = 32, kernel: int = 7, first_stage: float
 
 
 def criticaladakv(pf, budget, window: int = 32, kernel: int = 7, alpha: float = 0.2, first_stage: float = 0.5,
-                  **_) -> Ref:
-    """AdaKV head budgets on attention, then CriticalKV's two stages inside each head's budget."""
+                  pool: str = "max", shares: str = "selectable", **_) -> Ref:
+    """AdaKV head budgets on attention, then CriticalKV's two stages inside each head's budget; with
+    shares="kept" (kvpress) stage 1 holds at least the head's safeguard."""
     L, H, G, d, D, n = geometry(pf)
     w = window
     total = model_total(budget, n, L, G)
@@ -364,12 +382,14 @@ def criticaladakv(pf, budget, window: int = 32, kernel: int = 7, alpha: float = 
         return ref
     slots = slot_budgets(total, L, G)
     for li in range(L):
-        s = snap_scores(pf, li, w, kernel)
+        s = snap_scores(pf, li, w, kernel, pool)
         pn = projected_l1(pf, li, n - w)
-        heads, amb = adaptive_prefix(s, sum(slots[li]) - G * w, alpha)
+        layer_prefix = sum(slots[li]) - G * w
+        heads, amb = adaptive_prefix(s, layer_prefix, alpha, w, shares)
+        safe = share(alpha, layer_prefix // G, w, shares) if shares == "kept" else 0
         for g in range(G):
             crit = [(s[g][j] + 1e-4) * pn[g][j] for j in range(n - w)]
-            chosen, a = two_stage(s[g], crit, len(heads[g]), first_stage)
+            chosen, a = two_stage(s[g], crit, len(heads[g]), first_stage, w, shares, safe)
             for j in chosen:
                 ref.keep[li, g, j] = True
             ref.scores[li, g, : n - w] = torch.tensor(crit, dtype=torch.float64)
@@ -444,8 +464,50 @@ def cake_layer_totals(prefs: list[float], S: int, cap: int) -> tuple[list[int], 
     return base, amb
 
 
+def cake_official_slots(prefs: list[float], S: int, G: int, cap: int) -> tuple[list[list[int]], bool]:
+    """antgroup/cakekv's adjust_budgets on per-head budgets (total ⌊S/G⌋, cap n − w): int() of the shares;
+    clip, the excess spread evenly over the layers below cap (the first take the remainder); the truncation
+    shortfall the same way; [proj] spread again while an even share pushed a layer past cap. Every head of a layer
+    the same; [proj] the S mod G left over go one per (ℓ, g) slot in row-major order, skipping full slots."""
+    L = len(prefs)
+    T = S // G
+    wts = [max(p, 0.0) for p in prefs]
+    if sum(wts) <= 0:
+        wts = [1.0] * L
+    tot = sum(wts)
+    raw = [x / tot * T for x in wts]
+    amb = any(abs(x - round(x)) < ALLOC_RTOL * max(1.0, x) for x in raw)  # truncation may flip in float
+    b = [int(x) for x in raw]
+
+    def spread(amount: int) -> None:
+        below = [li for li in range(L) if b[li] < cap]
+        if amount > 0 and below:
+            q, r = divmod(amount, len(below))
+            for i, li in enumerate(below):
+                b[li] += q + (1 if i < r else 0)
+
+    excess = sum(max(x - cap, 0) for x in b)
+    b = [min(x, cap) for x in b]
+    spread(excess)
+    spread(T - sum(b))
+    while any(x > cap for x in b):
+        excess = sum(max(x - cap, 0) for x in b)
+        b = [min(x, cap) for x in b]
+        spread(excess)
+    slots = [[b[li]] * G for li in range(L)]
+    left, i = S - G * T, 0
+    while left > 0:
+        li, g = divmod(i % (L * G), G)
+        if slots[li][g] < cap:
+            slots[li][g] += 1
+            left -= 1
+        i += 1
+    assert sum(map(sum, slots)) == S
+    return slots, amb
+
+
 def cake(pf, budget, window: int = 32, tau1: float = 1.0, tau2: float = 1.0, gamma: float = 200.0,
-         kernel: int = 5, **_) -> Ref:
+         kernel: int = 5, allocation: str = "project", **_) -> Ref:
     L, H, G, d, D, n = geometry(pf)
     w, m = window, n - window
     total = model_total(budget, n, L, G)
@@ -454,18 +516,22 @@ def cake(pf, budget, window: int = 32, tau1: float = 1.0, tau2: float = 1.0, gam
         ref.keep[:] = True
         return ref
     prefs = [cake_preference(pf, li, w, tau1, tau2) for li in range(L)]
-    totals, amb = cake_layer_totals(prefs, total - w * L * G, G * m)
+    if allocation == "official":
+        slots, amb = cake_official_slots(prefs, total - w * L * G, G, m)
+    else:
+        totals, amb = cake_layer_totals(prefs, total - w * L * G, G * m)
+        slots = [[t // G + (1 if g < t % G else 0) for g in range(G)] for t in totals]  # ±1 over the KV heads
     for li in range(L):
         ind = cake_indicator(pf, li, w, gamma, kernel)
         for g in range(G):
-            b = totals[li] // G + (1 if g < totals[li] % G else 0)  # uniform over the layer's KV heads
+            b = slots[li][g]
             chosen, a = top([(ind[g][j], (j,)) for j in range(m)], b)
             for (j,) in chosen:
                 ref.keep[li, g, j] = True
             ref.scores[li, g, :m] = torch.tensor(ind[g], dtype=torch.float64)
             ref.ambiguous[li, g] = a or amb
         keep_window(ref, li, w)
-    ref.info.update(preferences=prefs, layer_budgets=[t + G * w for t in totals])
+    ref.info.update(preferences=prefs, layer_budgets=[sum(row) + G * w for row in slots])
     return ref
 
 

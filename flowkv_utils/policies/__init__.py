@@ -15,6 +15,7 @@ from .fullkv import FullKV
 from .h2o import H2O
 from .keydiff import KeyDiff
 from .lava import LAVa
+from .presets import KVPRESS, PRESETS
 from .pyramidkv import PyramidKV
 from .smoothevict import SmoothEvict
 from .snapkv import SnapKV
@@ -81,5 +82,5 @@ def get_policy(name: str, **params) -> Policy:
         raise TypeError(f"policy {name!r}: {e}") from None
 
 
-__all__ = ["BASELINES", "CATEGORIES", "REGISTRY", "ROLES", "STUDY", "Policy", "PolicyResult", "categories",
-           "get_policy", "names", "prefill_options"]
+__all__ = ["BASELINES", "CATEGORIES", "KVPRESS", "PRESETS", "REGISTRY", "ROLES", "STUDY", "Policy", "PolicyResult",
+           "categories", "get_policy", "names", "prefill_options"]

@@ -2,7 +2,11 @@
 
 SnapKV scores; per layer every KV head is guaranteed its own top ⌊α·B'⌋ (α = 0.2, B' = B − w), then one top-k
 over the flattened G·(n − w) scores of the layer fills the layer total G·B'. Each head keeps its window too.
-Head budgets vary; the layer total does not."""
+Head budgets vary; the layer total does not.
+
+`shares="kept"` takes the safeguard of the kept count B with the window inside, as kvpress's AdaKVPress
+(`int(α·n_kept)` ranks the window first): max(0, ⌊α·B⌋ − w) prefix tokens per head — none at all while
+α·B < w (B = 128, w = 32, α = 0.2: 25 < 32). `policies.KVPRESS["adakv"]` adds kvpress's pooling too."""
 
 from __future__ import annotations
 
@@ -12,15 +16,17 @@ import torch
 
 from ..capture import Prefill
 from ..selection import masked, topk_flat, topk_per_row
-from .base import check_param
+from .base import SHARES, check_choice, check_param, share_of
 from .snapkv import SnapKV
 
+SHARES_HELP = ("'selectable' (shares of the B − w prefix tokens, the project's) or 'kept' (shares of the kept "
+               "count B with the window inside, as kvpress)")
 
-def adaptive_head_mask(scores: torch.Tensor, layer_total: int, alpha: float) -> torch.Tensor:
-    """(G, m) bool: each head's top ⌊α·total/G⌋, then the flattened top-k fills the layer total exactly."""
-    G = scores.shape[0]
-    floor = int(alpha * (layer_total // G))
-    floor = min(floor, scores.shape[-1])
+
+def adaptive_head_mask(scores: torch.Tensor, layer_total: int, floor: int) -> torch.Tensor:
+    """(G, m) bool: each head's own top `floor`, then the flattened top-k fills the layer total exactly."""
+    G, m = scores.shape
+    floor = min(floor, m)
     keep = topk_per_row(scores, floor)  # exactly G·floor entries (known without reading the mask back)
     keep |= topk_flat(masked(scores, keep), layer_total - G * floor)
     return keep
@@ -29,13 +35,21 @@ def adaptive_head_mask(scores: torch.Tensor, layer_total: int, alpha: float) -> 
 @dataclass
 class AdaKV(SnapKV):
     alpha: float = 0.2
+    shares: str = "selectable"
     name = "adakv"
     head_adaptive = True
+    recorded_when_set = ("pool", "shares")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_param(self.name, "alpha", self.alpha, isinstance(self.alpha, (int, float)) and 0 <= self.alpha <= 1,
                     "a number in [0, 1] (share of each head's budget guaranteed to it)")
+        check_choice(self.name, "shares", self.shares, SHARES, SHARES_HELP)
+
+    def safeguard(self, layer_total: int, kv_heads: int) -> int:
+        """Prefix tokens every head of a layer is guaranteed: ⌊α·B'⌋ with B' = ⌊layer_total / G⌋ (see `shares`)."""
+        return share_of(self.alpha, layer_total // kv_heads, self.window, self.shares)
 
     def keep_layer(self, pf: Prefill | None, layer: int, scores: torch.Tensor, slots: torch.Tensor):
-        return adaptive_head_mask(scores, int(slots.sum()), self.alpha), scores
+        total = int(slots.sum())
+        return adaptive_head_mask(scores, total, self.safeguard(total, scores.shape[0])), scores

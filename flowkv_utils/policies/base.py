@@ -37,10 +37,14 @@ from ..selection import (
     with_window,
 )
 
-__all__ = ["ROLES", "Policy", "PolicyResult", "check_odd_kernel", "check_param", "group_mean", "layer_topk",
-           "pool1d", "snap_scores", "window_mass"]
+__all__ = ["POOLS", "ROLES", "SHARES", "Policy", "PolicyResult", "check_choice", "check_odd_kernel", "check_param",
+           "group_mean", "layer_topk", "pool1d", "share_of", "snap_scores", "window_mass"]
 
 ROLES = ("reference", "baseline", "derived")
+POOLS = ("max", "avg")  # SnapKV-family pooling: "max" (SnapKV's LongBench setting, the project's) | "avg" (kvpress)
+# what a policy's fractions (AdaKV's safeguard α, CriticalKV's first stage) are taken of: "selectable" the B − w
+# prefix tokens (the project's), "kept" the kept count B with the window inside (kvpress); see `share_of`
+SHARES = ("selectable", "kept")
 
 
 @dataclass
@@ -66,6 +70,9 @@ class Policy:
     # False: the keep-set needs more than the kept scores and slots (e.g. the layer's attention again, or scores that
     # depend on the budget), so LayerwiseCompressor.kept_counts cannot re-select at another budget from them
     budget_free_scores: ClassVar[bool] = True
+    # parameters added after results were stored: a result row's policy_params names them only when they differ
+    # from their defaults, so the stored rows keep their identity (`sweep.policy_params_json`)
+    recorded_when_set: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         check_param(self.name, "window", self.window, isinstance(self.window, int) and not isinstance(
@@ -170,6 +177,21 @@ def check_param(policy: str, name: str, value, ok: bool, allowed: str) -> None:
         raise ValueError(f"{policy}: {name}={value!r} is invalid; allowed: {allowed}")
 
 
+def check_choice(policy: str, name: str, value, allowed: tuple[str, ...], help_text: str) -> None:
+    """ValueError unless value is one of the allowed strings (help_text says what each means)."""
+    check_param(policy, name, value, isinstance(value, str) and value in allowed, help_text)
+
+
+def share_of(fraction: float, selectable: int, window: int, shares: str) -> int:
+    """Tokens of the selectable prefix that a share `fraction` stands for, for a head keeping `selectable`
+    prefix tokens plus its window w: ⌊f·B'⌋ ("selectable", B' = B − w, the project's) or
+    max(0, ⌊f·(B' + w)⌋ − w) ("kept": the share is of the kept count B, whose first w are the window — kvpress's
+    `int(n_kept · α)`, which ranks the window first, so the window uses up the first w of the share)."""
+    if shares == "selectable":
+        return int(fraction * selectable)
+    return max(0, int(fraction * (selectable + window)) - window)
+
+
 def check_odd_kernel(policy: str, kernel, what: str = "max-pooling") -> None:
     check_param(policy, "kernel", kernel, isinstance(kernel, int) and not isinstance(kernel, bool) and kernel >= 1
                 and kernel % 2 == 1, f"an odd positive int ({what} width; 1 = no pooling)")
@@ -195,10 +217,12 @@ def pool1d(x: torch.Tensor, kernel: int, kind: str = "max") -> torch.Tensor:
     return f(x.unsqueeze(0) if x.dim() == 2 else x, kernel, stride=1, padding=kernel // 2).view_as(x)
 
 
-def snap_scores(A: torch.Tensor, kv_heads: int, window: int, kernel: int = 7) -> torch.Tensor:
-    """SnapKV: s_g[j] = maxpool_k(mean_{h∈g} a_h)[j] for the prefix j < n − w. (H, w, n) → (G, n − w)."""
+def snap_scores(A: torch.Tensor, kv_heads: int, window: int, kernel: int = 7, pool: str = "max") -> torch.Tensor:
+    """SnapKV: s_g[j] = pool_k(mean_{h∈g} a_h)[j] for the prefix j < n − w (max-pooling by default; "avg" as
+    kvpress, which pools each query head before the group mean — the same numbers, both being linear).
+    (H, w, n) → (G, n − w)."""
     n = A.shape[-1]
-    return pool1d(group_mean(window_mass(A), kv_heads)[:, : n - window], kernel)
+    return pool1d(group_mean(window_mass(A), kv_heads)[:, : n - window], kernel, pool)
 
 
 def layer_topk(scores: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:

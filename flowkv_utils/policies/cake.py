@@ -7,6 +7,13 @@ uniform over a layer's KV heads. Eviction indicator per query head I[j] = mean_i
 (γ = 200; Var is torch's default unbiased variance over the w window rows), avg-pooled (k = 5), then group-mean.
 τ₁ = τ₂ = 1 by default [proj] (CAKE tunes them per model, e.g. Llama-3.1-8B 1.6/0.4 at budget 1024).
 
+`allocation="official"` reproduces antgroup/cakekv's budgets (cake/utils.py `adjust_budgets`): per-head layer
+budgets ∝ P_ℓ truncated to integers, a clipped layer's excess spread *evenly* over the unclipped layers, the
+truncation shortfall likewise, every KV head of a layer the same count (`budgets.even_excess_allocation`). The
+default "project" spreads the excess in proportion to preference and splits each layer's entry total over its
+heads with ±1 differences (`layer_allocation`); the two differ by up to hundreds of entries per layer once a
+layer is clipped. The cascade (below) is the project's, for the default allocation.
+
 Cascading (`cascade_budgets`): after layer m is prefilled the total is re-split over layers 0..m by P_0..P_m.
 The real-valued shares only shrink as layers join (water-filling), but largest-remainder rounding of each step
 could give a layer one token back; so [proj] the intermediate steps use the *ceiling* of the real shares (never
@@ -19,9 +26,18 @@ from dataclasses import dataclass
 
 import torch
 
-from ..budgets import Budget, proportional_allocation, proportional_shares, split_evenly
+from ..budgets import (
+    Budget,
+    even_excess_allocation,
+    fill_to_total,
+    proportional_allocation,
+    proportional_shares,
+    split_evenly,
+)
 from ..capture import Prefill
-from .base import Policy, check_odd_kernel, check_param, group_mean, pool1d
+from .base import Policy, check_choice, check_odd_kernel, check_param, group_mean, pool1d
+
+ALLOCATIONS = ("project", "official")
 
 
 def preference(A_prefix: torch.Tensor, tau1: float = 1.0, tau2: float = 1.0) -> float:
@@ -45,6 +61,17 @@ def layer_allocation(prefs: torch.Tensor, selectable: int, kv_heads: int, n_pref
     return torch.stack([split_evenly(int(t), kv_heads) for t in totals])
 
 
+def official_allocation(prefs: torch.Tensor, selectable: int, kv_heads: int, n_prefix: int) -> torch.Tensor:
+    """(len(prefs), G) selectable budgets by antgroup/cakekv's rule: per-head layer budgets from
+    `even_excess_allocation` over ⌊S/G⌋ (cap n − w), the same for every head of a layer. [proj] The S mod G
+    entries a fractional budget leaves (0 for token budgets) go one per slot, bottom layer's heads first."""
+    L = prefs.numel()
+    S = min(selectable, L * kv_heads * n_prefix)
+    per_head = even_excess_allocation(prefs, S // kv_heads, n_prefix)  # (L,)
+    slots = fill_to_total(per_head.repeat_interleave(kv_heads), S, cap=n_prefix)
+    return slots.view(L, kv_heads)
+
+
 def cascade_budgets(prefs: torch.Tensor, selectable: int, kv_heads: int, n_prefix: int) -> list[torch.Tensor]:
     """Budgets after each prefill step m (list of (m+1, G)): the whole total re-split over layers 0..m.
 
@@ -66,7 +93,9 @@ class CAKE(Policy):
     tau2: float = 1.0
     gamma: float = 200.0
     kernel: int = 5
+    allocation: str = "project"
     name = "cake"
+    recorded_when_set = ("allocation",)
     layer_adaptive = True
     streams = False
 
@@ -78,6 +107,9 @@ class CAKE(Policy):
         check_param(self.name, "gamma", self.gamma, isinstance(self.gamma, (int, float)) and self.gamma >= 0,
                     "a number ≥ 0 (weight of the variance in the indicator)")
         check_odd_kernel(self.name, self.kernel, "avg-pooling")
+        check_choice(self.name, "allocation", self.allocation, ALLOCATIONS,
+                     "'project' (excess ∝ preference, exact ±1 head split) or 'official' (antgroup/cakekv's "
+                     "adjust_budgets: excess spread evenly, same budget for every head of a layer)")
         if self.window < 2:
             raise ValueError(f"{self.name}: window={self.window} is invalid; CAKE needs ≥ 2 window rows "
                              "(its variance over window rows is undefined for one row)")
@@ -94,5 +126,6 @@ class CAKE(Policy):
         prefs = [pf.memo(li, ("cake_preference", self.window, self.tau1, self.tau2),
                          lambda li=li: preference(self.attn(pf, li)[..., :m], self.tau1, self.tau2))
                  for li in range(b.layers)]
-        slots = layer_allocation(torch.tensor(prefs, dtype=torch.float64), self.selectable(b), b.kv_heads, m)
+        allocate = layer_allocation if self.allocation == "project" else official_allocation
+        slots = allocate(torch.tensor(prefs, dtype=torch.float64), self.selectable(b), b.kv_heads, m)
         return slots, {"layer_budgets": (slots.sum(1) + b.kv_heads * self.window).tolist(), "preferences": prefs}

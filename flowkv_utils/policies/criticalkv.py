@@ -3,7 +3,12 @@ changes the *output*; weight it by the norm of its value projected through W_O.
 
 Base score s_g = SnapKV; projected-value norm pn_g[j] = mean_{h∈g} ‖V_g[j] W_O^h‖₁ (L1 over D). Two stages per
 head: top ⌊0.5·(B − w)⌋ by s_g alone, then fill to B − w by (s_g[j] + 1e-4)·pn_g[j] among the rest; plus the
-window. CriticalAdaKV: AdaKV's head budgets (on attention), then the two stages inside each head's budget."""
+window. CriticalAdaKV: AdaKV's head budgets (on attention), then the two stages inside each head's budget.
+
+`shares="kept"` counts the window inside the kept count, as kvpress's CriticalKVPress / CriticalAdaKVPress:
+stage 1 takes max(0, ⌊0.5·B⌋ − w) prefix tokens (the window fills the first w of its ⌊0.5·B⌋), and in
+CriticalAdaKV stage 1 also holds the whole safeguard (kvpress raises the safeguard to the top score before stage
+1 ranks). `policies.KVPRESS` has the kvpress settings."""
 
 from __future__ import annotations
 
@@ -13,8 +18,8 @@ import torch
 
 from ..capture import Prefill
 from ..selection import masked, rank_desc
-from .adakv import AdaKV, adaptive_head_mask
-from .base import check_param
+from .adakv import SHARES_HELP, AdaKV, adaptive_head_mask
+from .base import SHARES, check_choice, check_param
 from .snapkv import SnapKV
 
 
@@ -35,34 +40,47 @@ def critical_scores(pf: Prefill, layer: int, s: torch.Tensor) -> torch.Tensor:
     return (s + 1e-4) * projected_value_l1(pf, layer, s.shape[-1])
 
 
-def two_stage(base: torch.Tensor, critical: torch.Tensor, k: torch.Tensor, first: float = 0.5) -> torch.Tensor:
-    """(G, m) mask: per head top ⌊first·k⌋ by base, then the rest of k by critical among the others."""
+def first_stage_counts(k: torch.Tensor, first: float, window: int, shares: str) -> torch.Tensor:
+    """(G,) prefix tokens stage 1 takes by attention alone from per-head prefix budgets k (G,):
+    ⌊first·k⌋ ("selectable") or max(0, ⌊first·(k + w)⌋ − w) ("kept", kvpress)."""
+    k = torch.as_tensor(k).long()
+    if shares == "selectable":
+        return torch.floor(k.double() * first).long()
+    return (torch.floor((k + window).double() * first).long() - window).clamp_min(0)
+
+
+def two_stage(base: torch.Tensor, critical: torch.Tensor, k: torch.Tensor, k1: torch.Tensor) -> torch.Tensor:
+    """(G, m) mask: per head the top k1[g] by base, then the rest of k[g] by critical among the others."""
     k = torch.as_tensor(k, device=base.device).reshape(-1, 1)
-    k1 = torch.floor(k * first).long()
+    k1 = torch.as_tensor(k1, device=base.device).reshape(-1, 1)
     stage1 = rank_desc(base) < k1
     stage2 = rank_desc(masked(critical, stage1)) < (k - k1)
     return stage1 | stage2
 
 
-def _check_first_stage(p) -> None:
+def _check(p) -> None:
     check_param(p.name, "first_stage", p.first_stage,
                 isinstance(p.first_stage, (int, float)) and 0 <= p.first_stage <= 1,
                 "a number in [0, 1] (share of the budget chosen by attention alone)")
+    check_choice(p.name, "shares", p.shares, SHARES, SHARES_HELP)
 
 
 @dataclass
 class CriticalKV(SnapKV):
     first_stage: float = 0.5
+    shares: str = "selectable"
     name = "criticalkv"
+    recorded_when_set = ("pool", "shares")
     output_aware = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_first_stage(self)
+        _check(self)
 
     def keep_layer(self, pf: Prefill | None, layer: int, scores: torch.Tensor, slots: torch.Tensor):
         c = critical_scores(pf, layer, scores)
-        return two_stage(scores, c, slots, self.first_stage), c
+        k1 = first_stage_counts(slots, self.first_stage, self.window, self.shares)
+        return two_stage(scores, c, slots, k1), c
 
 
 @dataclass
@@ -74,12 +92,16 @@ class CriticalAdaKV(AdaKV):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_first_stage(self)
+        _check(self)
 
     def keep_layer(self, pf: Prefill | None, layer: int, scores: torch.Tensor, slots: torch.Tensor):
-        heads = adaptive_head_mask(scores, int(slots.sum()), self.alpha).sum(-1)  # AdaKV's head budgets
+        heads = self.head_counts(scores, slots)  # AdaKV's head budgets
+        k1 = first_stage_counts(heads, self.first_stage, self.window, self.shares)
+        if self.shares == "kept":  # kvpress: the safeguard is in stage 1 whatever the head's budget
+            k1 = k1.clamp_min(self.safeguard(int(slots.sum()), scores.shape[0]))
         c = critical_scores(pf, layer, scores)
-        return two_stage(scores, c, heads, self.first_stage), c
+        return two_stage(scores, c, heads, k1), c
 
     def head_counts(self, scores: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        return adaptive_head_mask(scores, int(slots.sum()), self.alpha).sum(-1)
+        total = int(slots.sum())
+        return adaptive_head_mask(scores, total, self.safeguard(total, scores.shape[0])).sum(-1)
