@@ -22,8 +22,8 @@ class FullKV(Policy):
         if budget is not None:
             resolve_budget(budget, pf.n, s.layers, s.kv_heads)  # same errors as every policy for a bad budget
         b = resolve_budget(pf.n, pf.n, s.layers, s.kv_heads)
-        return PolicyResult(self.name, b, torch.ones(s.layers, s.kv_heads, pf.n, dtype=torch.bool),
-                            info={"full": True})
+        keep = torch.ones(s.layers, s.kv_heads, pf.n, dtype=torch.bool, device=pf.layers[0].k.device)
+        return PolicyResult(self.name, b, keep, info={"full": True})
 
     def layer_scores(self, pf: Prefill, layer: int) -> torch.Tensor:  # keeps everything: every score equal
-        return torch.zeros(pf.shape.kv_heads, pf.n)
+        return torch.zeros(pf.shape.kv_heads, pf.n, device=pf.layers[0].k.device)
