@@ -83,7 +83,8 @@ class Prefill:
     def memo(self, layer: int, key: tuple, compute: Callable[[], torch.Tensor]):
         """A budget-independent quantity of one layer (a policy's scores, projected-value norms, ...), computed
         once per prompt: every budget of a sweep reuses it. `key` must name everything the value depends on
-        besides the prefill and the layer (e.g. the policy and its parameters). Callers must not modify it."""
+        besides the prefill and the layer (e.g. the policy and its parameters); layer -1: a quantity of every layer.
+        Callers must not modify it."""
         k = (layer, *key)
         if k not in self._memo:
             self._memo[k] = compute()
@@ -97,7 +98,7 @@ class Prefill:
                 memo.clear()
             else:
                 memo.pop(layer, None)
-        for k in [k for k in self._memo if layer is None or k[0] == layer]:
+        for k in [k for k in self._memo if layer is None or k[0] in (layer, -1)]:  # -1: of every layer
             del self._memo[k]
 
 

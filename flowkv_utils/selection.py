@@ -66,15 +66,15 @@ def masked(scores: torch.Tensor, exclude: torch.Tensor) -> torch.Tensor:
 
 
 def with_window(prefix_keep: torch.Tensor, window: int) -> torch.Tensor:
-    """Append the always-kept window: (G, n − w) → (G, n)."""
-    G = prefix_keep.shape[0]
-    return torch.cat([prefix_keep, torch.ones(G, window, dtype=torch.bool, device=prefix_keep.device)], dim=-1)
+    """Append the always-kept window: (…, G, n − w) → (…, G, n)."""
+    ones = torch.ones(*prefix_keep.shape[:-1], window, dtype=torch.bool, device=prefix_keep.device)
+    return torch.cat([prefix_keep, ones], dim=-1)
 
 
 def pad_scores(prefix_scores: torch.Tensor, window: int) -> torch.Tensor:
-    """Append NaN for the window positions (kept by rule, not scored): (G, n − w) → (G, n)."""
-    G = prefix_scores.shape[0]
-    nan = torch.full((G, window), float("nan"), dtype=torch.float32, device=prefix_scores.device)
+    """Append NaN for the window positions (kept by rule, not scored): (…, G, n − w) → (…, G, n)."""
+    nan = torch.full((*prefix_scores.shape[:-1], window), float("nan"), dtype=torch.float32,
+                     device=prefix_scores.device)
     return torch.cat([prefix_scores.float(), nan], dim=-1)
 
 

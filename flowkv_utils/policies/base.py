@@ -30,6 +30,7 @@ from ..selection import (
     PolicyResult,
     floor_first,
     pad_scores,
+    rank_desc,
     shown,
     stack_layers,
     topk_flat,
@@ -65,6 +66,7 @@ class Policy:
     scope: ClassVar[str] = "layer"  # "layer": each layer selects alone; "model": one top-k over every layer
     streams: ClassVar[bool] = True  # can compress layer by layer during prefill (LayerwiseCompressor)
     in_study: ClassVar[bool] = True  # drawn in the study's figures and tables (variants may opt out)
+    rule: ClassVar[str] = "head"  # the default keep_layer: "head" (per-head top-k) | "layer" (one top-k per layer)
     # what the policy needs from the prefill beyond the window (`policies.prefill_options` turns it into arguments)
     needs_all_queries: ClassVar[bool] = False  # every prompt query, not only the window's (H2O)
     # False: the keep-set needs more than the kept scores and slots (e.g. the layer's attention again, or scores that
@@ -116,8 +118,10 @@ class Policy:
 
     def keep_layer(self, pf: Prefill | None, layer: int, scores: torch.Tensor,
                    slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Kept prefix (G, m) of one layer given its scores and per-head slots (G,), and the scores to show."""
-        return topk_per_row(scores, slots), scores
+        """Kept prefix (G, m) of one layer given its scores and per-head slots (G,), and the scores to show.
+        Default, by `rule`: "head" — each head its own top slots[g]; "layer" — the heads compete, one top-k over
+        the layer's flattened (G, m) scores fills Σ slots. `select` runs these two rules for all layers at once."""
+        return (topk_per_row if self.rule == "head" else layer_topk)(scores, slots), scores
 
     def head_counts(self, scores: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """(G,) prefix entries each head keeps, from its scores alone (the compressor's `kept_counts`)."""
@@ -147,19 +151,39 @@ class Policy:
         if self.scope == "model":
             s = torch.stack([self.model_scores(pf, li, b) for li in range(b.layers)])  # (L, G, m)
             top = topk_flat(floor_first(s, self.model_floor(b)), self.selectable(b))
-            keep, sc = stack_layers([with_window(k, w) for k in top],
-                                    [pad_scores(shown(x), w) for x in s])
+            keep, sc = with_window(top, w), pad_scores(shown(s), w)
             return keep, sc, {"layer_budgets": keep.sum((1, 2)).tolist()}
         slots, info = self.allocate(pf, b)
-        keeps, scores = [], []
-        for li in range(b.layers):
-            mask, s = self.keep_layer(pf, li, self.scores(pf, li), slots[li])
-            keeps.append(with_window(mask, w))
-            scores.append(pad_scores(shown(s), w))
-        keep, sc = stack_layers(keeps, scores)
+        if type(self).keep_layer is Policy.keep_layer:  # a standard rule: every layer at once
+            keep, sc = self._select_all_layers(pf, b, slots)
+        else:
+            keeps, scores = [], []
+            for li in range(b.layers):
+                mask, s = self.keep_layer(pf, li, self.scores(pf, li), slots[li])
+                keeps.append(with_window(mask, w))
+                scores.append(pad_scores(shown(s), w))
+            keep, sc = stack_layers(keeps, scores)
         if self.layer_adaptive:
             info.setdefault("layer_budgets", keep.sum((1, 2)).tolist())
         return keep, sc, info
+
+    def _select_all_layers(self, pf: Prefill, b: Budget, slots: torch.Tensor):
+        """The default `keep_layer` of every layer in a few tensor operations: the stacked scores (L, G, m), their
+        ranks (per head, or per layer over the flattened heads) and the shown scores are budget-independent and
+        computed once per prompt; each budget is then one comparison with its slots. Same ties as the loop."""
+        w, L = self.kept_window, b.layers
+        key = repr(self)
+        S = pf.memo(-1, ("stacked_scores", key), lambda: torch.stack([self.scores(pf, li) for li in range(L)]))
+        G, m = S.shape[1:]
+
+        def ranks():
+            return rank_desc(S) if self.rule == "head" else rank_desc(S.reshape(L, G * m)).view(L, G, m)
+
+        rank = pf.memo(-1, ("ranks", self.rule, key), ranks)
+        slots = torch.as_tensor(slots).to(S.device, non_blocking=True)  # (L, G), no wait for the GPU
+        k = slots.view(L, G, 1) if self.rule == "head" else slots.sum(1).view(L, 1, 1)
+        keep = with_window(rank < k, w)
+        return keep, pf.memo(-1, ("shown_scores", key), lambda: pad_scores(shown(S), w))
 
     # helpers shared by windowed policies -------------------------------------------------------------------
     def attn(self, pf: Prefill, layer: int) -> torch.Tensor:

@@ -27,7 +27,7 @@ import torch
 from ..budgets import Budget
 from ..capture import Prefill
 from ..kernels import DEFAULT_SCORE_CONFIG, ScoreConfig, flowkv_scores_triton, use_triton
-from .base import Policy, check_odd_kernel, check_param, layer_topk, pool1d
+from .base import Policy, check_odd_kernel, check_param, pool1d
 
 _GRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -96,6 +96,7 @@ class FlowKV(Policy):
     role = "derived"
     head_adaptive = True
     output_aware = True
+    rule = "layer"  # the heads of a layer compete: one top-k over its flattened scores
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -114,9 +115,6 @@ class FlowKV(Policy):
         if self.sinks:
             s[:, : self.sinks] = float("inf")
         return s
-
-    def keep_layer(self, pf: Prefill | None, layer: int, scores: torch.Tensor, slots: torch.Tensor):
-        return layer_topk(scores, slots), scores
 
 
 def layer_norm_factor(pf: Prefill, layer: int, norm: str, raw: torch.Tensor, window: int | None = None) -> float:
