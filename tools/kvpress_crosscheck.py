@@ -15,7 +15,7 @@ layer. kvpress's ScorerPress presses gather the kept keys (recovered here by mat
 uncompressed keys, exactly); AdaKV-style presses keep the keys and list the evicted entries in
 `module.masked_key_indices`. Each project policy is run twice: with its defaults ("project") and with
 `policies.KVPRESS` ("kvpress"). `CASES` maps a project policy to the kvpress press it is compared with; a policy
-not registered in this checkout is skipped with a message (TOVA, KeyDiff until they are merged). After each
+not registered in this checkout is skipped with a message. After each
 kvpress prefill an 8-token continuation and one greedy step run on kvpress's compressed cache, as its pipeline
 sends a question (column kvpress_decode_step: "ok" or the error; PyramidKV's ragged per-layer lengths fail there).
 """
