@@ -156,17 +156,20 @@ def fill_to_total(alloc: torch.Tensor, total: int, cap: int | torch.Tensor) -> t
     return alloc
 
 
+def _weights(weights: torch.Tensor, total: int, cap: int) -> torch.Tensor:
+    """Non-negative float64 weights (all zero: equal), after checking that `total` fits under the caps."""
+    if total > weights.numel() * cap:
+        raise ValueError(f"total={total} exceeds {weights.numel()} × cap {cap}")
+    w = weights.double().clamp_min(0)
+    return w if w.sum() > 0 else torch.ones_like(w)
+
+
 def proportional_shares(weights: torch.Tensor, total: int, cap: int) -> torch.Tensor:
     """Real-valued shares (float64) ∝ weights, each ≤ cap, summing to total (water-filling).
 
     Clipped entries give their excess to the unclipped ones in proportion to their weights (repeated until no
     entry exceeds cap). Adding an entry never increases the others' shares (CAKE's cascade relies on it)."""
-    L = weights.numel()
-    if total > L * cap:
-        raise ValueError(f"total={total} exceeds {L} × cap {cap}")
-    w = weights.double().clamp_min(0)
-    if w.sum() <= 0:
-        w = torch.ones_like(w)
+    L, w = weights.numel(), _weights(weights, total, cap)
     alloc = torch.zeros(L, dtype=torch.double)
     free = torch.ones(L, dtype=torch.bool)
     remaining = float(total)
@@ -218,12 +221,7 @@ def even_excess_allocation(weights: torch.Tensor, total: int, cap: int) -> torch
     truncation shortfall spread the same way. [proj] Where an even share pushes an entry past cap (the official
     code then clips it when evicting and spends less than the total), the excess is spread again, until none is
     over, so the total stays exact. `proportional_allocation` is the project's rule (excess ∝ weights)."""
-    L = weights.numel()
-    if total > L * cap:
-        raise ValueError(f"total={total} exceeds {L} × cap {cap}")
-    w = weights.double().clamp_min(0)
-    if w.sum() <= 0:
-        w = torch.ones_like(w)
+    w = _weights(weights, total, cap)
     alloc = torch.floor(w / w.sum() * total).long()  # int() of non-negative floats, as np.array(..., dtype=int)
     excess = int((alloc - cap).clamp_min(0).sum())
     alloc = _spread_evenly(alloc.clamp_max(cap), excess, cap)
