@@ -304,6 +304,16 @@ def test_same_seed_same_table(tiny, reference, tmp_path):
     pd.testing.assert_frame_equal(_without_timing(reference[1]), _without_timing(df2))
 
 
+def test_phase_timings_account_for_the_run(tiny, tmp_path):
+    """`df.attrs["phases"]`: seconds per phase of this call's new points (all phases, none negative); a rerun that
+    reuses every row spends nothing in any phase."""
+    args = (tiny["MODEL"], None, tiny["INSTANCES"][:1], ["fullkv", "snapkv"], [12, "full"], tmp_path / "t.csv")
+    first = sweep.run_sweep(*args, window=8, progress=False).attrs["phases"]
+    assert list(first) == list(sweep.PHASES) and all(v >= 0 for v in first.values()) and first["prefill"] > 0
+    again = sweep.run_sweep(*args, window=8, progress=False).attrs["phases"]
+    assert all(v == 0 for v in again.values())
+
+
 def test_partial_last_line_is_dropped(tiny, reference, tmp_path):
     path = tmp_path / "p.csv"
     data = reference[0].read_bytes()
