@@ -102,6 +102,13 @@ class Prefill:
             del self._memo[k]
 
 
+def stacked_values(pf: Prefill, layer: int, values: list) -> torch.Tensor:
+    """(B, G, n, d) values of B points at one layer: each point's replacement values (a merging policy's
+    per-layer list) or, for None, the captured V."""
+    v = pf.layers[layer].v
+    return torch.stack([v if x is None else x[layer].to(v.device) for x in values])
+
+
 def head_wo(attn, shape: ModelShape) -> torch.Tensor:
     """o_proj.weight is (D, H·d); W_O^h = weight[:, h·d:(h+1)·d]ᵀ → stacked (H, d, D)."""
     W = attn.o_proj.weight  # (D, H*d)

@@ -42,13 +42,13 @@ def stack_keeps(pf: Prefill, results: list[PolicyResult | None]) -> torch.Tensor
 @torch.no_grad()
 def batched_decode(pf: Prefill, results: list[PolicyResult | None], max_new_tokens: int, tok=None,
                    kl_tokens: int = 0, continuation: torch.Tensor | None = None, impl: str = "auto",
-                   graph: bool | None = None) -> BatchDecode:
+                   graph: bool | None = None, keeps: torch.Tensor | None = None) -> BatchDecode:
     """Greedy answers (and teacher-forced logits along a continuation) of every compressed cache in one batch.
 
     results: one PolicyResult per point (None: the full cache). The continuation is `continuation` if given, else
     the first `kl_tokens` tokens of row 0's own answer (row 0 should then be the full cache: the sweep's KL is
     along FullKV's answer); kl_tokens = 0 and no continuation: no teacher forcing. graph: capture the step as a
-    CUDA graph (default: on CUDA). The first answer token comes from the shared prefill (the same for every point,
+    CUDA graph (default: on CUDA). keeps: `stack_keeps(pf, results)` if the caller has it already. The first answer token comes from the shared prefill (the same for every point,
     as in `generate`)."""
     if not results:
         return BatchDecode([], None, None)
@@ -56,7 +56,8 @@ def batched_decode(pf: Prefill, results: list[PolicyResult | None], max_new_toke
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be ≥ 1")
     T = kl_tokens if continuation is None else int(continuation.numel())
     B = len(results)
-    sc = StaticRaggedCache.from_keeps(pf, stack_keeps(pf, results), [None if r is None else r.values for r in results],
+    keeps = stack_keeps(pf, results) if keeps is None else keeps
+    sc = StaticRaggedCache.from_keeps(pf, keeps, [None if r is None else r.values for r in results],
                                       capacity=max(max_new_tokens - 1, T, 1))
     dec = FastDecoder(pf.model, sc, impl=impl, fuse=False, compile=False)
     if graph if graph is not None else sc.device.type == "cuda":

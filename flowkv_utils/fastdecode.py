@@ -18,7 +18,7 @@ import torch
 
 from .attention import apply_rope, scaling_of
 from .cache import RaggedCache, RaggedLayer, allocated_bytes, kept_bytes, offsets_of
-from .capture import forward_layers, rotary
+from .capture import forward_layers, rotary, stacked_values
 from .kernels import (
     DEFAULT_CONFIG,
     SplitKVConfig,
@@ -163,7 +163,7 @@ class StaticRaggedCache:
             if all(x is None for x in values):
                 v = c.v.unsqueeze(0).expand(B, *c.v.shape)[keep]
             else:
-                v = torch.stack([c.v if x is None else x[li].to(c.v.device) for x in values])[keep]
+                v = stacked_values(pf, li, values)[keep]
             off = offsets_of(keep.sum(-1).view(-1))
             layers.append(_static_layer(k, v, off, capacity, split, config))
         return cls(layers, B, G, torch.full((B,), pf.n, dtype=torch.long))

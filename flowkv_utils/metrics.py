@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .capture import stacked_values
 from .decomposition import renormalised_output
 
 # ------------------------------------------------------------------------------------------------------------
@@ -196,10 +197,8 @@ def attention_output_errors_batch(pf, keeps: torch.Tensor, values: list | None =
         dev = full.device
         for c in range(0, B, chunk):
             e = min(B, c + chunk)
-            vals = None
-            if any(values[b] is not None for b in range(c, e)):  # merged values where a point has them
-                v = pf.layers[li].v
-                vals = torch.stack([v if values[b] is None else values[b][li].to(v.device) for b in range(c, e)])
+            merged = any(x is not None for x in values[c:e])  # replacement values where a point has them
+            vals = stacked_values(pf, li, values[c:e]) if merged else None
             kept = renormalised_output(pf, li, keeps[c:e, li].to(dev), values=vals)  # O_S (b, w, D)
             errs[c:e, li] = ((kept - full).flatten(1).norm(dim=1) / full.norm().clamp_min(1e-30)).cpu()
     return errs

@@ -35,7 +35,7 @@ import torch
 from . import metrics
 from .budgets import FULL, budget_label, parse_budget
 from .capture import prefill
-from .evaluate import batched_decode
+from .evaluate import batched_decode, stack_keeps
 from .generate import generate, teacher_forced_logits
 from .models import fingerprint, shape_of
 from .policies import REGISTRY, Policy, get_policy, prefill_options
@@ -259,19 +259,22 @@ def _run_instance(model, tok, inst: TaskInstance, pts: list, metric_names: list[
     compressed = [k for k, r in results.items() if r is not None]
     answers, vals = {}, {k: {} for k in compressed}
     t1 = time.perf_counter()
+    ref_out = [metrics.window_output(pf, li) for li in range(s.layers)] if fidelity and compressed else None
+    phase["fidelity"] += time.perf_counter() - t1
+    t1 = time.perf_counter()
     if ctx.fast:
-        out = batched_decode(pf, [None] + [results[k] for k in compressed], inst.max_new_tokens, tok,
-                             kl_tokens=kl_tokens if fidelity else 0)
+        points = [None] + [results[k] for k in compressed]
+        keeps = stack_keeps(pf, points)  # (1 + P, L, G, n): FullKV, then every compressed point
+        out = batched_decode(pf, points, inst.max_new_tokens, tok, kl_tokens=kl_tokens if fidelity else 0,
+                             keeps=keeps)
         full_ids = out.answers[0]
         answers = dict(zip(compressed, out.answers[1:], strict=True))
         t2 = time.perf_counter()
         phase["decode"] += t2 - t1
         if fidelity and compressed:
             kl = metrics.kl_divergence(out.logits[:1, 1:], out.logits[1:, 1:]).mean(-1).cpu()  # (P,)
-            ref_out = [metrics.window_output(pf, li) for li in range(s.layers)]
-            err = metrics.attention_output_errors_batch(
-                pf, torch.stack([results[k].keep for k in compressed]), [results[k].values for k in compressed],
-                ref_out).mean(1)  # (P,)
+            err = metrics.attention_output_errors_batch(pf, keeps[1:], [r.values for r in points[1:]],
+                                                        ref_out).mean(1)  # (P,)
             for i, k in enumerate(compressed):
                 vals[k] = {"attn_rel_err": float(err[i]), "kl_next_token": float(kl[i])}
         phase["fidelity"] += time.perf_counter() - t2
@@ -284,7 +287,6 @@ def _run_instance(model, tok, inst: TaskInstance, pts: list, metric_names: list[
         cont = torch.tensor((full_ids or [int(pf.logits.argmax())])[:kl_tokens])
         full_tf = teacher_forced_logits(pf, cont, None) if fidelity else None
         full_s = prefill_s + time.perf_counter() - t1
-        ref_out = [metrics.window_output(pf, li) for li in range(s.layers)] if fidelity and compressed else None
         for k in compressed:  # one point at a time: the definitions
             t2 = time.perf_counter()
             result = results[k]
