@@ -13,7 +13,7 @@ the attention of all queries block by block.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -89,6 +89,20 @@ class Prefill:
         if k not in self._memo:
             self._memo[k] = compute()
         return self._memo[k]
+
+    def memo_layers(self, layers: Sequence[int], key: tuple, compute: Callable[[int], torch.Tensor | tuple]):
+        """`memo` of several layers, stacked: compute(ℓ) gives one layer's value (a tensor, or a tuple of tensors
+        stacked element by element) → (len(layers), ...). When `layers` is every layer the stack is memoised too
+        (layer -1), so the batched selection of every budget reads one tensor. Callers must not modify it."""
+        layers = list(layers)
+
+        def stack():
+            vals = [self.memo(li, key, lambda li=li: compute(li)) for li in layers]
+            return tuple(map(torch.stack, zip(*vals, strict=True))) if isinstance(vals[0], tuple) else torch.stack(vals)
+
+        if layers == list(range(len(self.layers))):
+            return self.memo(-1, ("stacked", *key), stack)
+        return stack()
 
     def forget(self, layer: int | None = None) -> None:
         """Drop the memoised window attention, column sums and `memo` entries of one layer (None: of every layer), e.g. so

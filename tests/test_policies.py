@@ -19,7 +19,7 @@ from flowkv_utils.models import random_model
 from flowkv_utils.policies import REGISTRY, get_policy
 from flowkv_utils.policies.cake import cascade_budgets, indicator, layer_allocation
 from flowkv_utils.policies.flowkv import FlowKVGlobal, flowkv_scores, gram_blocks
-from flowkv_utils.selection import GlobalCascade
+from flowkv_utils.selection import GlobalCascade, shown
 
 PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FEW = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -128,6 +128,31 @@ def test_budgets_share_a_prefill(case, other):
             assert torch.equal(got.keep, want.keep), f"{label(entry)} at {b!r}: the shared prefill changed the keep-set"
             if want.values is not None:
                 assert all(torch.equal(a, c) for a, c in zip(got.values, want.values, strict=True))
+
+
+@pytest.mark.parametrize("entry", [e for e in ALL if REGISTRY[e[0]].scope == "layer"
+                                   and REGISTRY[e[0]].role != "reference"], ids=label)
+@FEW
+@given(case=cases(max_n=120))
+def test_batched_selection_equals_one_layer_at_a_time(entry, case):
+    """`select` runs `keep_layers` on every layer at once; the layer-wise compressor calls `keep_layer` one layer at
+    a time (on a fresh prefill, so nothing memoised is shared): both give the same keep-set and shown scores."""
+    pf, w, budget = case
+    name, params = entry
+    pol = get_policy(name, window=w, **params)
+    try:
+        res = pol(pf, budget)
+    except ValueError:  # this budget does not fit the window
+        return
+    if res.budget.full:
+        return
+    one = prefill(pf.model, pf.input_ids, window=pf.window, all_queries=True)
+    slots = pol.allocate(one, res.budget)[0]
+    m = pf.n - pol.kept_window
+    for li in range(pf.shape.layers):
+        mask, s = pol.keep_layer(one, li, pol.scores(one, li), slots[li])
+        assert torch.equal(res.keep[li, :, :m], mask), f"{label(entry)}: layer {li} keep differs"
+        torch.testing.assert_close(res.scores[li, :, :m], shown(s), equal_nan=True, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", list(REGISTRY))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..capture import Prefill
-from ..selection import masked, topk_flat, topk_per_row
+from ..selection import masked, rank_desc
 from .base import SHARES, check_choice, check_param, share_of
 from .snapkv import SnapKV
 
@@ -23,13 +23,19 @@ SHARES_HELP = ("'selectable' (shares of the B − w prefix tokens, the project's
                "count B with the window inside, as kvpress)")
 
 
-def adaptive_head_mask(scores: torch.Tensor, layer_total: int, floor: int) -> torch.Tensor:
-    """(G, m) bool: each head's own top `floor`, then the flattened top-k fills the layer total exactly."""
-    G, m = scores.shape
-    floor = min(floor, m)
-    keep = topk_per_row(scores, floor)  # exactly G·floor entries (known without reading the mask back)
-    keep |= topk_flat(masked(scores, keep), layer_total - G * floor)
-    return keep
+def adaptive_head_mask(scores: torch.Tensor, layer_total, floor, ranks: torch.Tensor | None = None) -> torch.Tensor:
+    """(…, G, m) bool: each head's own top `floor`, then one top-k over the layer's flattened scores fills the layer
+    total exactly. scores (…, G, m); layer_total and floor: ints or (…,) per layer; ranks: `rank_desc(scores)` when
+    already known (memoised by the caller)."""
+    G, m = scores.shape[-2:]
+    dev = scores.device
+    total = torch.as_tensor(layer_total).to(dev, non_blocking=True).reshape(-1, 1)
+    floor = torch.as_tensor(floor).clamp(max=m).to(dev, non_blocking=True).reshape(-1, 1)
+    lead = scores.shape[:-2]
+    ranks = rank_desc(scores) if ranks is None else ranks
+    keep = ranks < floor.view(*lead, 1, 1)  # exactly G·floor entries per layer (known without reading it back)
+    rest = rank_desc(masked(scores, keep).reshape(-1, G * m)) < total - G * floor
+    return keep | rest.view_as(keep)
 
 
 @dataclass
@@ -50,6 +56,10 @@ class AdaKV(SnapKV):
         """Prefix tokens every head of a layer is guaranteed: ⌊α·B'⌋ with B' = ⌊layer_total / G⌋ (see `shares`)."""
         return share_of(self.alpha, layer_total // kv_heads, self.window, self.shares)
 
-    def keep_layer(self, pf: Prefill | None, layer: int, scores: torch.Tensor, slots: torch.Tensor):
-        total = int(slots.sum())
-        return adaptive_head_mask(scores, total, self.safeguard(total, scores.shape[0])), scores
+    def floors(self, totals: torch.Tensor, kv_heads: int) -> torch.Tensor:
+        """(L',) the safeguard of each layer of totals (L',) (host integers: nothing waits for the GPU)."""
+        return torch.tensor([self.safeguard(int(t), kv_heads) for t in totals], dtype=torch.long)
+
+    def keep_layers(self, pf: Prefill | None, layers, S: torch.Tensor, slots: torch.Tensor):
+        totals = torch.as_tensor(slots).sum(-1).cpu()
+        return adaptive_head_mask(S, totals, self.floors(totals, S.shape[-2]), self.score_ranks(pf, layers, S)), S

@@ -5,10 +5,14 @@ A policy turns a `Prefill` and a budget into a keep mask (L, G, n) over (layer, 
 **KV head** (G heads), never per query head: each policy says how it aggregates the query heads of a group.
 A policy supplies up to three small pieces, and `Policy.select` runs them for every layer:
 
-    layer_scores(pf, ℓ)                 → (G, m) scores of the selectable prefix (m = n − w; w = 0 without a window)
-                                          (budget-independent: computed once per prompt, `Policy.scores`)
-    allocate(pf, b)                     → (L, G) selectable tokens per head, and info (default: uniform split)
-    keep_layer(pf, ℓ, scores, slots)    → ((G, m) bool kept prefix, (G, m) scores to show)  (default: per-head top-k)
+    layer_scores(pf, ℓ)                  → (G, m) scores of the selectable prefix (m = n − w; w = 0 without a window)
+                                           (budget-independent: computed once per prompt, `Policy.scores`)
+    allocate(pf, b)                      → (L, G) selectable tokens per head, and info (default: uniform split)
+    keep_layers(pf, layers, S, slots)    → ((L', G, m) bool kept prefix, (L', G, m) scores to show) of several
+                                           layers at once, S (L', G, m), slots (L', G)  (default: by `rule`)
+
+`keep_layers` is batched over layers (a sweep's selection is a few tensor operations per budget, not a loop of
+small ones); `keep_layer` is the same for one layer (what the layer-wise compressor calls) and is not overridden.
 
 A model-wide policy (scope "model": one top-k over every layer) gives `model_scores(pf, ℓ, b)` instead; the
 layer-wise compressor runs the same pieces one layer at a time while prefilling (`layerwise.py`). What a policy *is*
@@ -18,6 +22,7 @@ the compressor and the notebooks read: nowhere else lists policies by name.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -32,9 +37,7 @@ from ..selection import (
     pad_scores,
     rank_desc,
     shown,
-    stack_layers,
     topk_flat,
-    topk_per_row,
     with_window,
 )
 
@@ -116,12 +119,21 @@ class Policy:
         """(L, G) selectable tokens per head (window excluded) and info; default: the uniform per-slot split."""
         return b.per_slot() - self.kept_window, {}
 
+    def keep_layers(self, pf: Prefill | None, layers: Sequence[int], S: torch.Tensor,
+                    slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kept prefix (L', G, m) of `layers` given their scores S (L', G, m) — this policy's own `scores` — and
+        per-head slots (L', G), and the scores to show. Default, by `rule`: "head" — each head its own top
+        slots[ℓ, g]; "layer" — the heads of a layer compete, one top-k over its flattened (G, m) scores fills
+        Σ_g slots[ℓ, g]. pf may be None (kept counts from scores alone, `head_counts`)."""
+        slots = torch.as_tensor(slots).to(S.device, non_blocking=True)  # no wait for the GPU
+        k = slots.unsqueeze(-1) if self.rule == "head" else slots.sum(-1).view(-1, 1, 1)
+        return self.score_ranks(pf, layers, S, self.rule) < k, S
+
     def keep_layer(self, pf: Prefill | None, layer: int, scores: torch.Tensor,
                    slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Kept prefix (G, m) of one layer given its scores and per-head slots (G,), and the scores to show.
-        Default, by `rule`: "head" — each head its own top slots[g]; "layer" — the heads compete, one top-k over
-        the layer's flattened (G, m) scores fills Σ slots. `select` runs these two rules for all layers at once."""
-        return (topk_per_row if self.rule == "head" else layer_topk)(scores, slots), scores
+        """`keep_layers` of one layer: scores (G, m), slots (G,) → ((G, m) kept prefix, (G, m) scores to show)."""
+        keep, s = self.keep_layers(pf, [layer], scores.unsqueeze(0), torch.as_tensor(slots).unsqueeze(0))
+        return keep[0], s[0]
 
     def head_counts(self, scores: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """(G,) prefix entries each head keeps, from its scores alone (the compressor's `kept_counts`)."""
@@ -142,11 +154,27 @@ class Policy:
         policy's class and parameters). The returned tensor is shared: never modify it in place."""
         return pf.memo(layer, ("layer_scores", repr(self)), lambda: self.layer_scores(pf, layer))
 
+    def stacked_scores(self, pf: Prefill, layers: Sequence[int]) -> torch.Tensor:
+        """`scores` of `layers` stacked, (L', G, m) (memoised once per prompt for every layer)."""
+        return pf.memo_layers(layers, ("layer_scores", repr(self)), lambda li: self.layer_scores(pf, li))
+
+    def score_ranks(self, pf: Prefill | None, layers: Sequence[int], S: torch.Tensor,
+                    rule: str = "head") -> torch.Tensor:
+        """Ranks (0 = best, ties to the earlier token) of this policy's own scores S (L', G, m): per head ("head")
+        or over each layer's flattened heads ("layer"). Budget-independent, so memoised with the prefill when S
+        is every layer's `stacked_scores` (never pass other scores with pf: call `rank_desc`)."""
+        def ranks():
+            return rank_desc(S) if rule == "head" else rank_desc(S.flatten(-2)).view_as(S)
+
+        if pf is None or list(layers) != list(range(len(pf.layers))):
+            return ranks()
+        return pf.memo(-1, ("ranks", rule, repr(self)), ranks)
+
     # the loop ---------------------------------------------------------------------------------------------
     def select(self, pf: Prefill, b: Budget):
-        """Every layer: scores → kept prefix → + window. Returns (keep (L, G, n), shown scores (L, G, n), info).
-        Scope "model": one top-k over every layer's `model_scores` (what `selection.GlobalCascade` reaches layer
-        by layer while prefilling)."""
+        """Scores → kept prefix → + window, every layer at once. Returns (keep (L, G, n), shown scores (L, G, n),
+        info). Scope "model": one top-k over every layer's `model_scores` (what `selection.GlobalCascade` reaches
+        layer by layer while prefilling)."""
         w = self.kept_window
         if self.scope == "model":
             s = torch.stack([self.model_scores(pf, li, b) for li in range(b.layers)])  # (L, G, m)
@@ -154,36 +182,17 @@ class Policy:
             keep, sc = with_window(top, w), pad_scores(shown(s), w)
             return keep, sc, {"layer_budgets": keep.sum((1, 2)).tolist()}
         slots, info = self.allocate(pf, b)
-        if type(self).keep_layer is Policy.keep_layer:  # a standard rule: every layer at once
-            keep, sc = self._select_all_layers(pf, b, slots)
+        layers = range(b.layers)
+        S = self.stacked_scores(pf, layers)
+        mask, s = self.keep_layers(pf, layers, S, slots)
+        keep = with_window(mask, w)
+        if s is S:  # the scores themselves: their padded form is budget-independent too
+            sc = pf.memo(-1, ("shown_scores", repr(self)), lambda: pad_scores(shown(S), w))
         else:
-            keeps, scores = [], []
-            for li in range(b.layers):
-                mask, s = self.keep_layer(pf, li, self.scores(pf, li), slots[li])
-                keeps.append(with_window(mask, w))
-                scores.append(pad_scores(shown(s), w))
-            keep, sc = stack_layers(keeps, scores)
+            sc = pad_scores(shown(s), w)
         if self.layer_adaptive:
             info.setdefault("layer_budgets", keep.sum((1, 2)).tolist())
         return keep, sc, info
-
-    def _select_all_layers(self, pf: Prefill, b: Budget, slots: torch.Tensor):
-        """The default `keep_layer` of every layer in a few tensor operations: the stacked scores (L, G, m), their
-        ranks (per head, or per layer over the flattened heads) and the shown scores are budget-independent and
-        computed once per prompt; each budget is then one comparison with its slots. Same ties as the loop."""
-        w, L = self.kept_window, b.layers
-        key = repr(self)
-        S = pf.memo(-1, ("stacked_scores", key), lambda: torch.stack([self.scores(pf, li) for li in range(L)]))
-        G, m = S.shape[1:]
-
-        def ranks():
-            return rank_desc(S) if self.rule == "head" else rank_desc(S.reshape(L, G * m)).view(L, G, m)
-
-        rank = pf.memo(-1, ("ranks", self.rule, key), ranks)
-        slots = torch.as_tensor(slots).to(S.device, non_blocking=True)  # (L, G), no wait for the GPU
-        k = slots.view(L, G, 1) if self.rule == "head" else slots.sum(1).view(L, 1, 1)
-        keep = with_window(rank < k, w)
-        return keep, pf.memo(-1, ("shown_scores", key), lambda: pad_scores(shown(S), w))
 
     # helpers shared by windowed policies -------------------------------------------------------------------
     def attn(self, pf: Prefill, layer: int) -> torch.Tensor:
@@ -250,5 +259,7 @@ def snap_scores(A: torch.Tensor, kv_heads: int, window: int, kernel: int = 7, po
 
 
 def layer_topk(scores: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """The heads of a layer compete: one top-k over the flattened (G, m) scores fills the layer total Σ slots."""
-    return topk_flat(scores, int(slots.sum()))
+    """The heads of each layer compete: one top-k over a layer's flattened (G, m) scores fills its total Σ_g slots.
+    scores (…, G, m), slots (…, G) → (…, G, m) bool."""
+    k = torch.as_tensor(slots).to(scores.device, non_blocking=True).sum(-1)[..., None, None]
+    return rank_desc(scores.flatten(-2)).view_as(scores) < k

@@ -18,7 +18,7 @@ import torch
 
 from ..capture import Prefill
 from ..selection import masked, rank_desc
-from .adakv import SHARES_HELP, AdaKV, adaptive_head_mask
+from .adakv import SHARES_HELP, AdaKV
 from .base import SHARES, check_choice, check_param
 from .snapkv import SnapKV
 
@@ -35,9 +35,10 @@ def _projected_value_l1(pf: Prefill, layer: int, m: int) -> torch.Tensor:
     return torch.einsum("gmd,grdD->grmD", v, wo).abs().sum(-1).mean(1)
 
 
-def critical_scores(pf: Prefill, layer: int, s: torch.Tensor) -> torch.Tensor:
-    """Stage-2 score (s_g[j] + 1e-4)·pn_g[j]: attention × projected-value norm."""
-    return (s + 1e-4) * projected_value_l1(pf, layer, s.shape[-1])
+def critical_scores(pf: Prefill, layers, S: torch.Tensor) -> torch.Tensor:
+    """Stage-2 score (s_g[j] + 1e-4)·pn_g[j] of `layers`: attention × projected-value norm, S (L', G, m)."""
+    m = S.shape[-1]
+    return (S + 1e-4) * pf.memo_layers(layers, ("projected_value_l1", m), lambda li: _projected_value_l1(pf, li, m))
 
 
 def first_stage_counts(k: torch.Tensor, first: float, window: int, shares: str) -> torch.Tensor:
@@ -49,11 +50,13 @@ def first_stage_counts(k: torch.Tensor, first: float, window: int, shares: str) 
     return (torch.floor((k + window).double() * first).long() - window).clamp_min(0)
 
 
-def two_stage(base: torch.Tensor, critical: torch.Tensor, k: torch.Tensor, k1: torch.Tensor) -> torch.Tensor:
-    """(G, m) mask: per head the top k1[g] by base, then the rest of k[g] by critical among the others."""
-    k = torch.as_tensor(k, device=base.device).reshape(-1, 1)
-    k1 = torch.as_tensor(k1, device=base.device).reshape(-1, 1)
-    stage1 = rank_desc(base) < k1
+def two_stage(base: torch.Tensor, critical: torch.Tensor, k: torch.Tensor, k1: torch.Tensor,
+              base_ranks: torch.Tensor | None = None) -> torch.Tensor:
+    """(…, G, m) mask: per head the top k1[…, g] by base, then the rest of k[…, g] by critical among the others.
+    base_ranks: `rank_desc(base)` when already known (memoised by the caller)."""
+    k = torch.as_tensor(k).to(base.device, non_blocking=True).unsqueeze(-1)
+    k1 = torch.as_tensor(k1).to(base.device, non_blocking=True).unsqueeze(-1)
+    stage1 = (rank_desc(base) if base_ranks is None else base_ranks) < k1
     stage2 = rank_desc(masked(critical, stage1)) < (k - k1)
     return stage1 | stage2
 
@@ -77,10 +80,10 @@ class CriticalKV(SnapKV):
         super().__post_init__()
         _check(self)
 
-    def keep_layer(self, pf: Prefill | None, layer: int, scores: torch.Tensor, slots: torch.Tensor):
-        c = critical_scores(pf, layer, scores)
+    def keep_layers(self, pf: Prefill | None, layers, S: torch.Tensor, slots: torch.Tensor):
+        c = critical_scores(pf, layers, S)
         k1 = first_stage_counts(slots, self.first_stage, self.window, self.shares)
-        return two_stage(scores, c, slots, k1), c
+        return two_stage(S, c, slots, k1, self.score_ranks(pf, layers, S)), c
 
 
 @dataclass
@@ -94,14 +97,18 @@ class CriticalAdaKV(AdaKV):
         super().__post_init__()
         _check(self)
 
-    def keep_layer(self, pf: Prefill | None, layer: int, scores: torch.Tensor, slots: torch.Tensor):
-        heads = self.head_counts(scores, slots)  # AdaKV's head budgets
+    def keep_layers(self, pf: Prefill | None, layers, S: torch.Tensor, slots: torch.Tensor):
+        heads = self.adaptive_counts(pf, layers, S, slots)  # AdaKV's head budgets (L', G)
         k1 = first_stage_counts(heads, self.first_stage, self.window, self.shares)
         if self.shares == "kept":  # kvpress: the safeguard is in stage 1 whatever the head's budget
-            k1 = k1.clamp_min(self.safeguard(int(slots.sum()), scores.shape[0]))
-        c = critical_scores(pf, layer, scores)
-        return two_stage(scores, c, heads, k1), c
+            floors = self.floors(torch.as_tensor(slots).sum(-1).cpu(), S.shape[-2])
+            k1 = torch.maximum(k1, floors.to(k1.device).unsqueeze(-1))
+        c = critical_scores(pf, layers, S)
+        return two_stage(S, c, heads, k1, self.score_ranks(pf, layers, S)), c
+
+    def adaptive_counts(self, pf: Prefill | None, layers, S: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """(L', G) AdaKV's head budgets, on attention alone."""
+        return AdaKV.keep_layers(self, pf, layers, S, slots)[0].sum(-1)
 
     def head_counts(self, scores: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        total = int(slots.sum())
-        return adaptive_head_mask(scores, total, self.safeguard(total, scores.shape[0])).sum(-1)
+        return self.adaptive_counts(None, [-1], scores.unsqueeze(0), torch.as_tensor(slots).unsqueeze(0))[0]

@@ -54,10 +54,10 @@ def value_share(pf: Prefill, layer: int, m: int) -> torch.Tensor:
     return torch.where(total > 0, pn / total, torch.zeros_like(pn))
 
 
-def mass_stage(A: torch.Tensor, kv_heads: int, window: int, threshold: float, cap: int) -> torch.Tensor:
-    """(G, m) bool: per KV head the tokens of largest mean attention, taken until their share of the head's prefix
-    attention reaches threshold − β, at most `cap` (β = mean attention mass on the last w prefix columns, as the
-    official code computes it). A (H, w, n)."""
+def mass_order(A: torch.Tensor, kv_heads: int, window: int, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The budget-free part of stage 1: ((G, m) rank of each token's mean attention, most first; (G,) tokens taken
+    before their share of the head's prefix attention reaches threshold − β). β = mean attention mass on the last
+    w prefix columns, as the official code computes it. A (H, w, n)."""
     H, w, n = A.shape
     m = n - window
     P = A[:, :, :m]
@@ -66,8 +66,20 @@ def mass_stage(A: torch.Tensor, kv_heads: int, window: int, threshold: float, ca
     bias = P[..., -window:].sum(-1).mean()  # a 0-d tensor: no host synchronisation
     order = torch.sort(p, dim=-1, descending=True, stable=True).values
     reached = order.cumsum(-1) >= threshold - bias
-    count = torch.where(reached.any(-1), reached.int().argmax(-1), 0).clamp(max=max(cap, 0))  # tokens before it
-    return rank_desc(p) < count.unsqueeze(-1)
+    count = torch.where(reached.any(-1), reached.int().argmax(-1), 0)  # tokens before it
+    return rank_desc(p), count
+
+
+def first_stage_mask(ranks: torch.Tensor, counts: torch.Tensor, caps) -> torch.Tensor:
+    """(…, G, m) bool: stage 1 from `mass_order`'s ranks (…, G, m) and counts (…, G), at most caps (…,) per head."""
+    caps = torch.as_tensor(caps).clamp_min(0).to(counts.device, non_blocking=True)
+    return ranks < torch.minimum(counts, caps.unsqueeze(-1)).unsqueeze(-1)
+
+
+def mass_stage(A: torch.Tensor, kv_heads: int, window: int, threshold: float, cap: int) -> torch.Tensor:
+    """(G, m) bool: per KV head the tokens of largest mean attention, taken until their share of the head's prefix
+    attention reaches threshold − β, at most `cap` (`mass_order`, `first_stage_mask`). A (H, w, n)."""
+    return first_stage_mask(*mass_order(A, kv_heads, window, threshold), cap)
 
 
 @dataclass
@@ -95,14 +107,17 @@ class DefensiveKV(Policy):
         return defensive_attention(self.attn(pf, layer), pf.shape.kv_heads, self.window, self.kernel) \
             * value_share(pf, layer, m)
 
-    def with_first_stage(self, pf: Prefill, layer: int, scores: torch.Tensor, cap: int) -> torch.Tensor:
-        """Scores with the stage-1 tokens (at most `cap` per head) raised to the layer's largest score."""
-        first = mass_stage(self.attn(pf, layer), pf.shape.kv_heads, self.window, self.threshold, cap)
-        return scores.masked_fill(first.to(scores.device), scores.max())
+    def with_first_stage(self, pf: Prefill, layers, S: torch.Tensor, caps) -> torch.Tensor:
+        """Scores S (L', G, m) of `layers` with the stage-1 tokens (at most caps (L',) per head) raised to their
+        layer's largest score. The stage-1 ranks and counts are budget-free: memoised once per prompt."""
+        ranks, counts = pf.memo_layers(layers, ("defensive_stage1", self.window, self.threshold), lambda li: mass_order(
+            self.attn(pf, li), pf.shape.kv_heads, self.window, self.threshold))
+        first = first_stage_mask(ranks, counts, caps)
+        return torch.where(first, S.amax((-2, -1), keepdim=True), S)
 
-    def keep_layer(self, pf: Prefill | None, layer: int, scores: torch.Tensor, slots: torch.Tensor):
-        """Stage 1 capped at the layer's smallest per-head slot, then the flattened top-k fills Σ slots."""
-        s = self.with_first_stage(pf, layer, scores, int(slots.min()))
+    def keep_layers(self, pf: Prefill | None, layers, S: torch.Tensor, slots: torch.Tensor):
+        """Stage 1 capped at each layer's smallest per-head slot, then the flattened top-k fills Σ slots."""
+        s = self.with_first_stage(pf, layers, S, torch.as_tensor(slots).amin(-1))
         return layer_topk(s, slots), s
 
     def head_counts(self, scores: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -120,4 +135,4 @@ class LayerDefensiveKV(DefensiveKV):
 
     def model_scores(self, pf: Prefill, layer: int, b: Budget) -> torch.Tensor:
         cap = int(b.per_slot()[layer].min()) - self.kept_window
-        return self.with_first_stage(pf, layer, self.scores(pf, layer), cap)
+        return self.with_first_stage(pf, [layer], self.scores(pf, layer).unsqueeze(0), [cap])[0]

@@ -25,7 +25,7 @@ import torch
 
 from ..budgets import Budget, fill_to_total
 from ..capture import Prefill
-from ..selection import topk_flat, topk_per_row
+from ..selection import rank_desc
 from .base import Policy, check_odd_kernel, check_param, pool1d
 from .cake import layer_allocation
 
@@ -50,16 +50,25 @@ def normalised_entropy(s: torch.Tensor) -> float:
     return float(-(p * torch.log(p + 1e-16)).sum() / math.log(flat.numel()))
 
 
-def head_budgets(scores: torch.Tensor, total: int, alpha: float) -> torch.Tensor:
-    """(G,) budgets of the heads of a layer: B_g = (1 − α)·c_g + α·total/G, c_g = head g's entries in the flattened
-    top-`total`, rounded by largest remainder (ties to the earlier head) so they sum to `total` (each ≤ m)."""
-    G, m = scores.shape
-    counts = topk_flat(scores, total).sum(-1).cpu()
-    x = (1 - alpha) * counts.double() + alpha * total / G
+def head_budgets(scores: torch.Tensor, total, alpha: float, flat_ranks: torch.Tensor | None = None) -> torch.Tensor:
+    """(…, G) budgets of the heads of each layer: B_g = (1 − α)·c_g + α·total/G, c_g = head g's entries in the
+    layer's flattened top-`total`, rounded by largest remainder (ties to the earlier head) so they sum to `total`
+    (each ≤ m). scores (…, G, m); total: an int or (…,) per layer; flat_ranks: the ranks of each layer's flattened
+    scores when already known. One read-back to the host for every layer together."""
+    G, m = scores.shape[-2:]
+    totals = torch.as_tensor(total).reshape(-1).cpu()
+    if flat_ranks is None:
+        flat_ranks = rank_desc(scores.flatten(-2)).view_as(scores)
+    top = flat_ranks < totals.to(scores.device, non_blocking=True).view(*scores.shape[:-2], 1, 1)
+    counts = top.sum(-1).reshape(-1, G).cpu()  # (L', G)
+    x = (1 - alpha) * counts.double() + (alpha * totals.double() / G).unsqueeze(-1)
     base = torch.floor(x).long()
-    order = torch.sort(x - base, descending=True, stable=True).indices
-    base[order[: max(0, total - int(base.sum()))]] += 1
-    return fill_to_total(base.clamp(0, m), total, m)  # a no-op but for float noise at the cap
+    deficit = (totals - base.sum(-1)).clamp_min(0)
+    base += rank_desc(x - base) < deficit.unsqueeze(-1)  # the largest remainders get one more
+    base = base.clamp(0, m)
+    for i in torch.nonzero(base.sum(-1) != totals).flatten().tolist():  # a no-op but for float noise at the cap
+        base[i] = fill_to_total(base[i], int(totals[i]), m)
+    return base.view(*scores.shape[:-2], G)
 
 
 @dataclass
@@ -100,6 +109,6 @@ class LAVa(Policy):
                                  pf.n - self.window)
         return slots, {"layer_budgets": (slots.sum(1) + b.kv_heads * self.window).tolist(), "sparsity": sig}
 
-    def keep_layer(self, pf: Prefill | None, layer: int, scores: torch.Tensor, slots: torch.Tensor):
-        k = head_budgets(scores, int(slots.sum()), self.alpha)
-        return topk_per_row(scores, k.to(scores.device)), scores
+    def keep_layers(self, pf: Prefill | None, layers, S: torch.Tensor, slots: torch.Tensor):
+        k = head_budgets(S, torch.as_tensor(slots).sum(-1), self.alpha, self.score_ranks(pf, layers, S, "layer"))
+        return self.score_ranks(pf, layers, S) < k.to(S.device, non_blocking=True).unsqueeze(-1), S

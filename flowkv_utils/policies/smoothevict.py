@@ -10,6 +10,7 @@ With nothing evicted it is FullKV exactly (no value changes)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -21,39 +22,60 @@ from .flowkv import FlowKV
 
 def merge_values(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, mass: torch.Tensor,
                  chunk_bytes: int = 1 << 27) -> torch.Tensor:
-    """Merged values (G, n, d): evicted entries folded into their most key-similar kept entry of the head.
-    All heads at once and nothing read back to the host; the cosine similarities are formed in row chunks of at
-    most `chunk_bytes`, so a long prompt never holds an n × n map."""
-    G, n, d = v.shape
-    kn = torch.nn.functional.normalize(k.float(), dim=-1)  # (G, n, d)
-    keep = keep.to(v.device)
-    target = torch.arange(n, device=v.device).expand(G, n).clone()  # a kept entry absorbs itself
-    rows = max(1, chunk_bytes // (4 * G * n))
-    for s in range(0, n, rows):
-        e = min(n, s + rows)
-        sim = (kn[:, s:e] @ kn.transpose(1, 2)).masked_fill(~keep.unsqueeze(1), float("-inf"))  # (G, c, n)
-        target[:, s:e] = torch.where(keep[:, s:e], target[:, s:e], sim.argmax(-1))  # first best kept entry
-    a = mass.double().clamp_min(0)  # (G, n)
-    num = torch.zeros(G, n, d, dtype=torch.float64, device=v.device)
-    num.scatter_add_(1, target.unsqueeze(-1).expand(G, n, d), a.unsqueeze(-1) * v.double())
-    den = torch.zeros(G, n, dtype=torch.float64, device=v.device).scatter_add_(1, target, a)
-    merged = torch.where(den.unsqueeze(-1) > 0, num / den.clamp_min(1e-300).unsqueeze(-1), v.double())
+    """Merged values (…, G, n, d): evicted entries folded into their most key-similar kept entry of the head
+    (first kept token on ties). k, v (…, G, n, d), keep and mass (…, G, n): several layers at once. Only evicted
+    rows against kept columns are compared (each head's kept and evicted tokens gathered in token order, padded to
+    the largest count), in row chunks of at most `chunk_bytes`: never an n × n map. One read-back (the counts)."""
+    *lead, n, d = v.shape
+    kf, vf = k.reshape(-1, n, d), v.reshape(-1, n, d)
+    kp = keep.to(v.device).reshape(-1, n)
+    R = kf.shape[0]
+    kept_n = kp.sum(-1)  # (R,)
+    K, E = (int(x) for x in torch.stack([kept_n.max(), (n - kept_n).max()]).cpu())
+    if K == 0 or E == 0:  # nothing kept or nothing evicted anywhere: no value changes
+        return v
+    kn = torch.nn.functional.normalize(kf.float(), dim=-1)  # (R, n, d)
+    kept_idx = torch.sort((~kp).to(torch.uint8), dim=-1, stable=True).indices[:, :K]  # kept first, token order
+    gone_idx = torch.sort(kp.to(torch.uint8), dim=-1, stable=True).indices[:, :E]  # evicted first, token order
+    cols_ok = torch.arange(K, device=v.device) < kept_n.unsqueeze(-1)  # (R, K) real kept columns
+    rows_ok = torch.arange(E, device=v.device) < (n - kept_n).unsqueeze(-1)  # (R, E) real evicted rows
+    kk = kn.gather(1, kept_idx.unsqueeze(-1).expand(R, K, d))
+    target = torch.arange(n, device=v.device).expand(R, n).clone()  # a kept entry absorbs itself
+    rows = max(1, chunk_bytes // (4 * R * K))
+    for s in range(0, E, rows):
+        e = min(E, s + rows)
+        ids = gone_idx[:, s:e]
+        sim = kn.gather(1, ids.unsqueeze(-1).expand(R, e - s, d)) @ kk.transpose(1, 2)  # (R, c, K)
+        best = kept_idx.gather(1, sim.masked_fill_(~cols_ok.unsqueeze(1), float("-inf")).argmax(-1))
+        target.scatter_(1, ids, torch.where(rows_ok[:, s:e], best, ids))  # padding rows are kept: themselves
+    a = mass.to(v.device).reshape(-1, n).double().clamp_min(0)  # (R, n)
+    num = torch.zeros(R, n, d, dtype=torch.float64, device=v.device)
+    num.scatter_add_(1, target.unsqueeze(-1).expand(R, n, d), a.unsqueeze(-1) * vf.double())
+    den = torch.zeros(R, n, dtype=torch.float64, device=v.device).scatter_add_(1, target, a)
+    merged = torch.where(den.unsqueeze(-1) > 0, num / den.clamp_min(1e-300).unsqueeze(-1), vf.double())
     # only kept entries of heads that evicted something change: a head that keeps everything is FullKV exactly
-    change = keep & (~keep).any(-1, keepdim=True) & keep.any(-1, keepdim=True)
-    return torch.where(change.unsqueeze(-1), merged.to(v.dtype), v)
+    change = kp & (~kp).any(-1, keepdim=True) & kp.any(-1, keepdim=True)
+    return torch.where(change.unsqueeze(-1), merged.to(v.dtype), vf).view(v.shape)
 
 
 @dataclass
 class SmoothEvict(FlowKV):
     name = "smoothevict"
     streams = False  # the merge reads every layer's full K/V after selection
+    merge_bytes: ClassVar[int] = 1 << 28  # layers merged together hold at most this much float64 (…, n, d)
 
     def select(self, pf: Prefill, b: Budget):
         keep, scores, info = super().select(pf, b)
+        G = b.kv_heads
+        mass = pf.memo_layers(range(b.layers), ("group_window_mass", self.window),
+                              lambda li: group_mean(window_mass(self.attn(pf, li)), G))  # (L, G, n)
+        c0 = pf.layers[0]
+        step = max(1, self.merge_bytes // (8 * G * pf.n * c0.v.shape[-1]))
         values = []
-        for li in range(b.layers):
-            mass = group_mean(window_mass(self.attn(pf, li)), b.kv_heads)  # (G, n)
-            c = pf.layers[li]
-            values.append(merge_values(c.k, c.v, keep[li], mass))
+        for s in range(0, b.layers, step):
+            ls = range(s, min(b.layers, s + step))
+            k = torch.stack([pf.layers[li].k for li in ls])
+            v = torch.stack([pf.layers[li].v for li in ls])
+            values.extend(merge_values(k, v, keep[s:s + len(ls)], mass[s:s + len(ls)]).unbind(0))
         info["values"] = values
         return keep, scores, info
