@@ -7,10 +7,11 @@ from __future__ import annotations
 import csv
 import json
 
+import pandas as pd
 import pytest
 import torch
 
-from flowkv_utils import analysis, bench, models, results
+from flowkv_utils import analysis, bench, models, results, sweep
 
 
 def test_row_has_every_column_and_rejects_unknown_ones():
@@ -157,3 +158,18 @@ def test_gpu_dry_run_on_cpu(tmp_path):
                                                                                 "chunked_prefill"}
     assert res["meta"]["kernel_config"]["block"] > 0 and res["meta"]["score_config"]["tokens"] > 0
     assert set(res["prefill"].policy) == {"fullkv", "flowkv_global"}
+
+
+def test_cli_eval_on_cpu_agrees_with_the_reference_path(tmp_path, embedded):
+    """`bench eval` on a short prompt: the fast batched path and the reference path give the same predictions on
+    the check sample (float32), and the rows say where the time went."""
+    assert bench.main(["eval", "--model-path", "embedded", "--device", "cpu", "--dtype", "float32", "--context", "160",
+                       "--instances", "1", "--budgets", "0.5", "--policies", "fullkv", "snapkv", "criticalkv", "lava",
+                       "smoothevict", "--out", str(tmp_path), "--table",
+                       str(tmp_path / "sweep.csv")]) == 0
+    rows = pd.read_csv(tmp_path / "eval.csv")
+    fast = rows[rows.path == "fast"].iloc[0]
+    assert fast.points == fast.check_points and fast.check_same_predictions == fast.check_points
+    assert pd.isna(fast.check_differs) or fast.check_differs == ""
+    assert {"prefill_s", "select_s", "decode_s", "fidelity_s"} <= set(rows.columns)
+    assert len(sweep.load_results(tmp_path / "sweep.csv")) > 0

@@ -12,6 +12,7 @@ import torch
 
 from ..budgets import BUDGET_HELP, parse_budget
 from ..kernels import triton_available
+from ..policies import REGISTRY, STUDY
 from ..results import REPO, Recorder
 from .checks import score_checks
 from .cpu import context_sweep, load_times, notebook_times, policies_overhead
@@ -67,6 +68,8 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--budgets", type=parse_budget, nargs="+", default=list(BUDGETS), help=BUDGET_HELP)
             p.add_argument("--no-reference", action="store_true", help="skip the reference path's check sample")
             p.add_argument("--table", type=Path, default=None, help="also keep the fast path's sweep table here")
+            p.add_argument("--policies", nargs="+", default=list(STUDY), choices=list(REGISTRY), metavar="POLICY",
+                           help="policies to time (default: every study policy)")
         if name == "gpu":
             p.add_argument("--slack", type=float, default=0.25, help="FlowKV global re-packing slack (layerwise)")
             p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
@@ -107,7 +110,7 @@ def _run(cmd: str, a: argparse.Namespace, rec: Recorder) -> None:
                   max_batch=a.max_batch, kernel_variants=TUNE if a.tune else None, slack=a.slack, rec=rec)
     elif cmd == "eval":
         eval_rate(rec, a.model_path, a.device, a.dtype, a.context, a.instances, a.budgets, not a.no_reference,
-                  a.table)
+                  a.table, a.policies)
     elif cmd == "load":
         load_times(rec)
     elif cmd == "notebooks":
@@ -142,7 +145,8 @@ def summary(rec: Recorder) -> str:
                          f"  floor×{r['floor_ratio']:.2f}")
     for r in rec.rows.get("eval", []):
         lines.append(f"  eval {r['path']:<9} {r['points']} points in {r['seconds']:.1f} s = {r['points_per_s']:.1f} "
-                     f"points/s; same predictions as the reference: {r['check_same_predictions']}/{r['check_points']}")
+                     f"points/s; same predictions as the reference: {r['check_same_predictions']}/{r['check_points']}"
+                     + (f" (differ: {r['check_differs']})" if r.get("check_differs") else ""))
         lines.append("       seconds: " + ", ".join(f"{k[:-2]} {r[k]:.2f}" for k in
                                                     ("prefill_s", "select_s", "decode_s", "fidelity_s", "write_s")))
     for r in rec.rows.get("check", []):

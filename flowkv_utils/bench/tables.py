@@ -25,7 +25,7 @@ SCHEMAS: dict[str, list[str]] = {
     # the accuracy sweep's evaluation rate (bench eval): one row per path (fast batched | reference)
     "eval": ["model", "model_sha", "dtype", "context", "instances", "policies", "budgets", "fidelity", "path",
              "points", "compressed_points", "seconds", "points_per_s", "check_points", "check_same_predictions",
-             "check_max_abs_diff", "prefill_s", "select_s", "decode_s", "fidelity_s", "write_s", "note"],
+             "check_differs", "check_max_abs_diff", "prefill_s", "select_s", "decode_s", "fidelity_s", "write_s", "note"],
     # one decode configuration: median time per step over the steps after warm-up. decoder: 'fast' (FastDecoder)
     # or 'eager' (generate.decode); attention: 'triton' | 'torch' (split-KV) | 'reference' (RaggedCache.attend);
     # fused / graph: fused projections, CUDA graph; impl: the same as one readable label
