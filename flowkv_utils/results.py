@@ -6,7 +6,9 @@
   append. A file that is not a table of this schema is refused *untouched*, naming its path and what is wrong
   (line and column for bad values). One writer at a time: a lock file `<table>.lock` holds the writer's pid; a
   second writer gets an error naming it, a lock left by a dead process is taken over (and said so).
-- `read_table()`: the validated loader (typed columns; duplicate keys are an error, never silently pooled).
+- `read_table()`: the validated loader (typed columns; duplicate keys are an error, never silently pooled);
+  `read_tables()` loads several tables of one schema as one (a sharded sweep's per-rank tables), a key in two files
+  being an error naming them.
 - `Recorder`: a folder of named tables (the benchmarks), each a `TableFile`, plus a `meta.json`.
 """
 
@@ -97,6 +99,11 @@ def _check_header(path: Path, text: str, columns: Sequence[str], torn: bool) -> 
                          f"{','.join(columns)!r}; use another path or move the file away")
 
 
+def _empty(columns: Sequence[str], numeric: Sequence[str], integer: Sequence[str]) -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype="float64" if c in numeric else "int64" if c in integer else "object")
+                         for c in columns})
+
+
 def read_table(path: str | Path, columns: Sequence[str], numeric: Sequence[str] = (), integer: Sequence[str] = (),
                key: Sequence[str] | None = None) -> pd.DataFrame:
     """Load a table written by `TableFile`: complete lines only (a torn last line is dropped), the schema checked,
@@ -106,8 +113,7 @@ def read_table(path: str | Path, columns: Sequence[str], numeric: Sequence[str] 
     text, torn = _read_text(path)
     _check_header(path, text, columns, torn)
     if not text.strip():
-        return pd.DataFrame({c: pd.Series(dtype="float64" if c in numeric else "int64" if c in integer
-                                          else "object") for c in columns})
+        return _empty(columns, numeric, integer)
     df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
     for c in (*numeric, *integer):
         vals = pd.to_numeric(df[c].replace("", "nan"), errors="coerce")
@@ -126,6 +132,28 @@ def read_table(path: str | Path, columns: Sequence[str], numeric: Sequence[str] 
             raise TableError(f"{path}: {int(dup.sum())} rows share a key (first at line {i + 2}: "
                              f"{dict(df.loc[df.index[i], list(key)])}); a table has one row per key — "
                              "was it written by two processes at once?")
+    return df
+
+
+def read_tables(paths: Sequence[str | Path], columns: Sequence[str], numeric: Sequence[str] = (),
+                integer: Sequence[str] = (), key: Sequence[str] | None = None) -> pd.DataFrame:
+    """Several tables of one schema as one (`read_table` on each, in the order given, so a torn last line of each
+    is dropped); with `key`, a key held by two files is an error naming both (a table has one row per key)."""
+    frames = [read_table(p, columns, numeric, integer, key) for p in paths]
+    if not frames:
+        return _empty(columns, numeric, integer)
+    source = [str(p) for p, f in zip(paths, frames, strict=True) for _ in range(len(f))]  # each row's file
+    frames = [f for f in frames if len(f)] or frames[:1]
+    df = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+    if key and len(frames) > 1:
+        dup = df.duplicated(list(key), keep=False)
+        if dup.any():
+            first = df.loc[dup, list(key)].iloc[0]
+            same = dup & (df[list(key)] == first).all(axis=1)
+            files = list(dict.fromkeys(s for s, d in zip(source, same, strict=True) if d))
+            raise TableError(f"{int(dup.sum())} rows share a key across {', '.join(files)} (first: "
+                             f"{dict(first)}); the tables of one sweep hold each key once — was one point run "
+                             "by two processes?")
     return df
 
 

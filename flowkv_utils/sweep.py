@@ -18,6 +18,14 @@ per metric, with the columns `COLUMNS`:
   layers of ‖O_S − O‖_F/‖O‖_F on the window, renormalised) and `kl_next_token` (mean KL(full ‖ compressed) along
   FullKV's own answer, teacher-forced).
 - fresh=True never deletes: the old table is moved aside (`results.move_aside`, named in the output).
+- Sharded over processes (`shard`, `distributed.Shard`: torchrun's rank r of N, CLI `flowkv_utils.sweep_cli`): rank r
+  runs the instances r, r + N, ... (round-robin by index) and appends to its own crash-safe table
+  `<stem>.rank<r>-of-<N><suffix>` beside `path` (`distributed.rank_table`); a single process writes `path` itself.
+  `load_results(path)` merges `path` and its rank tables into one validated table (a key in two files is an error
+  naming them). The rank tables beside a path are all of one world size: a run with N processes refuses rank tables
+  of another N (resume with that N, or move them aside with `fresh`), and so does the load; `path` itself (single-
+  process runs) may lie beside them. Every rank reuses every point already in any of these tables, so resuming a
+  crashed sharded run with the same command redoes only the missing points.
 """
 
 from __future__ import annotations
@@ -35,11 +43,12 @@ import torch
 from . import metrics
 from .budgets import FULL, budget_label, parse_budget
 from .capture import prefill
+from .distributed import Shard, rank_table, rank_tables
 from .evaluate import batched_decode, stack_keeps
 from .generate import generate, teacher_forced_logits
 from .models import fingerprint, shape_of
 from .policies import REGISTRY, Policy, get_policy, prefill_options
-from .results import TableFile, move_aside, read_table
+from .results import TableError, TableFile, move_aside, read_tables
 from .results import versions as _versions
 from .tasks import TaskInstance
 
@@ -58,10 +67,30 @@ PHASES = ("prefill", "select", "decode", "fidelity", "write")  # where a sweep's
 PREDICTION_CHARS = 160
 
 
+def table_files(path: str | Path) -> list[Path]:
+    """The files that make up the table `path`: `path` itself (if present), then the per-rank tables of a sharded
+    run beside it by rank (`distributed.rank_tables`). Rank tables of two world sizes are an error naming them."""
+    path = Path(path)
+    ranks = rank_tables(path)
+    worlds = sorted({s.world_size for s in ranks.values()})
+    if len(worlds) > 1:
+        raise TableError(f"{path}: rank tables of runs with {' and '.join(map(str, worlds))} processes lie beside "
+                         f"it ({', '.join(p.name for p in ranks)}); a table is sharded one way — move one set "
+                         "away (or aside with fresh) before loading")
+    return ([path] if path.exists() else []) + list(ranks)
+
+
 def load_results(path: str | Path) -> pd.DataFrame:
-    """The results table, validated (schema, typed columns, no duplicate keys; a torn last line dropped). budget
-    stays text ("128", "0.05", "full"). A missing or empty file gives an empty table with the columns."""
-    return read_table(path, COLUMNS, numeric=NUMERIC, integer=INTEGER, key=KEY)
+    """The results table, validated (schema, typed columns, no duplicate keys; a torn last line dropped): `path`
+    merged with the per-rank tables of a sharded run beside it (`table_files`; a key in two files is an error
+    naming them). budget stays text ("128", "0.05", "full"). No file gives an empty table with the columns."""
+    return read_tables(table_files(path), COLUMNS, numeric=NUMERIC, integer=INTEGER, key=KEY)
+
+
+def move_tables_aside(path: str | Path) -> list[tuple[Path, Path]]:
+    """Move `path` and every rank table beside it aside (`results.move_aside`, never deletes): [(old, new)]."""
+    path = Path(path)
+    return [(p, move_aside(p)) for p in ([path] if path.exists() else []) + list(rank_tables(path))]
 
 
 def versions() -> str:
@@ -123,9 +152,14 @@ def run_sweep(model, tok, instances: Sequence[TaskInstance], policies: Sequence[
               path: str | Path, seed: int = 0, window: int = 32, fidelity: bool = True,
               policy_params: dict[str, dict] | None = None, kl_tokens: int = 16, progress: bool = True,
               on_row: Callable[[dict], None] | None = None, fresh: bool = False,
-              fast: bool | None = None) -> pd.DataFrame:
+              fast: bool | None = None, shard: Shard | None = None) -> pd.DataFrame:
     """Run every (instance, policy, budget) point whose rows are not yet in `path`, appending rows; returns the
     rows of this run (these instances, policies, budgets and settings), old and new.
+
+    shard: run only this process's share of the instances (`Shard.take`), appending to its rank table
+    (`distributed.rank_table`), and return only their rows; None: every instance, in `path` (see the module
+    docstring). fresh is refused in a sharded run: move the tables aside once (`move_tables_aside`), before the
+    ranks start (`sweep_cli --fresh` does).
 
     seed: the seed the instances were built with (recorded, part of the key; also seeds torch). window:
     observation window of the prefill, passed to every policy unless policy_params says otherwise.
@@ -136,6 +170,12 @@ def run_sweep(model, tok, instances: Sequence[TaskInstance], policies: Sequence[
 
     if not isinstance(fresh, bool):
         raise TypeError(f"fresh={fresh!r}: must be true or false")
+    shard = Shard() if shard is None else shard
+    if not isinstance(shard, Shard):
+        raise TypeError(f"shard={shard!r}: must be a distributed.Shard (or None for a single process)")
+    if fresh and shard.world_size > 1:
+        raise ValueError(f"fresh=True in a sharded run ({shard.label}): ranks would move each other's tables; move "
+                         "them aside once before the ranks start (sweep.move_tables_aside)")
     if not isinstance(fidelity, bool):
         raise TypeError(f"fidelity={fidelity!r}: must be true or false")
     if fast is None:
@@ -160,17 +200,22 @@ def run_sweep(model, tok, instances: Sequence[TaskInstance], policies: Sequence[
                                  f"{budget_label(b)}: {e}") from None
     path = Path(path)
     if fresh:
-        moved = move_aside(path)
-        if moved is not None:
-            print(f"fresh: moved the old table {path} aside to {moved}", flush=True)
+        for old, new in move_tables_aside(path):
+            print(f"fresh: moved the old table {old} aside to {new}", flush=True)
+    other = [p.name for p, s in rank_tables(path).items() if s.world_size != shard.world_size]
+    if other and shard.world_size > 1:
+        raise ValueError(f"{path}: {shard.world_size} processes, but rank tables of another number of processes "
+                         f"lie beside it ({', '.join(other)}): resume with that many processes, or move them aside "
+                         "(fresh)")
+    mine = shard.take(instances)
     ident = {"model": model_name(model), "model_sha": fingerprint(model), "seed": seed, "window": window,
              "settings": json.dumps({"fidelity": fidelity, "kl_tokens": kl_tokens}, sort_keys=True)}
-    out = TableFile(path, COLUMNS)  # validates (and locks) the file before anything is computed
+    out = TableFile(rank_table(path, shard), COLUMNS)  # validates (and locks) the file before anything is computed
     try:
-        old = load_results(path)
+        old = load_results(path)  # every rank table too: a point any process finished is not run again
         done = set(map(tuple, old[KEY].astype(str).itertuples(index=False))) if len(old) else set()
         metric_names = lambda inst: [inst.metric] + (list(FIDELITY) if fidelity else [])
-        isha = {id(inst): inst.fingerprint() for inst in instances}
+        isha = {id(inst): inst.fingerprint() for inst in mine}
 
         def key(inst, p, b, m):
             return tuple(str(x) for x in (ident["model"], ident["model_sha"], inst.task, inst.instance,
@@ -178,13 +223,16 @@ def run_sweep(model, tok, instances: Sequence[TaskInstance], policies: Sequence[
                                           window, ident["settings"], m))
 
         todo = [(inst, [(p, b) for p, b in points if not all(key(inst, p, b, m) in done for m in metric_names(inst))])
-                for inst in instances]
-        total = len(instances) * len(points)
+                for inst in mine]
+        total = len(mine) * len(points)
         remaining = sum(len(t) for _, t in todo)
+        who = f" ({shard.label}: {len(mine)} of {len(instances)} instances → {out.path.name})" \
+            if shard.world_size > 1 else ""
         if progress:
-            print(f"sweep: {total} points ({len(instances)} instances × {len(points)} (policy, budget)); "
+            print(f"sweep{who}: {total} points ({len(mine)} instances × {len(points)} (policy, budget)); "
                   f"{total - remaining} reused from {path}, {remaining} to run", flush=True)
-        ctx = _Context(out, tqdm(total=total, initial=total - remaining, disable=not progress, desc="sweep",
+        desc = "sweep" if shard.world_size == 1 else f"sweep {shard.label}"
+        ctx = _Context(out, tqdm(total=total, initial=total - remaining, disable=not progress, desc=desc,
                                  unit="pt"), ident, fidelity, pols, kl_tokens, versions(), done, on_row, key, isha,
                        fast, {p: policy_params_json(pol) for p, pol in pols.items()})
         try:
@@ -197,7 +245,7 @@ def run_sweep(model, tok, instances: Sequence[TaskInstance], policies: Sequence[
         out.close()
     df = load_results(path)
     phases = {k: round(v, 3) for k, v in ctx.phases.items()}
-    wanted = {key(inst, p, b, m) for inst in instances for p, b in points for m in metric_names(inst)}
+    wanted = {key(inst, p, b, m) for inst in mine for p, b in points for m in metric_names(inst)}
     mask = [k in wanted for k in map(tuple, df[KEY].astype(str).itertuples(index=False))]
     df = df[mask].reset_index(drop=True)
     df.attrs["phases"] = phases  # seconds this call spent per phase (PHASES), new points only
