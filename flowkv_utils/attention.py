@@ -54,22 +54,33 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, scaling: float, n_past: i
     return torch.softmax(logits, dim=-1)
 
 
-COLUMN_SUM_ELEMENTS = 2**25  # attention weights held at once by `attention_column_sums` (128 MiB of float32)
+COLUMN_SUM_ELEMENTS = 2**26  # attention weights held at once by `attention_column_sums` (256 MiB of float32)
 
 
 def attention_column_sums(q: torch.Tensor, k: torch.Tensor, scaling: float,
                           max_elements: int = COLUMN_SUM_ELEMENTS) -> torch.Tensor:
     """Accumulated causal attention of every prompt query: c_h[j] = Σ_i A_h[i, j] (H2O's score), (H, n) float32.
 
-    q: (H, n, d) every prompt query (after RoPE), k: (G, n, d). The weights come from `window_attention`, one block
-    of query rows at a time (at most ~max_elements weights per block), so no n × n map is ever held; the block size
-    changes only the float32 summation order, never which weights are summed."""
-    H, n, _ = q.shape
+    q: (H, n, d) every prompt query (after RoPE), k: (G, n, d). One block of query rows at a time (at most
+    ~max_elements weights per block), so no n × n map is ever held: per block one batched GEMM of every query head
+    of a KV group against the keys it sees (scaled in the GEMM), the causal mask on the block's own diagonal part
+    only, a softmax, and the sum over its rows. The same weights as `window_attention` (float32 rounding aside); the
+    block size changes only the summation order, never which weights are summed."""
+    H, n, d = q.shape
+    G = k.shape[0]
+    r = H // G
     rows = max(1, max_elements // (H * n))  # query rows per block
     out = torch.zeros(H, n, dtype=torch.float32, device=q.device)
+    kt = k.float().transpose(1, 2)  # (G, d, n)
+    qg = q.float().view(G, r, n, d)
     for s in range(0, n, rows):
         e = min(n, s + rows)  # rows s..e-1 see keys 0..e-1
-        out[:, :e] += window_attention(q[:, s:e], k[:, :e], scaling).sum(dim=1)
+        c = e - s
+        qb = qg[:, :, s:e].reshape(G, r * c, d)
+        logits = torch.baddbmm(qb.new_empty(()), qb, kt[:, :, :e], beta=0, alpha=scaling).view(G, r, c, e)
+        future = torch.ones(c, c, dtype=torch.bool, device=q.device).triu_(1)  # key s+j' after query s+i
+        logits[..., s:e].masked_fill_(future, float("-inf"))
+        out[:, :e] += torch.softmax(logits, dim=-1).sum(dim=2).view(H, e)
     return out
 
 
