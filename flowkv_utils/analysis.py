@@ -14,13 +14,25 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from .budgets import FULL
+from .budgets import FULL, parse_budget
 from .policies import BASELINES
 
 FIDELITY = ("attn_rel_err", "kl_next_token")
 
 
 IDENTITY = ["model", "model_sha", "instance_sha", "seed", "policy_params", "window", "settings"]  # a run's settings
+
+
+BUDGET_UNITS = {int: "tokens per KV head", float: "kept fraction of the prompt"}
+
+
+def budget_unit(budgets) -> str:
+    """How budgets are given, for axis labels: "tokens per KV head" or "kept fraction of the prompt" (a run uses one
+    kind; "full" aside). budgets: values or a table's budget column (text)."""
+    kinds = {type(parse_budget(b)) for b in budgets} - {str}
+    if len(kinds) > 1:
+        raise ValueError(f"budgets {sorted(map(str, set(budgets)))} mix token counts and fractions of the prompt")
+    return BUDGET_UNITS[kinds.pop()] if kinds else "budget"
 
 
 def budget_value(b: str, full_at: float = math.inf) -> float:

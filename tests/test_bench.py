@@ -173,3 +173,15 @@ def test_cli_eval_on_cpu_agrees_with_the_reference_path(tmp_path, embedded):
     assert pd.isna(fast.check_differs) or fast.check_differs == ""
     assert {"prefill_s", "select_s", "decode_s", "fidelity_s"} <= set(rows.columns)
     assert len(sweep.load_results(tmp_path / "sweep.csv")) > 0
+
+
+def test_greedy_margins_are_the_reference_answers_top2_gaps(embedded):
+    """The near-tie diagnostic of `bench eval`: the smallest top-2 logit gap along the reference path's own answer."""
+    from flowkv_utils.bench.evaluation import greedy_margins
+    from flowkv_utils.tasks import niah
+
+    model, tok = embedded
+    inst = niah.niah(tok, [160], [0.5], seed=0)[0]
+    (m, i), = greedy_margins(model, tok, inst, [("snapkv", "0.5")])
+    assert m >= 0 and 0 <= i <= inst.max_new_tokens
+    assert greedy_margins(model, tok, inst, []) == []

@@ -19,12 +19,32 @@ import torch
 
 from .. import sweep
 from ..budgets import parse_budget
+from ..capture import prefill
+from ..generate import generate, teacher_forced_logits
 from ..models import fingerprint, load_model, shape_of
-from ..policies import STUDY
+from ..policies import REGISTRY, STUDY, get_policy, prefill_options
 from ..results import Recorder
 from ..tasks import niah
 
 BUDGETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)  # the study's six fractions of the prompt (plus "full" for FullKV)
+
+
+def greedy_margins(model, tok, inst, points: list[tuple[str, str]], window: int = 32) -> list[tuple[float, int]]:
+    """For (policy, budget label) points of one instance: the reference path's smallest top-2 logit margin along its
+    own greedy answer (teacher-forced, the decision to stop included) and where it occurs. A margin near float32
+    rounding (≪ 1e-3) means the two paths' different summation orders can flip that token: a near-tie, not a bug."""
+    if not points:
+        return []
+    pf = prefill(model, inst.prompt_ids, window=window, **prefill_options([p for p, _ in points]))
+    out = []
+    for p, b in points:
+        result = get_policy(p, **({} if REGISTRY[p].role == "reference" else {"window": window}))(pf, parse_budget(b))
+        ids = generate(pf, result, inst.max_new_tokens, tok)
+        top2 = teacher_forced_logits(pf, torch.tensor(ids, dtype=torch.long), result).topk(2, dim=-1).values
+        margin = top2[:, 0] - top2[:, 1]
+        i = int(margin.argmin())
+        out.append((float(margin[i]), i))
+    return out
 
 
 def eval_rate(rec: Recorder, model_path: str = "embedded", device: str = "cuda", dtype: str = "bfloat16",
@@ -71,7 +91,10 @@ def eval_rate(rec: Recorder, model_path: str = "embedded", device: str = "cuda",
         same_rows = (a.prediction == b.prediction)[first]
         same = int(same_rows.sum())
         n_check = int(first.sum())
-        differ = ";".join(f"{r.policy}@{r.budget}" for r in a[first][~same_rows].itertuples())
+        differing = [(r.policy, r.budget) for r in a[first][~same_rows].itertuples()]
+        margins = greedy_margins(model, tok, insts[0], differing)
+        differ = ";".join(f"{p}@{b} (reference's smallest top-2 logit margin {m:.2g} at answer token {i})"
+                          for (p, b), (m, i) in zip(differing, margins, strict=True))
         diff = float((a.value - b.value).abs().max())
     base = dict(model=s.name, model_sha=fingerprint(model), dtype=dtype, context=insts[0].context_tokens,
                 policies=len(policies), budgets=";".join(map(str, budgets)), fidelity=True)
