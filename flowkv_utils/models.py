@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,6 +124,11 @@ def gguf_dir(gguf_file: Path, name: str | None = None) -> Path:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .progress import note
+
+    t0 = time.perf_counter()
+    note(f"dequantising {gguf_file.name} ({gguf_file.stat().st_size / 2**20:.0f} MiB) once into {target.parent} ...")
+
     tok = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -143,6 +149,7 @@ def gguf_dir(gguf_file: Path, name: str | None = None) -> Path:
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
+        note(f"dequantised {gguf_file.name} in {time.perf_counter() - t0:.0f} s: {target}")
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

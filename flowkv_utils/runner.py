@@ -4,13 +4,16 @@ Notebooks run in their numeric order; executed copies go to runs/<set>/ (ignored
 (or --figures DIR). Before the first notebook starts, every parameter of every selected notebook is checked —
 name, declared type and allowed values (`params.py`) — and a bad one stops the run with "notebook, parameter,
 value, what is allowed" (papermill itself would only warn about an unknown name). A failing notebook stops the run
-with "notebook X, cell N: Error: value" and exit code 1; Ctrl-C stops it with one line saying which notebook and
-cell were running, what was saved, and the command that resumes.
+with "notebook X, cell N: Error: value" and exit code 1. While a notebook runs, its long work's progress bars
+(`progress.bar`: counts, rate, ETA) appear in this terminal, and each notebook's elapsed time as it finishes.
+Ctrl-C stops it with one line saying which notebook and cell were running, what was saved, and the command that
+resumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import os
 import signal
@@ -21,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from .params import ParameterError, check_parameters
+from .progress import Relay
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
@@ -134,7 +138,8 @@ def run(notebooks: list[Path], param_set: str | None, overrides: dict, out_dir: 
             return SystemExit(130)
 
         try:
-            with _CtrlC() as ctrl_c:
+            relay = Relay(out_dir / f"{nb.stem}.progress.log") if progress else contextlib.nullcontext()
+            with _CtrlC() as ctrl_c, relay:
                 pm.execute_notebook(str(nb), str(out_dir / nb.name), parameters=params, cwd=str(nb.parent),
                                     progress_bar=progress, kernel_name="python3")
         except PapermillExecutionError as e:

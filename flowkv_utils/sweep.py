@@ -48,6 +48,7 @@ from .evaluate import batched_decode, stack_keeps
 from .generate import generate, teacher_forced_logits
 from .models import fingerprint, shape_of
 from .policies import REGISTRY, Policy, get_policy, prefill_options
+from .progress import bar
 from .results import TableError, TableFile, move_aside, read_tables
 from .results import versions as _versions
 from .tasks import TaskInstance
@@ -166,8 +167,6 @@ def run_sweep(model, tok, instances: Sequence[TaskInstance], policies: Sequence[
     policy_params: {policy name: constructor kwargs}. kl_tokens: length of the teacher-forced continuation
     (FullKV's answer) for the KL. fresh: move the existing table aside first (never deletes). on_row(row) is
     called after each row is safely on disk (progress displays, tests)."""
-    from tqdm import tqdm
-
     if not isinstance(fresh, bool):
         raise TypeError(f"fresh={fresh!r}: must be true or false")
     shard = Shard() if shard is None else shard
@@ -232,7 +231,7 @@ def run_sweep(model, tok, instances: Sequence[TaskInstance], policies: Sequence[
             print(f"sweep{who}: {total} points ({len(mine)} instances × {len(points)} (policy, budget)); "
                   f"{total - remaining} reused from {path}, {remaining} to run", flush=True)
         desc = "sweep" if shard.world_size == 1 else f"sweep {shard.label}"
-        ctx = _Context(out, tqdm(total=total, initial=total - remaining, disable=not progress, desc=desc,
+        ctx = _Context(out, bar(total=total, initial=total - remaining, disable=not progress, desc=desc,
                                  unit="pt"), ident, fidelity, pols, kl_tokens, versions(), done, on_row, key, isha,
                        fast, {p: policy_params_json(pol) for p, pol in pols.items()})
         try:

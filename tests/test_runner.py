@@ -126,3 +126,26 @@ def test_ctrl_c_leaves_one_line_with_where_and_how_to_resume(tmp_path):
     lines = [ln for ln in err.splitlines() if ln.startswith("interrupted:")]
     assert len(lines) == 1 and "notebook 92_slow, cell 2 was running" in lines[0] and "resume with: python -m flowkv_utils.runner" in lines[0]
     assert "Traceback" not in err, err[-2000:]
+
+
+def test_progress_inside_a_notebook_reaches_the_runners_terminal(tmp_path, monkeypatch, capsys):
+    """A bar drawn by long work inside a notebook (`progress.bar`) is relayed to the runner's stderr as it runs,
+    not left in the executed copy only."""
+    monkeypatch.setenv("FLOWKV_FIGURES", str(tmp_path))
+    body = "from flowkv_utils.progress import bar\nfor _ in bar(range(5), desc='tiny work', unit='pt'):\n    pass"
+    nb = write_notebook(tmp_path, "91_bar", body)
+    out = tmp_path / "runs"
+    assert runner.main([str(nb), "--out", str(out), "--figures", str(tmp_path / "figs")]) == 0
+    err = capsys.readouterr().err
+    assert "tiny work" in err and "5/5" in err
+    executed = nbformat.read(out / "91_bar.ipynb", as_version=4)
+    assert "tiny work" not in str(executed.cells[-1].outputs)  # the bar went to the terminal instead
+
+
+def test_progress_channel_is_stderr_outside_the_runner(monkeypatch):
+    import sys
+
+    from flowkv_utils import progress
+
+    monkeypatch.delenv(progress.ENV, raising=False)
+    assert progress.channel() is sys.stderr

@@ -28,6 +28,7 @@ from ..kernels import (
     work_items,
 )
 from ..models import shape_of
+from ..progress import bar, note
 from ..results import Recorder
 from .checks import chunked_prefill_check, decode_parity, kernel_checks, score_checks
 from .prefill import kept_lengths, prefill_context
@@ -184,7 +185,7 @@ def gpu_sweep(out: Path | str, *, shape: str = "llama3-8b", contexts: tuple[int,
                          "--device cpu runs the same sweep on the CPU (tiny shapes only)")
     rec = rec or recorder(out, command)
     t_start = time.perf_counter()
-    log = lambda what: print(f"{what} ({time.perf_counter() - t_start:.0f} s)", flush=True)
+    log = lambda what: note(f"{what} ({time.perf_counter() - t_start:.0f} s)")
     bw = copy_bandwidth(dev)
     rec.add("bandwidth", **bw)
     model = shape_model(shape, dev, max(contexts))
@@ -271,7 +272,7 @@ def _prefills(rec: Recorder, model, contexts, budgets, policies, budget: float, 
     counts: dict[tuple, torch.Tensor] = {}
     longest = max(contexts)
     wl = RANDOM_WEIGHTS
-    for n in contexts:
+    for n in bar(contexts, desc="prefill + decode per context", unit="context"):
         comp = _prefill_or_oom(rec, model, n, policy="flowkv_global", budget=budget, chunk=chunk,
                                also=("snapkv", "flowkv"), slack=slack, score_config=score_config)
         if comp is None:
