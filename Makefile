@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.flowkv-installed
 PIPQ   := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: setup figures test smoke bench lab clean-runs kvpress-check
+.PHONY: setup figures reference-figures test smoke bench lab clean-runs kvpress-check
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -23,6 +23,9 @@ $(STAMP): pyproject.toml
 
 figures: $(STAMP)   ## the main job: all notebooks, full parameters, figures/ (see notebooks/README.md for times)
 	$(PY) -m flowkv_utils.runner --set default
+
+reference-figures: $(STAMP)   ## maintainers: the same run, figures into docs/figures/ (the committed reference copies)
+	$(PY) -m flowkv_utils.runner --set default --figures docs/figures
 
 smoke: $(STAMP)     ## all notebooks with the seconds-long smoke parameters (figures to runs/smoke/figures)
 	$(PY) -m flowkv_utils.runner --set smoke --figures runs/smoke/figures

@@ -70,3 +70,15 @@ def test_no_helper_definitions(path):
         src = "\n".join(ln for ln in c.source.splitlines() if not ln.lstrip().startswith(("%", "!")))
         defs = [n.name for n in ast.walk(ast.parse(src)) if isinstance(n, ast.FunctionDef | ast.ClassDef)]
         assert not defs, f"{path.name} cell {i}: defines {defs}; move them to flowkv_utils"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_every_saved_figure_has_a_reference_copy(path):
+    """The working-tree policy (README, 'What a run changes'): a run's figures go to the untracked figures/, the
+    reference run's are committed in docs/figures/ — one for every figure a notebook saves."""
+    from test_notebooks import expected_figures
+
+    reference = runner.REPO / "docs" / "figures"
+    missing = [f for f in expected_figures(path) if not (reference / f).is_file()]
+    assert not missing, f"{path.stem}: no reference copy in docs/figures/ of {missing}; run make reference-figures"
+    assert "figures/" in (runner.REPO / ".gitignore").read_text().split(), "figures/ must stay untracked"
