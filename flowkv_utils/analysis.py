@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
 from .budgets import FULL, parse_budget
@@ -73,9 +74,34 @@ def task_rows(df: pd.DataFrame) -> pd.DataFrame:
     return d
 
 
-def accuracy_table(df: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
+CI_LEVEL = 0.95  # confidence level of every interval the notebooks draw and state
+CI_RESAMPLES = 4000  # bootstrap resamples (percentile intervals; the seed is fixed, so intervals are reproducible)
+
+
+def bootstrap_mean_ci(groups: Sequence[np.ndarray], level: float = CI_LEVEL, resamples: int = CI_RESAMPLES,
+                      seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the unweighted mean over groups of the group means (one group: the plain
+    mean). Each group (e.g. a task's instances) is resampled on its own (stratified), so a task's weight in an
+    average never depends on the draw. For a paired difference pass per-instance differences. A group of one
+    value gives a zero-width interval (nothing to resample: say n next to it)."""
+    if not 0 < level < 1:
+        raise ValueError(f"level={level!r}: must lie in (0, 1), e.g. 0.95")
+    groups = [np.asarray(g, dtype=float) for g in groups if len(g)]
+    if not groups:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = np.zeros(resamples)
+    for g in groups:
+        means += g[rng.integers(0, len(g), size=(resamples, len(g)))].mean(axis=1)
+    means /= len(groups)
+    a = (1 - level) / 2
+    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+
+
+def accuracy_table(df: pd.DataFrame, metric: str | None = None, ci: bool = False) -> pd.DataFrame:
     """Mean score per (task, policy, budget); metric: a fidelity metric name instead of the task metrics.
-    Adds task "average" = unweighted mean over tasks (as LongBench averages datasets)."""
+    Adds task "average" = unweighted mean over tasks (as LongBench averages datasets). ci: also `low`, `high`, the
+    95 % bootstrap interval over instances (`bootstrap_mean_ci`; for "average" resampled within each task)."""
     check_single_run(df)
     d = task_rows(df) if metric is None else df[df.metric == metric].assign(
         budget=lambda x: x.budget.map(budget_value))
@@ -86,7 +112,34 @@ def accuracy_table(df: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
     avg = per.groupby(["policy", "budget"], as_index=False).agg(value=("value", "mean"), n=("n", "sum"),
                                                                  kib=("kib", "mean"))
     avg["task"] = "average"
-    return pd.concat([per, avg[per.columns]], ignore_index=True)
+    out = pd.concat([per, avg[per.columns]], ignore_index=True)
+    if ci:
+        values = {k: g.to_numpy() for k, g in d.groupby(["task", "policy", "budget"]).value}
+        tasks = sorted(set(d.task))
+        bounds = [bootstrap_mean_ci([values.get((t, r.policy, r.budget), []) for t in tasks]) if r.task == "average"
+                  else bootstrap_mean_ci([values[(r.task, r.policy, r.budget)]]) for r in out.itertuples()]
+        out["low"], out["high"] = [b[0] for b in bounds], [b[1] for b in bounds]
+    return out
+
+
+def paired_difference(df: pd.DataFrame, policy: str, other: str | Sequence[str], budget: float,
+                      task: str = "average") -> dict:
+    """Mean of `policy` − `other` at one budget, paired over instances, with its 95 % bootstrap interval (stratified
+    by task for "average"). other: a policy, or several — then per budget the one of highest mean accuracy (chosen
+    on the whole sample, as a claim names it). Returns {"other", "diff", "low", "high", "n"}."""
+    d = task_rows(df)
+    d = d[d.budget == budget] if task == "average" else d[(d.budget == budget) & (d.task == task)]
+    others = [other] if isinstance(other, str) else list(other)
+    others = [o for o in others if o in set(d.policy)]
+    if policy not in set(d.policy) or not others:
+        raise ValueError(f"paired_difference: policy {policy!r} or {other!r} not in the table at budget {budget}")
+    best = max(others, key=lambda o: d[d.policy == o].groupby("task").value.mean().mean())
+    piv = d[d.policy.isin([policy, best])].pivot_table(index=["task", "instance"], columns="policy", values="value")
+    diff = (piv[policy] - piv[best]).dropna()
+    groups = [g.to_numpy() for _, g in diff.groupby(level="task")]
+    low, high = bootstrap_mean_ci(groups)
+    mean = float(np.mean([g.mean() for g in groups]))
+    return {"other": best, "diff": mean, "low": low, "high": high, "n": int(len(diff))}
 
 
 def fullkv_accuracy(df: pd.DataFrame) -> pd.Series:
@@ -126,7 +179,9 @@ def claims(df: pd.DataFrame, flowkv: str = "flowkv", baselines: Sequence[str] = 
     Claim 4 (the gap widens as the budget shrinks): on the task-averaged curve, the advantage
     adv(B) = acc_FlowKV(B) − max_baseline acc(B) per budget (smallest first), its Spearman correlation with
     the budget (negative = widens as the budget shrinks), and at the smallest budget the accuracy losses
-    (FullKV − accuracy) of FlowKV and of the best baseline, and their ratio (> 1: FlowKV loses less)."""
+    (FullKV − accuracy) of FlowKV and of the best baseline, and their ratio (> 1: FlowKV loses less).
+    Intervals: `advantage_low`/`advantage_high`, the 95 % paired bootstrap interval of adv(B) over instances
+    (stratified by task), and the cells where the paired interval lies above / below 0."""
     acc = accuracy_table(df)
     acc = acc[acc.budget.map(math.isfinite)]
     base = [b for b in baselines if b in set(acc.policy)]
@@ -145,6 +200,11 @@ def claims(df: pd.DataFrame, flowkv: str = "flowkv", baselines: Sequence[str] = 
     mean_acc = avg[[flowkv] + base].mean()
     x = pd.Series(avg.index.values, dtype=float).rank()
     rho = float(pd.Series(adv.values).rank().corr(x)) if len(adv) > 1 else float("nan")  # Spearman
+    paired = [paired_difference(df, flowkv, base, b) for b in avg.index]  # the average curve, with intervals
+    above = below = 0  # cells where the paired interval of FlowKV − best baseline excludes 0
+    for task, b in cells.index:
+        c = paired_difference(df, flowkv, base, b, task=task)
+        above, below = above + (c["low"] > 0), below + (c["high"] < 0)
     leaders = {}
     for m in FIDELITY:
         fid = accuracy_table(df, metric=m) if (df.metric == m).any() else None
@@ -163,6 +223,9 @@ def claims(df: pd.DataFrame, flowkv: str = "flowkv", baselines: Sequence[str] = 
         "loss_ratio_smallest": float(loss_b.loc[smallest] / loss_f.loc[smallest]) if loss_f.loc[smallest] > 0
         else float("inf") if loss_b.loc[smallest] > 0 else 1.0,
         "spearman_adv_vs_log_budget": rho,
+        "advantage_low": [c["low"] for c in paired], "advantage_high": [c["high"] for c in paired],
+        "cells_significantly_above": int(above), "cells_significantly_below": int(below),
+        "ci_level": CI_LEVEL,
     }
 
 

@@ -81,7 +81,8 @@ def plot_curves(ax, table, task: str = "average", x: str = "budget",
                 reference: bool = True) -> None:
     """One line per policy (project colours/markers) of an `accuracy_table` for one task, against x = "budget"
     (tokens per KV head) or "kib" (KiB of KV kept); with `reference`, FullKV as a dashed line (and, with full_x,
-    as a point: at x = full_x for budgets, at its own size for "kib")."""
+    as a point: at x = full_x for budgets, at its own size for "kib"). A table with `low`/`high` columns
+    (`analysis.accuracy_table(..., ci=True)`) also gets each curve's interval as a light band."""
     t = table[table.task == task]
     fin = t[t.budget.map(math.isfinite)]
     for p in policies or list(dict.fromkeys(t.policy)):
@@ -90,6 +91,8 @@ def plot_curves(ax, table, task: str = "average", x: str = "budget",
             continue
         ax.plot(g[x], g.value, marker=policy_marker(p), color=policy_color(p), lw=1.4, ms=5,
                 label=policy_label(p))
+        if "low" in g and g.low.notna().any():  # the table's 95 % interval (accuracy_table(..., ci=True))
+            ax.fill_between(g[x], g.low, g.high, color=policy_color(p), alpha=0.12, lw=0)
     full = t[(t.policy == "fullkv") & ~t.budget.map(math.isfinite)]
     if reference and len(full):
         ax.axhline(full.value.mean(), color=policy_color("fullkv"), ls="--", lw=1, label="FullKV")

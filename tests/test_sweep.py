@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -383,3 +384,38 @@ def test_claims_hand():
     assert c["loss_ratio_smallest"] == pytest.approx(1.5)
     with pytest.raises(ValueError, match="claims need"):
         analysis.claims(df, flowkv="flowkv_global")
+
+
+def test_bootstrap_interval_properties():
+    """Percentile bootstrap of the mean: contains the mean, zero width for constant data, ≈ the normal-theory width
+    for many Bernoulli(0.5) values, stratified groups weigh each group's mean equally, reproducible."""
+    assert analysis.bootstrap_mean_ci([np.ones(7)]) == (1.0, 1.0)
+    x = np.random.default_rng(1).integers(0, 2, size=400).astype(float)
+    lo, hi = analysis.bootstrap_mean_ci([x])
+    assert lo < x.mean() < hi and (hi - lo) == pytest.approx(2 * 1.96 * 0.5 / np.sqrt(400), rel=0.15)
+    assert analysis.bootstrap_mean_ci([x]) == (lo, hi)
+    lo2, hi2 = analysis.bootstrap_mean_ci([np.zeros(3), np.ones(300)])  # two tasks: the average is 0.5 exactly
+    assert (lo2, hi2) == (0.5, 0.5)
+    with pytest.raises(ValueError, match="level"):
+        analysis.bootstrap_mean_ci([x], level=95)
+
+
+def test_paired_difference_and_claim_intervals():
+    """Paired over instances: a constant per-instance advantage has a zero-width interval; noise around a positive
+    advantage gives an interval above 0 that the claims count as a significant cell."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(60):
+        base = float(rng.integers(0, 2))
+        for p, v in (("flowkv", min(1.0, base + 0.5)), ("snapkv", base), ("adakv", base * 0.5)):
+            rows.append(dict(model="m", task="t", instance=str(i), context_tokens=1000, policy=p, budget="64",
+                             budget_fraction=0.1, kept_entries=64, budget_bytes=256, metric="contains", value=v))
+        rows.append(dict(rows[-1], policy="fullkv", budget="full", value=1.0))
+    df = pd.DataFrame(rows)
+    d = analysis.paired_difference(df, "flowkv", ["snapkv", "adakv"], 64)
+    assert d["other"] == "snapkv" and d["n"] == 60 and d["low"] > 0 and d["low"] <= d["diff"] <= d["high"]
+    c = analysis.claims(df)
+    assert c["advantage_low"][0] == pytest.approx(d["low"]) and c["cells_significantly_above"] == 1
+    acc = analysis.accuracy_table(df, ci=True)
+    row = acc[(acc.task == "t") & (acc.policy == "snapkv")].iloc[0]
+    assert row.low <= row.value <= row.high
