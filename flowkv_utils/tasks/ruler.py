@@ -10,6 +10,12 @@ reply starts with RULER's answer prefix (appended after the chat template's gene
   name every variable that holds the value.
 - `cwe` (common-words extraction): a numbered list where 10 common words appear 30 times each among rare words
   appearing 3 times each; name the 10 common words.
+- `fwe` (frequent-words extraction): "coded text" of random 6-letter words whose counts follow a zeta law: the word
+  of rank k appears ⌊N·k^(−α)/ζ(α)⌋ times (α = 2), the top-ranked word is the noise "...", the vocabulary is
+  ⌊length/50⌋ words; name the three most frequent words (ranks 2–4), as RULER's freq_words_extraction does.
+Haystack (`haystack=`): the NIAH tasks and `vt` hide their needles in a source of `haystack.SOURCES` ("docs", the
+default; "essay"; "noise", RULER's repeated sentences); another than "docs" names the task (e.g.
+`ruler_niah_single_essay`). `cwe` and `fwe` are word lists and have no haystack.
 Metric: string_match_all (fraction of references found in the output, case-insensitive).
 Keys are adjective–noun pairs and words come from the haystack vocabulary (RULER draws them from word lists).
 """
@@ -20,9 +26,9 @@ import random
 import uuid
 
 from . import TaskInstance, build_prompt
-from .haystack import Haystack, fit_length, words
+from .haystack import Haystack, check_source, fit_length, words
 
-TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe")
+TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe")
 
 ADJECTIVES = ("ancient", "bitter", "brave", "calm", "clever", "crimson", "curious", "distant", "eager", "faint",
               "fierce", "gentle", "golden", "hollow", "humble", "icy", "jolly", "lively", "lonely", "mellow",
@@ -44,9 +50,13 @@ CWE_TEMPLATE = ("Below is a numbered list of words. In these words, some appear 
                 "the ones that appear most often.\n{context}\nQuestion: What are the {num} most common words in "
                 "the above list?")
 CWE_ANSWER = "Answer: The top {num} words that appear most often in the list are:"
+FWE_TEMPLATE = ("Read the following coded text and track the frequency of each coded word. Find the three most "
+                "frequently appeared coded words. {context}\nQuestion: Do not provide any explanation. Please ignore "
+                "the dots '....'. What are the three most frequently appeared words in the above coded text?")
+FWE_ANSWER = "Answer: According to the coded text above, the three most frequently appeared words are:"
 
 MAX_NEW_TOKENS = {"niah_single": 24, "niah_multikey": 24, "niah_multivalue": 48, "niah_multiquery": 48,
-                  "vt": 30, "cwe": 64}
+                  "vt": 30, "cwe": 64, "fwe": 50}
 
 
 def _key(rng: random.Random, taken: set[str]) -> str:
@@ -63,7 +73,8 @@ def _value(rng: random.Random, kind: str) -> str:
     return str(uuid.UUID(int=rng.getrandbits(128), version=4))
 
 
-def _niah(tok, task: str, length: int, rng: random.Random, kind: str, chat: bool, n_needles: int = 4):
+def _niah(tok, task: str, length: int, rng: random.Random, kind: str, chat: bool, haystack: str,
+          n_needles: int = 4):
     """Prompt ids and references of the four NIAH variants."""
     taken: set[str] = set()
     if task == "niah_single":
@@ -85,7 +96,7 @@ def _niah(tok, task: str, length: int, rng: random.Random, kind: str, chat: bool
         query_keys, refs = keys, [v for _, v in needles]
     query = query_keys[0] if len(query_keys) == 1 else ", ".join(query_keys[:-1]) + ", and " + query_keys[-1]
     inserts = [(rng.random(), NEEDLE.format(kind=kind, key=k, value=v)) for k, v in needles]
-    hay = Haystack(tok, start=rng.randrange(10**6))
+    hay = Haystack(tok, start=rng.randrange(10**6), source=haystack)
 
     def make(hay_tokens: int):
         text = NIAH_TEMPLATE.format(kind=kind, context=hay.with_insertions(hay_tokens, inserts), query=query)
@@ -94,7 +105,7 @@ def _niah(tok, task: str, length: int, rng: random.Random, kind: str, chat: bool
     return fit_length(make, length), refs, {"keys": query_keys, "depths": [d for d, _ in inserts]}
 
 
-def _vt(tok, length: int, rng: random.Random, chat: bool, hops: int = 4):
+def _vt(tok, length: int, rng: random.Random, chat: bool, haystack: str, hops: int = 4):
     letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
     names: list[str] = []
     while len(names) < hops + 1:
@@ -104,7 +115,7 @@ def _vt(tok, length: int, rng: random.Random, chat: bool, hops: int = 4):
     value = str(rng.randint(10000, 99999))
     chain = [f"VAR {names[0]} = {value}."] + [f"VAR {names[i]} = VAR {names[i - 1]}." for i in range(1, hops + 1)]
     depths = sorted(rng.random() for _ in chain)  # the chain appears in order
-    hay = Haystack(tok, start=rng.randrange(10**6))
+    hay = Haystack(tok, start=rng.randrange(10**6), source=haystack)
 
     def make(hay_tokens: int):
         text = VT_TEMPLATE.format(context=hay.with_insertions(hay_tokens, list(zip(depths, chain, strict=True))), query=value)
@@ -143,27 +154,77 @@ def _cwe(tok, length: int, rng: random.Random, chat: bool, n_common: int = 10, f
     return make(lo), common, {"n_rare": lo}
 
 
+def zeta(alpha: float, terms: int = 100_000) -> float:
+    """Riemann ζ(α) for α > 1: the partial sum to `terms` plus its Euler–Maclaurin tail (relative error < 1e-12
+    at α = 2)."""
+    if not alpha > 1:
+        raise ValueError(f"alpha={alpha!r}: the zeta law needs α > 1")
+    head = sum(k ** -alpha for k in range(1, terms))
+    return head + terms ** (1 - alpha) / (alpha - 1) + terms ** -alpha / 2
+
+
+def _fwe(tok, length: int, rng: random.Random, chat: bool, alpha: float = 2.0, wordlen: int = 6):
+    """RULER's frequent-words extraction: counts ⌊N·k^(−α)/ζ(α)⌋ by rank k; the largest N that fits the length."""
+    size = max(8, length // 50)
+    vocab: list[str] = []
+    while len(vocab) < size:
+        w = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(wordlen))
+        if w not in vocab:
+            vocab.append(w)
+    vocab[0] = "..."  # the top-ranked word is noise, as in RULER
+    z = zeta(alpha)
+    order = random.Random(rng.random())
+
+    def make(n_words: int):
+        words_ = [w for k, w in enumerate(vocab, 1) for _ in range(int(n_words * k ** -alpha / z))]
+        order.seed(f"fwe-{vocab[1]}-{n_words}")
+        order.shuffle(words_)
+        return build_prompt(tok, FWE_TEMPLATE.format(context=" ".join(words_)), FWE_ANSWER, chat)
+
+    if make(0).shape[-1] >= length:
+        raise ValueError(f"fwe: length={length} tokens cannot hold the template; use a longer length")
+    lo, hi = 0, 4 * length  # the largest N that fits (the prompt grows monotonically with N)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if make(mid).shape[-1] <= length:
+            lo = mid
+        else:
+            hi = mid - 1
+    counts = [int(lo * k ** -alpha / z) for k in range(1, 5)]
+    if not counts[1] > counts[2] > counts[3] > 0:
+        raise ValueError(f"fwe: length={length} tokens is too short for three distinct frequent words "
+                         f"(counts of ranks 2-4: {counts[1:]}); use a longer length")
+    return make(lo), vocab[1:4], {"n_words": lo, "alpha": alpha, "counts": counts[1:]}
+
+
 def ruler_instance(tok, task: str, length: int, index: int = 0, seed: int = 0, kind: str = "numbers",
-                   chat: bool = True, max_new_tokens: int | None = None) -> TaskInstance:
+                   chat: bool = True, max_new_tokens: int | None = None, haystack: str = "docs") -> TaskInstance:
     """One RULER-style instance of `task` (see TASKS) with a prompt of ≤ `length` tokens."""
     if task not in TASKS:
         raise ValueError(f"unknown RULER task {task!r}: allowed are {', '.join(TASKS)}")
     if kind not in ("numbers", "uuids"):
         raise ValueError(f"kind={kind!r}: needle values are 'numbers' (7 digits) or 'uuids'")
+    check_source(haystack)
     rng = random.Random(f"ruler-{task}-{seed}-{length}-{index}-{kind}")
+    hay_task = task.startswith("niah") or task == "vt"
     if task.startswith("niah"):
-        ids, refs, meta = _niah(tok, task, length, rng, kind, chat)
+        ids, refs, meta = _niah(tok, task, length, rng, kind, chat, haystack)
     elif task == "vt":
-        ids, refs, meta = _vt(tok, length, rng, chat)
-    else:
+        ids, refs, meta = _vt(tok, length, rng, chat, haystack)
+    elif task == "cwe":
         ids, refs, meta = _cwe(tok, length, rng, chat)
+    else:
+        ids, refs, meta = _fwe(tok, length, rng, chat)
     meta["length"] = length
-    return TaskInstance(f"ruler_{task}", f"len{length}_{index:02d}", ids, refs,
-                        max_new_tokens or MAX_NEW_TOKENS[task], "string_match_all", meta)
+    name = f"ruler_{task}"
+    if hay_task and haystack != "docs":  # the default keeps the stored instances' identity
+        name, meta["haystack"] = f"{name}_{haystack}", haystack
+    return TaskInstance(name, f"len{length}_{index:02d}", ids, refs, max_new_tokens or MAX_NEW_TOKENS[task],
+                        "string_match_all", meta)
 
 
 def ruler(tok, tasks: list[str], lengths: list[int], per_length: int = 1, seed: int = 0, kind: str = "numbers",
-          chat: bool = True) -> list[TaskInstance]:
-    """`per_length` instances of every task at every length, deterministic in seed."""
-    return [ruler_instance(tok, t, int(n), i, seed, kind, chat) for t in tasks for n in lengths
+          chat: bool = True, haystack: str = "docs") -> list[TaskInstance]:
+    """`per_length` instances of every task at every length, deterministic in seed (haystack: see the module)."""
+    return [ruler_instance(tok, t, int(n), i, seed, kind, chat, haystack=haystack) for t in tasks for n in lengths
             for i in range(per_length)]
