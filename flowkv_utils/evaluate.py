@@ -42,14 +42,16 @@ def stack_keeps(pf: Prefill, results: list[PolicyResult | None]) -> torch.Tensor
 @torch.no_grad()
 def batched_decode(pf: Prefill, results: list[PolicyResult | None], max_new_tokens: int, tok=None,
                    kl_tokens: int = 0, continuation: torch.Tensor | None = None, impl: str = "auto",
-                   graph: bool | None = None, keeps: torch.Tensor | None = None) -> BatchDecode:
+                   graph: bool | None = None, keeps: torch.Tensor | None = None,
+                   prefix: torch.Tensor | None = None) -> BatchDecode:
     """Greedy answers (and teacher-forced logits along a continuation) of every compressed cache in one batch.
 
     results: one PolicyResult per point (None: the full cache). The continuation is `continuation` if given, else
     the first `kl_tokens` tokens of row 0's own answer (row 0 should then be the full cache: the sweep's KL is
     along FullKV's answer); kl_tokens = 0 and no continuation: no teacher forcing. graph: capture the step as a
-    CUDA graph (default: on CUDA). keeps: `stack_keeps(pf, results)` if the caller has it already. The first answer token comes from the shared prefill (the same for every point,
-    as in `generate`)."""
+    CUDA graph (default: on CUDA). keeps: `stack_keeps(pf, results)` if the caller has it already. The first
+    answer token comes from the shared prefill (the same for every point, as in `generate`) — or, with `prefix`
+    (tokens fed after every compressed cache first, as `generate`'s), from each point's logits after it."""
     if not results:
         return BatchDecode([], None, None)
     if max_new_tokens < 1:
@@ -57,14 +59,22 @@ def batched_decode(pf: Prefill, results: list[PolicyResult | None], max_new_toke
     T = kl_tokens if continuation is None else int(continuation.numel())
     B = len(results)
     keeps = stack_keeps(pf, results) if keeps is None else keeps
+    prefix = [] if prefix is None else torch.as_tensor(prefix).view(-1).tolist()
     sc = StaticRaggedCache.from_keeps(pf, keeps, [None if r is None else r.values for r in results],
-                                      capacity=max(max_new_tokens - 1, T, 1))
+                                      capacity=len(prefix) + max(max_new_tokens - 1, T, 1))
     dec = FastDecoder(pf.model, sc, impl=impl, fuse=False, compile=False)
     if graph if graph is not None else sc.device.type == "cuda":
         dec.capture()
     dev = sc.device
     stops = torch.tensor(sorted(stop_ids(tok)) or [-1], device=dev)
-    cur = pf.logits.argmax().to(dev).expand(B).clone()  # (B,) the first token: shared prefill
+    def feed_prefix() -> torch.Tensor:  # (B, vocab) logits after the prefix (the shared prefill's without one)
+        last = pf.logits.to(dev).float().expand(B, -1)
+        for t in prefix:
+            last = dec.step(torch.full((B,), t, dtype=torch.long, device=dev)).float()
+        return last.clone()  # the step's output buffer is reused by the next step
+
+    first = feed_prefix()
+    cur = first.argmax(-1)  # (B,) the first answer token
     toks = [cur]
     done = torch.isin(cur, stops)
     for _ in range(max_new_tokens - 1):
@@ -81,10 +91,10 @@ def batched_decode(pf: Prefill, results: list[PolicyResult | None], max_new_toke
         answers.append(row[:cut])
     logits = None
     if T and continuation is None:
-        continuation = torch.tensor((answers[0] or [int(pf.logits.argmax())])[:T])
+        continuation = torch.tensor((answers[0] or [int(first[0].argmax())])[:T])
     if T:
         sc.rewind()
-        rows = [pf.logits.to(dev).float().expand(B, -1)]
+        rows = [feed_prefix()]
         for t in continuation.view(-1).tolist():
             rows.append(dec.step(torch.full((B,), t, dtype=torch.long, device=dev)).float().clone())
         logits = torch.stack(rows, 1)  # (B, T + 1, vocab)

@@ -47,11 +47,15 @@ def stop_ids(tok) -> set[int]:
 
 @torch.no_grad()
 def generate(pf: Prefill, result: PolicyResult | None = None, max_new_tokens: int = 32, tok=None,
-             attend=None) -> list[int]:
-    """Greedy continuation of the prompt from the (compressed) cache; stops at an end-of-turn token."""
-    cache = RaggedCache.from_prefill(pf, result, capacity=max_new_tokens)
+             attend=None, prefix: torch.Tensor | None = None) -> list[int]:
+    """Greedy continuation of the prompt from the (compressed) cache; stops at an end-of-turn token. prefix: tokens
+    fed (teacher-forced, kept in full) after the compressed cache before the answer starts — the question of a
+    question-agnostic evaluation, whose context alone was prefilled and compressed."""
+    prefix = _prefix(prefix)
+    cache = RaggedCache.from_prefill(pf, result, capacity=max_new_tokens + prefix.numel())
     stops = stop_ids(tok)
-    nxt = int(pf.logits.argmax())
+    last = decode(pf.model, cache, prefix.view(1, -1), attend)[-1] if prefix.numel() else pf.logits
+    nxt = int(last.argmax())
     out = [nxt]
     while len(out) < max_new_tokens and nxt not in stops:
         nxt = int(decode(pf.model, cache, torch.tensor([[nxt]]), attend)[-1].argmax())
@@ -60,8 +64,17 @@ def generate(pf: Prefill, result: PolicyResult | None = None, max_new_tokens: in
 
 
 @torch.no_grad()
-def teacher_forced_logits(pf: Prefill, continuation: torch.Tensor, result: PolicyResult | None = None) -> torch.Tensor:
-    """Next-token logits (T + 1, vocab) at the end of the prompt and after each continuation token."""
-    cache = RaggedCache.from_prefill(pf, result, capacity=continuation.numel())
-    rest = decode(pf.model, cache, continuation.view(1, -1))
-    return torch.cat([pf.logits.unsqueeze(0), rest])
+def teacher_forced_logits(pf: Prefill, continuation: torch.Tensor, result: PolicyResult | None = None,
+                          prefix: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token logits (T + 1, vocab) at the end of the prompt (after `prefix`, if any, fed after the cache as in
+    `generate`) and after each continuation token."""
+    prefix = _prefix(prefix)
+    cache = RaggedCache.from_prefill(pf, result, capacity=prefix.numel() + continuation.numel())
+    if not prefix.numel():
+        return torch.cat([pf.logits.unsqueeze(0), decode(pf.model, cache, continuation.view(1, -1))])
+    rows = decode(pf.model, cache, torch.cat([prefix.view(-1), continuation.view(-1).to(prefix.device)]).view(1, -1))
+    return rows[prefix.numel() - 1:]
+
+
+def _prefix(prefix: torch.Tensor | None) -> torch.Tensor:
+    return torch.zeros(0, dtype=torch.long) if prefix is None else torch.as_tensor(prefix).view(-1).long().cpu()

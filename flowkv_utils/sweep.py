@@ -31,6 +31,7 @@ per metric, with the columns `COLUMNS`:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -79,6 +80,16 @@ def table_files(path: str | Path) -> list[Path]:
                          f"it ({', '.join(p.name for p in ranks)}); a table is sharded one way — move one set "
                          "away (or aside with fresh) before loading")
     return ([path] if path.exists() else []) + list(ranks)
+
+
+QUESTION_MODES = ("aware", "agnostic")
+
+
+def instance_sha(inst: TaskInstance, question: str = "aware") -> str:
+    """The instance's key: its fingerprint, and in a question-agnostic run also where its question starts."""
+    if question == "aware":
+        return inst.fingerprint()
+    return hashlib.sha256(f"{inst.fingerprint()}:question_at={inst.question_at}".encode()).hexdigest()[:16]
 
 
 def load_results(path: str | Path) -> pd.DataFrame:
@@ -153,7 +164,7 @@ def run_sweep(model, tok, instances: Sequence[TaskInstance], policies: Sequence[
               path: str | Path, seed: int = 0, window: int = 32, fidelity: bool = True,
               policy_params: dict[str, dict] | None = None, kl_tokens: int = 16, progress: bool = True,
               on_row: Callable[[dict], None] | None = None, fresh: bool = False,
-              fast: bool | None = None, shard: Shard | None = None) -> pd.DataFrame:
+              fast: bool | None = None, shard: Shard | None = None, question: str = "aware") -> pd.DataFrame:
     """Run every (instance, policy, budget) point whose rows are not yet in `path`, appending rows; returns the
     rows of this run (these instances, policies, budgets and settings), old and new.
 
@@ -166,7 +177,12 @@ def run_sweep(model, tok, instances: Sequence[TaskInstance], policies: Sequence[
     observation window of the prefill, passed to every policy unless policy_params says otherwise.
     policy_params: {policy name: constructor kwargs}. kl_tokens: length of the teacher-forced continuation
     (FullKV's answer) for the KL. fresh: move the existing table aside first (never deletes). on_row(row) is
-    called after each row is safely on disk (progress displays, tests)."""
+    called after each row is safely on disk (progress displays, tests).
+    question: "aware" (the whole prompt is prefilled and compressed: the question is inside the observation
+    window) or "agnostic" (only the context before the instance's `question_at` is prefilled and compressed; the
+    question is then fed over the compressed cache and kept in full, as kvpress evaluates). Recorded in the
+    settings (so the two are never mixed in one comparison); context_tokens is then the compressed context's
+    length, and budgets are fractions or tokens of it."""
     if not isinstance(fresh, bool):
         raise TypeError(f"fresh={fresh!r}: must be true or false")
     shard = Shard() if shard is None else shard
@@ -182,6 +198,10 @@ def run_sweep(model, tok, instances: Sequence[TaskInstance], policies: Sequence[
     for name, v in (("seed", seed), ("window", window), ("kl_tokens", kl_tokens)):
         if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "seed" else 1):
             raise ValueError(f"{name}={v!r}: must be an int ≥ {0 if name == 'seed' else 1}")
+    if question not in QUESTION_MODES:
+        raise ValueError(f"question={question!r}: allowed are {', '.join(QUESTION_MODES)} (aware: the question is "
+                         "compressed with the context; agnostic: the context is compressed before the question)")
+    agnostic = question == "agnostic"
     points = plan(policies, budgets)
     policy_params = policy_params or {}
     for p in policy_params:
@@ -191,9 +211,16 @@ def run_sweep(model, tok, instances: Sequence[TaskInstance], policies: Sequence[
                           **policy_params.get(p, {})) for p in dict.fromkeys(p for p, _ in points)}
     shape = shape_of(model)
     for inst in instances:  # every budget must fit every prompt (window included) before anything is computed
+        if agnostic and inst.question_at is None:
+            raise ValueError(f"instance {inst.task}/{inst.instance}: question='agnostic' needs to know where the "
+                             "question starts, and this task does not say (question_at is None): use 'aware'")
+        if agnostic and inst.question_at <= window:
+            raise ValueError(f"instance {inst.task}/{inst.instance}: question='agnostic' needs the context before the "
+                             f"question ({inst.question_at} tokens) to be longer than the window {window}")
         for p, b in points:
             try:
-                pols[p].budget_for(inst.context_tokens, shape.layers, shape.kv_heads, b)
+                pols[p].budget_for(inst.question_at if agnostic else inst.context_tokens, shape.layers,
+                                   shape.kv_heads, b)
             except ValueError as e:
                 raise ValueError(f"instance {inst.task}/{inst.instance} ({inst.context_tokens} tokens), budget "
                                  f"{budget_label(b)}: {e}") from None
@@ -208,13 +235,14 @@ def run_sweep(model, tok, instances: Sequence[TaskInstance], policies: Sequence[
                          "(fresh)")
     mine = shard.take(instances)
     ident = {"model": model_name(model), "model_sha": fingerprint(model), "seed": seed, "window": window,
-             "settings": json.dumps({"fidelity": fidelity, "kl_tokens": kl_tokens}, sort_keys=True)}
+             "settings": json.dumps({"fidelity": fidelity, "kl_tokens": kl_tokens,
+                                     **({"question": question} if agnostic else {})}, sort_keys=True)}
     out = TableFile(rank_table(path, shard), COLUMNS)  # validates (and locks) the file before anything is computed
     try:
         old = load_results(path)  # every rank table too: a point any process finished is not run again
         done = set(map(tuple, old[KEY].astype(str).itertuples(index=False))) if len(old) else set()
         metric_names = lambda inst: [inst.metric] + (list(FIDELITY) if fidelity else [])
-        isha = {id(inst): inst.fingerprint() for inst in mine}
+        isha = {id(inst): instance_sha(inst, question) for inst in mine}
 
         def key(inst, p, b, m):
             return tuple(str(x) for x in (ident["model"], ident["model_sha"], inst.task, inst.instance,
@@ -233,7 +261,7 @@ def run_sweep(model, tok, instances: Sequence[TaskInstance], policies: Sequence[
         desc = "sweep" if shard.world_size == 1 else f"sweep {shard.label}"
         ctx = _Context(out, bar(total=total, initial=total - remaining, disable=not progress, desc=desc,
                                  unit="pt"), ident, fidelity, pols, kl_tokens, versions(), done, on_row, key, isha,
-                       fast, {p: policy_params_json(pol) for p, pol in pols.items()})
+                       fast, {p: policy_params_json(pol) for p, pol in pols.items()}, agnostic=agnostic)
         try:
             for inst, pts in todo:
                 if pts:
@@ -268,6 +296,7 @@ class _Context:
     isha: dict
     fast: bool
     params_json: dict = dataclasses.field(default_factory=dict)  # {policy: policy_params_json}
+    agnostic: bool = False  # question-agnostic: the context is prefilled and compressed, the question fed after
     phases: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))  # seconds per phase
 
 
@@ -284,7 +313,9 @@ def _run_instance(model, tok, inst: TaskInstance, pts: list, metric_names: list[
     phase = ctx.phases
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    pf = prefill(model, inst.prompt_ids, window=window, **prefill_options(ctx.policies.values()))
+    q = inst.question_at if ctx.agnostic else inst.context_tokens
+    question = inst.prompt_ids[0, q:] if ctx.agnostic else None  # fed after the compressed context, kept in full
+    pf = prefill(model, inst.prompt_ids[:, :q], window=window, **prefill_options(ctx.policies.values()))
     s = pf.shape
     entry_bytes = 2 * s.head_dim * pf.layers[0].k.element_size()  # K and V of one (layer, head, token)
     n_all = s.layers * s.kv_heads * pf.n
@@ -313,7 +344,7 @@ def _run_instance(model, tok, inst: TaskInstance, pts: list, metric_names: list[
         points = [None] + [results[k] for k in compressed]
         keeps = stack_keeps(pf, points)  # (1 + P, L, G, n): FullKV, then every compressed point
         out = batched_decode(pf, points, inst.max_new_tokens, tok, kl_tokens=kl_tokens if fidelity else 0,
-                             keeps=keeps)
+                             keeps=keeps, prefix=question)
         full_ids = out.answers[0]
         answers = dict(zip(compressed, out.answers[1:], strict=True))
         t2 = time.perf_counter()
@@ -330,19 +361,23 @@ def _run_instance(model, tok, inst: TaskInstance, pts: list, metric_names: list[
         for k in compressed:
             elapsed[k] += share
     else:
-        full_ids = generate(pf, None, inst.max_new_tokens, tok)
-        cont = torch.tensor((full_ids or [int(pf.logits.argmax())])[:kl_tokens])
-        full_tf = teacher_forced_logits(pf, cont, None) if fidelity else None
+        full_ids = generate(pf, None, inst.max_new_tokens, tok, prefix=question)
+        full_tf = None
+        if fidelity:
+            first = pf.logits if question is None else teacher_forced_logits(
+                pf, torch.zeros(0, dtype=torch.long), None, prefix=question)[0]
+            cont = torch.tensor((full_ids or [int(first.argmax())])[:kl_tokens])
+            full_tf = teacher_forced_logits(pf, cont, None, prefix=question)
         full_s = prefill_s + time.perf_counter() - t1
         for k in compressed:  # one point at a time: the definitions
             t2 = time.perf_counter()
             result = results[k]
-            answers[k] = generate(pf, result, inst.max_new_tokens, tok)
+            answers[k] = generate(pf, result, inst.max_new_tokens, tok, prefix=question)
             t3 = time.perf_counter()
             if fidelity:
                 vals[k]["attn_rel_err"] = float(metrics.attention_output_errors(pf, result.keep, result.values,
                                                                                 ref_out).mean())
-                comp = teacher_forced_logits(pf, cont, result)
+                comp = teacher_forced_logits(pf, cont, result, prefix=question)
                 vals[k]["kl_next_token"] = float(metrics.kl_divergence(full_tf[1:], comp[1:]).mean())
             elapsed[k] += time.perf_counter() - t2
             phase["decode"] += t3 - t2

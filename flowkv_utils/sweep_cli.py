@@ -51,6 +51,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--budgets", type=_budget, nargs="+", default=BUDGETS, help=BUDGET_HELP)
     ap.add_argument("--window", type=int, default=32, help="observation window (last prompt tokens)")
     ap.add_argument("--no-fidelity", action="store_true", help="skip attention-output error and next-token KL")
+    ap.add_argument("--question", choices=sweep.QUESTION_MODES, default="aware",
+                    help="aware: the question is compressed with the context; agnostic: the context is compressed "
+                    "before the question arrives (as kvpress evaluates)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the task instances")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (0 keeps torch's default)")
     ap.add_argument("--fresh", action="store_true",
@@ -104,7 +107,7 @@ def _run(a: argparse.Namespace, shard: Shard, device: torch.device, n_points: in
     print(f"{shard.label} on {device}: {len(shard.take(instances))} of {len(instances)} instances × {n_points} "
           f"(policy, budget) points", flush=True)
     sweep.run_sweep(model, tok, instances, a.policies, a.budgets, a.table, seed=a.seed, window=a.window,
-                    fidelity=not a.no_fidelity, shard=shard)
+                    fidelity=not a.no_fidelity, shard=shard, question=a.question)
     barrier(shard)  # every rank's table is complete
     if shard.main:
         files = sweep.table_files(a.table)

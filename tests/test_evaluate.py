@@ -86,3 +86,47 @@ def test_caches_packed_from_keeps_equal_the_ragged_caches(family):
             single.append((kept - full).norm() / full.norm())
         assert torch.allclose(row, torch.stack(single), rtol=1e-5, atol=1e-7)
         assert torch.allclose(row, attention_output_errors(pf, r.keep, r.values), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_question_agnostic_fast_sweep_equals_reference_sweep(family, tmp_path):
+    """Question-agnostic: the context alone is prefilled and compressed, the question fed after it; the batched
+    path and the one-point-at-a-time path agree, and the settings say which mode a row comes from."""
+    m = random_model(family, layers=2, heads=4, kv_heads=2, head_dim=8, vocab=128, seed=1)
+    g = torch.Generator().manual_seed(1)
+    insts = [TaskInstance("t", f"i{i}", torch.randint(0, 128, (1, 64 + 8 * i), generator=g), ["5"], 6, "contains",
+                          question_at=50 + 4 * i) for i in range(2)]
+    args = (m, None, insts, STUDY, [12, 24, "full"])
+    ref = sweep.run_sweep(*args, tmp_path / "ref.csv", window=8, progress=False, fast=False, question="agnostic")
+    fast = sweep.run_sweep(*args, tmp_path / "fast.csv", window=8, progress=False, fast=True, question="agnostic")
+    _compare(fast, ref)
+    assert (ref.settings.str.contains('"question": "agnostic"')).all()
+    assert sorted(set(ref.context_tokens)) == [50, 54]  # the compressed context's length
+    aware = sweep.run_sweep(*args, tmp_path / "ref.csv", window=8, progress=False, fast=False)
+    assert not aware.settings.str.contains("question").any() and len(sweep.load_results(tmp_path / "ref.csv")) == \
+        len(ref) + len(aware)  # one table holds both runs side by side, under different settings
+
+
+def test_the_question_fed_after_a_full_cache_is_the_full_prompt(tmp_path):
+    """With nothing evicted, prefilling the context and feeding the question over the cache is the same computation
+    as prefilling the whole prompt: the same logits (float32 rounding) and the same greedy answer."""
+    m = random_model("llama", layers=2, heads=4, kv_heads=2, head_dim=8, vocab=128, seed=2)
+    ids = torch.randint(0, 128, (1, 70), generator=torch.Generator().manual_seed(2))
+    whole, ctx = prefill(m, ids, window=8), prefill(m, ids[:, :55], window=8)
+    cont = torch.tensor([3, 9, 4])
+    torch.testing.assert_close(teacher_forced_logits(ctx, cont, None, prefix=ids[0, 55:]),
+                               teacher_forced_logits(whole, cont, None), rtol=1e-4, atol=1e-5)
+    assert generate(ctx, None, 8, None, prefix=ids[0, 55:]) == generate(whole, None, 8, None)
+    out = batched_decode(ctx, [None], 8, None, prefix=ids[0, 55:])
+    assert out.answers[0] == generate(whole, None, 8, None)
+
+
+def test_question_agnostic_needs_the_question_position(tmp_path):
+    m = random_model("llama", layers=2, heads=4, kv_heads=2, head_dim=8, vocab=128, seed=0)
+    inst = TaskInstance("t", "i", torch.randint(0, 128, (1, 40)), ["5"], 4, "contains")
+    with pytest.raises(ValueError, match="does not say"):
+        sweep.run_sweep(m, None, [inst], ["snapkv"], [12], tmp_path / "x.csv", window=8, progress=False,
+                        question="agnostic")
+    with pytest.raises(ValueError, match="question='both'"):
+        sweep.run_sweep(m, None, [inst], ["snapkv"], [12], tmp_path / "x.csv", window=8, progress=False,
+                        question="both")

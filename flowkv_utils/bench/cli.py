@@ -70,6 +70,8 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--table", type=Path, default=None, help="also keep the fast path's sweep table here")
             p.add_argument("--policies", nargs="+", default=list(STUDY), choices=list(REGISTRY), metavar="POLICY",
                            help="policies to time (default: every study policy)")
+            p.add_argument("--question", choices=("aware", "agnostic"), default="aware",
+                           help="compress the question with the context (aware) or the context before it")
         if name == "gpu":
             p.add_argument("--slack", type=float, default=0.25, help="FlowKV global re-packing slack (layerwise)")
             p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
@@ -110,7 +112,7 @@ def _run(cmd: str, a: argparse.Namespace, rec: Recorder) -> None:
                   max_batch=a.max_batch, kernel_variants=TUNE if a.tune else None, slack=a.slack, rec=rec)
     elif cmd == "eval":
         eval_rate(rec, a.model_path, a.device, a.dtype, a.context, a.instances, a.budgets, not a.no_reference,
-                  a.table, a.policies)
+                  a.table, a.policies, a.question)
     elif cmd == "load":
         load_times(rec)
     elif cmd == "notebooks":

@@ -29,18 +29,22 @@ from ..tasks import niah
 BUDGETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)  # the study's six fractions of the prompt (plus "full" for FullKV)
 
 
-def greedy_margins(model, tok, inst, points: list[tuple[str, str]], window: int = 32) -> list[tuple[float, int]]:
+def greedy_margins(model, tok, inst, points: list[tuple[str, str]], window: int = 32,
+                   question: str = "aware") -> list[tuple[float, int]]:
     """For (policy, budget label) points of one instance: the reference path's smallest top-2 logit margin along its
     own greedy answer (teacher-forced, the decision to stop included) and where it occurs. A margin near float32
     rounding (≪ 1e-3) means the two paths' different summation orders can flip that token: a near-tie, not a bug."""
     if not points:
         return []
-    pf = prefill(model, inst.prompt_ids, window=window, **prefill_options([p for p, _ in points]))
+    q = inst.question_at if question == "agnostic" else inst.context_tokens
+    prefix = inst.prompt_ids[0, q:] if question == "agnostic" else None
+    pf = prefill(model, inst.prompt_ids[:, :q], window=window, **prefill_options([p for p, _ in points]))
     out = []
     for p, b in points:
         result = get_policy(p, **({} if REGISTRY[p].role == "reference" else {"window": window}))(pf, parse_budget(b))
-        ids = generate(pf, result, inst.max_new_tokens, tok)
-        top2 = teacher_forced_logits(pf, torch.tensor(ids, dtype=torch.long), result).topk(2, dim=-1).values
+        ids = generate(pf, result, inst.max_new_tokens, tok, prefix=prefix)
+        top2 = teacher_forced_logits(pf, torch.tensor(ids, dtype=torch.long), result, prefix=prefix).topk(
+            2, dim=-1).values
         margin = top2[:, 0] - top2[:, 1]
         i = int(margin.argmin())
         out.append((float(margin[i]), i))
@@ -49,7 +53,7 @@ def greedy_margins(model, tok, inst, points: list[tuple[str, str]], window: int 
 
 def eval_rate(rec: Recorder, model_path: str = "embedded", device: str = "cuda", dtype: str = "bfloat16",
               context: int = 8000, instances: int = 4, budgets=BUDGETS, reference: bool = True,
-              table: Path | str | None = None, policies=STUDY) -> list[dict]:
+              table: Path | str | None = None, policies=STUDY, question: str = "aware") -> list[dict]:
     """Time the sweep on `instances` NIAH prompts of `context` tokens with every study policy at `budgets` (+ full),
     fidelity on: the fast path over all instances, the reference path over the first (the check sample).
     table: also keep the fast path's sweep table there (a results table like notebook 03's). policies: the study's
@@ -66,7 +70,7 @@ def eval_rate(rec: Recorder, model_path: str = "embedded", device: str = "cuda",
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             df = sweep.run_sweep(model, tok, sample, policies, budgets, Path(tmp) / f"{path}.csv", window=32,
-                                 fidelity=True, progress=False, fast=fast)
+                                 fidelity=True, progress=False, fast=fast, question=question)
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             return df, time.perf_counter() - t0
@@ -75,7 +79,7 @@ def eval_rate(rec: Recorder, model_path: str = "embedded", device: str = "cuda",
         # per shape (Triton kernels compiled for these lengths' specialisations, CUDA graphs captured) are not
         # counted as steady-state evaluation; the timed run then redoes that instance from scratch
         sweep.run_sweep(model, tok, insts[:1], policies, budgets, Path(tmp) / "warm.csv", window=32, fidelity=True,
-                        progress=False, fast=True)
+                        progress=False, fast=True, question=question)
         fast, t_fast = timed("fast", insts, True)
         if table:
             Path(table).parent.mkdir(parents=True, exist_ok=True)
@@ -92,11 +96,11 @@ def eval_rate(rec: Recorder, model_path: str = "embedded", device: str = "cuda",
         same = int(same_rows.sum())
         n_check = int(first.sum())
         differing = [(r.policy, r.budget) for r in a[first][~same_rows].itertuples()]
-        margins = greedy_margins(model, tok, insts[0], differing)
+        margins = greedy_margins(model, tok, insts[0], differing, question=question)
         differ = ";".join(f"{p}@{b} (reference's smallest top-2 logit margin {m:.2g} at answer token {i})"
                           for (p, b), (m, i) in zip(differing, margins, strict=True))
         diff = float((a.value - b.value).abs().max())
-    base = dict(model=s.name, model_sha=fingerprint(model), dtype=dtype, context=insts[0].context_tokens,
+    base = dict(model=s.name, model_sha=fingerprint(model), dtype=dtype, context=insts[0].context_tokens, question=question,
                 policies=len(policies), budgets=";".join(map(str, budgets)), fidelity=True)
     phases = lambda df: {f"{k}_s": v for k, v in df.attrs["phases"].items()}  # where the time went
     rows = [rec.add("eval", **base, instances=len(insts), path="fast", points=n_pts, compressed_points=n_comp,

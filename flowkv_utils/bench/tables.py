@@ -23,7 +23,7 @@ EMBEDDED_WEIGHTS = "embedded (real weights)"
 MODEL_COLS = ["model", "weights", "dtype", "layers", "heads", "kv_heads", "head_dim", "hidden"]
 SCHEMAS: dict[str, list[str]] = {
     # the accuracy sweep's evaluation rate (bench eval): one row per path (fast batched | reference)
-    "eval": ["model", "model_sha", "dtype", "context", "instances", "policies", "budgets", "fidelity", "path",
+    "eval": ["model", "model_sha", "dtype", "context", "question", "instances", "policies", "budgets", "fidelity", "path",
              "points", "compressed_points", "seconds", "points_per_s", "check_points", "check_same_predictions",
              "check_differs", "check_max_abs_diff", "prefill_s", "select_s", "decode_s", "fidelity_s", "write_s", "note"],
     # one decode configuration: median time per step over the steps after warm-up. decoder: 'fast' (FastDecoder)

@@ -30,6 +30,10 @@ class TaskInstance:
     max_new_tokens: int
     metric: str  # name in flowkv_utils.metrics.METRICS
     meta: dict = field(default_factory=dict)
+    # token index where the question starts (prompt_ids[:, :question_at] is the context): what a question-agnostic
+    # sweep compresses before the question arrives. None: the task does not say (question-aware only). Not part
+    # of `fingerprint` (the question-agnostic sweep keys it itself), so stored question-aware rows keep their keys.
+    question_at: int | None = None
 
     @property
     def context_tokens(self) -> int:
@@ -43,6 +47,23 @@ class TaskInstance:
         h.update(json.dumps([self.task, self.references, self.max_new_tokens, self.metric, self.meta],
                             sort_keys=True, default=str).encode())
         return h.hexdigest()[:16]
+
+
+def question_index(tok, ids: torch.Tensor, marker: str) -> int:
+    """Index of the first token of the question in prompt ids (1, n): the last position q from which the decoded
+    tail ids[q:] still holds `marker` (the question's opening words, found once in the prompt). Binary search over
+    decodes; raises naming the marker if the prompt does not hold it."""
+    row = ids.view(-1).tolist()
+    if marker not in tok.decode(row):
+        raise ValueError(f"the prompt does not contain the question marker {marker!r}")
+    lo, hi = 0, len(row) - 1  # invariant: marker in decode(row[lo:])
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if marker in tok.decode(row[mid:]):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def build_prompt(tok, user_text: str, answer_prefix: str = "", chat: bool = True) -> torch.Tensor:
@@ -59,4 +80,4 @@ def build_prompt(tok, user_text: str, answer_prefix: str = "", chat: bool = True
 
 from . import haystack, longbench, niah, ruler  # noqa: E402  (submodules use TaskInstance)
 
-__all__ = ["TaskInstance", "build_prompt", "haystack", "longbench", "niah", "ruler"]
+__all__ = ["TaskInstance", "build_prompt", "haystack", "longbench", "niah", "question_index", "ruler"]

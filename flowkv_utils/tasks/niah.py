@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 
-from . import TaskInstance, build_prompt
+from . import TaskInstance, build_prompt, question_index
 from .haystack import Haystack, check_source, fit_length
 
 CITIES = (
@@ -46,7 +46,7 @@ def needle_instance(tok, length: int, depth: float, seed: int = 0, chat: bool = 
     if haystack != "docs":
         meta["haystack"] = haystack
     return TaskInstance(task, f"len{length}_depth{round(depth * 100):03d}", ids, [value], max_new_tokens, "contains",
-                        meta)
+                        meta, question_index(tok, ids, f"What is the special magic number for {city}"))
 
 
 def niah(tok, lengths: list[int], depths: list[float], seed: int = 0, chat: bool = True,

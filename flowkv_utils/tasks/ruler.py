@@ -25,7 +25,7 @@ from __future__ import annotations
 import random
 import uuid
 
-from . import TaskInstance, build_prompt
+from . import TaskInstance, build_prompt, question_index
 from .haystack import Haystack, check_source, fit_length, words
 
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe")
@@ -55,6 +55,11 @@ FWE_TEMPLATE = ("Read the following coded text and track the frequency of each c
                 "the dots '....'. What are the three most frequently appeared words in the above coded text?")
 FWE_ANSWER = "Answer: According to the coded text above, the three most frequently appeared words are:"
 
+# the question's opening words in each template: where a question-agnostic sweep splits context from question
+QUESTION_MARKERS = {"niah_single": "What are all the special magic", "niah_multikey": "What are all the special magic",
+                    "niah_multivalue": "What are all the special magic",
+                    "niah_multiquery": "What are all the special magic", "vt": "Question: Find all variables",
+                    "cwe": "Question: What are the", "fwe": "Question: Do not provide any explanation"}
 MAX_NEW_TOKENS = {"niah_single": 24, "niah_multikey": 24, "niah_multivalue": 48, "niah_multiquery": 48,
                   "vt": 30, "cwe": 64, "fwe": 50}
 
@@ -220,7 +225,7 @@ def ruler_instance(tok, task: str, length: int, index: int = 0, seed: int = 0, k
     if hay_task and haystack != "docs":  # the default keeps the stored instances' identity
         name, meta["haystack"] = f"{name}_{haystack}", haystack
     return TaskInstance(name, f"len{length}_{index:02d}", ids, refs, max_new_tokens or MAX_NEW_TOKENS[task],
-                        "string_match_all", meta)
+                        "string_match_all", meta, question_index(tok, ids, QUESTION_MARKERS[task]))
 
 
 def ruler(tok, tasks: list[str], lengths: list[int], per_length: int = 1, seed: int = 0, kind: str = "numbers",
