@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.flowkv-installed
 PIPQ   := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: setup figures reference-figures test smoke bench lab clean-runs kvpress-check
+.PHONY: setup figures reference-figures test smoke bench lab course clean-runs kvpress-check
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -62,6 +62,14 @@ kvpress-check: $(STAMP) $(KVSTAMP)   ## cross-check against kvpress (~15 min on 
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/
+
+# the course: the executed notebooks of runs/$(COURSE_SET) as HTML pages + index.html in course/ (ignored by git);
+# with no executed copies there yet it runs the notebooks first (figures into runs/$(COURSE_SET)/figures)
+COURSE_SET ?= default
+course: $(STAMP)
+	@ls runs/$(COURSE_SET)/[0-9][0-9]_*.ipynb >/dev/null 2>&1 || \
+	  $(PY) -m flowkv_utils.runner --set $(COURSE_SET) --figures runs/$(COURSE_SET)/figures
+	$(PY) -m flowkv_utils.course --runs runs/$(COURSE_SET) --out course
 
 clean-runs:
 	rm -rf runs/

@@ -8,6 +8,10 @@ with "notebook X, cell N: Error: value" and exit code 1. While a notebook runs, 
 (`progress.bar`: counts, rate, ETA) appear in this terminal, and each notebook's elapsed time as it finishes.
 Ctrl-C stops it with one line saying which notebook and cell were running, what was saved, and the command that
 resumes.
+
+Headless runs never wait for a person: a notebook that declares a parameter named in `HEADLESS` (e.g. notebook 02's
+`interactive`, which draws ipywidgets controls) gets its headless value (`interactive=False`: one static state) under
+every parameter set, unless the set file or a -p override names it.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from .progress import Relay
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
+# the value a headless run gives these parameters where a notebook declares them (a set file or -p still wins)
+HEADLESS = {"interactive": False}
 
 
 def discover(names: list[str] | None = None, folder: Path = NOTEBOOKS) -> list[Path]:
@@ -53,11 +59,12 @@ def parse_value(text: str):
 
 
 def parameters_for(nb: Path, param_set: str | None, overrides: dict) -> dict:
-    """Named parameter set (notebooks/params/<stem>.<set>.yaml) merged with -p overrides; names checked."""
+    """Named parameter set (notebooks/params/<stem>.<set>.yaml) merged with -p overrides, over the `HEADLESS`
+    values of the parameters the notebook declares; names checked."""
     import papermill as pm
 
     known = pm.inspect_notebook(str(nb))
-    params: dict = {}
+    params: dict = {k: v for k, v in HEADLESS.items() if k in known}  # headless: nothing waits for a widget
     if param_set and param_set != "default":
         f = nb.parent / "params" / f"{nb.stem}.{param_set}.yaml"
         if not f.is_file():

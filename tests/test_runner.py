@@ -69,6 +69,20 @@ def test_successful_run_applies_parameters(tmp_path, monkeypatch):
     assert (out / "timings.csv").read_text().count("90_tiny") == 1
 
 
+def test_headless_parameters_given_where_declared(tmp_path):
+    """A notebook declaring `interactive` gets False from every set, unless a set file or -p names it; others
+    get nothing extra."""
+    nb = write_notebook(tmp_path, "93_widgets", "print(x)", smoke="x: 2\n")
+    src = nbformat.read(nb, as_version=4)
+    src.cells[1].source += "\ninteractive: bool = True  # widgets"
+    nbformat.write(src, nb)
+    assert runner.parameters_for(nb, "default", {}) == {"interactive": False}
+    assert runner.parameters_for(nb, "smoke", {}) == {"interactive": False, "x": 2}
+    assert runner.parameters_for(nb, "smoke", {"interactive": True}) == {"interactive": True, "x": 2}
+    plain = write_notebook(tmp_path, "94_plain", "print(x)")
+    assert runner.parameters_for(plain, "default", {}) == {}
+
+
 def test_failing_notebook_exits_nonzero_naming_cell(tmp_path):
     nb = write_notebook(tmp_path, "91_fails", 'raise ValueError("boom")', smoke="x: 2\n")
     proc = subprocess.run([sys.executable, "-m", "flowkv_utils.runner", str(nb), "--set", "smoke",
