@@ -123,6 +123,21 @@ class RaggedCache:
             layers.append(pack_layer(c.k, v, keep, capacity))
         return cls(layers, next_pos=pf.n)
 
+    @classmethod
+    def concat(cls, caches: list[RaggedCache], capacity: int = 64) -> RaggedCache:
+        """One cache over the segments of several (sequence-major: every KV head of the first, then of the second,
+        ...), their prefixes only, with fresh tails of `capacity` tokens: a batch of B sequences whose segments are
+        (sequence, KV head), the layout `fastdecode.StaticRaggedCache` uses. next_pos is the largest of theirs (for
+        sequences of different lengths the caller keeps each one's positions, as `hf.PressCache` does)."""
+        if not caches or any(c.used for c in caches):
+            raise ValueError("concat: needs at least one cache, each with an empty tail (used == 0)")
+        layers = []
+        for lays in zip(*(c.layers for c in caches), strict=True):
+            k = torch.cat([x.k for x in lays])
+            v = torch.cat([x.v for x in lays])
+            layers.append(RaggedLayer(k, v, offsets_of(torch.cat([x.lengths for x in lays])), k, v).with_tail(capacity))
+        return cls(layers, next_pos=max(c.next_pos for c in caches))
+
     @property
     def capacity(self) -> int:
         return self.layers[0].tail_k.shape[1]

@@ -186,3 +186,31 @@ def test_bad_token_ids_and_keep_masks_are_clear_errors():
     from flowkv_utils.budgets import split_evenly
     with pytest.raises(ValueError, match="parts=0; must be a positive int"):
         split_evenly(5, 0)
+
+
+@pytest.mark.parametrize("cfg", FAMILIES[:2], ids=lambda c: c[0])
+def test_concat_decodes_each_sequence_as_alone(cfg):
+    """RaggedCache.concat of two compressed caches (prompts of different lengths): the batch's attention of each
+    sequence's queries equals that sequence's own cache's, after the same decoded tokens."""
+    m = tiny(*cfg)
+    caches = []
+    for n, seed in ((40, 1), (33, 2)):
+        pf = prefill(m, ids_of(n, seed), window=4)
+        caches.append(RaggedCache.from_prefill(pf, get_policy("snapkv", window=4)(pf, 12), capacity=2))
+    both = RaggedCache.concat(caches, capacity=2)
+    G, d = m.config.num_key_value_heads, cfg[4]
+    H = m.config.num_attention_heads
+    assert both.kept_entries() == sum(c.kept_entries() for c in caches) and both.next_pos == 40
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):  # the tails grow past their capacity
+        k, v, q = (torch.randn(2, n, 1, d, generator=gen) for n in (G, G, H))
+        for li in range(len(both.layers)):
+            both.append(li, k.reshape(2 * G, 1, d), v.reshape(2 * G, 1, d))
+            out = both.attend(li, q.reshape(2 * H, 1, d), 1, 0.3).view(2, H, 1, d)
+            for b, c in enumerate(caches):
+                c.append(li, k[b], v[b])
+                assert torch.allclose(out[b], c.attend(li, q[b], 1, 0.3), atol=1e-6)
+        for c in (both, *caches):
+            c.advance(1)
+    with pytest.raises(ValueError, match="empty tail"):
+        RaggedCache.concat(caches)
