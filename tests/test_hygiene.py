@@ -81,4 +81,4 @@ def test_every_saved_figure_has_a_reference_copy(path):
     reference = runner.REPO / "docs" / "figures"
     missing = [f for f in expected_figures(path) if not (reference / f).is_file()]
     assert not missing, f"{path.stem}: no reference copy in docs/figures/ of {missing}; run make reference-figures"
-    assert "figures/" in (runner.REPO / ".gitignore").read_text().split(), "figures/ must stay untracked"
+    assert "/figures/" in (runner.REPO / ".gitignore").read_text().split(), "figures/ must stay untracked"
