@@ -129,6 +129,19 @@ def _vt(tok, length: int, rng: random.Random, chat: bool, haystack: str, hops: i
     return fit_length(make, length), names, {"value": value, "depths": depths}
 
 
+def largest_fitting(make, most: int, length: int) -> int:
+    """The largest k in [0, most] with make(k) (prompt ids (1, n)) at most `length` tokens, by bisection: the
+    prompt must grow monotonically with k, and make(0) must fit."""
+    lo, hi = 0, most
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if make(mid).shape[-1] <= length:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def _cwe(tok, length: int, rng: random.Random, chat: bool, n_common: int = 10, freq_common: int = 30,
          freq_rare: int = 3):
     vocab = list(words())
@@ -149,13 +162,7 @@ def _cwe(tok, length: int, rng: random.Random, chat: bool, n_common: int = 10, f
     if base >= length:
         raise ValueError(f"cwe: length={length} tokens cannot hold {n_common} common words × {freq_common} "
                          f"(they alone take {base} tokens); use a longer length or fewer repetitions")
-    lo, hi = 0, len(pool)  # largest number of rare words that fits (the prompt grows monotonically with it)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if make(mid).shape[-1] <= length:
-            lo = mid
-        else:
-            hi = mid - 1
+    lo = largest_fitting(make, len(pool), length)  # the most rare words that fit
     return make(lo), common, {"n_rare": lo}
 
 
@@ -188,13 +195,7 @@ def _fwe(tok, length: int, rng: random.Random, chat: bool, alpha: float = 2.0, w
 
     if make(0).shape[-1] >= length:
         raise ValueError(f"fwe: length={length} tokens cannot hold the template; use a longer length")
-    lo, hi = 0, 4 * length  # the largest N that fits (the prompt grows monotonically with N)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if make(mid).shape[-1] <= length:
-            lo = mid
-        else:
-            hi = mid - 1
+    lo = largest_fitting(make, 4 * length, length)  # the largest N that fits
     counts = [int(lo * k ** -alpha / z) for k in range(1, 5)]
     if not counts[1] > counts[2] > counts[3] > 0:
         raise ValueError(f"fwe: length={length} tokens is too short for three distinct frequent words "
