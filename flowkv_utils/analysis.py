@@ -18,7 +18,7 @@ import pandas as pd
 from .budgets import FULL, parse_budget
 from .policies import BASELINES
 
-FIDELITY = ("attn_rel_err", "kl_next_token")
+FIDELITY = ("attn_rel_err", "attn_rel_err_heldout", "kl_next_token")  # = sweep.FIDELITY
 
 
 IDENTITY = ["model", "model_sha", "instance_sha", "seed", "policy_params", "window", "settings"]  # a run's settings

@@ -66,15 +66,17 @@ def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
 
 @torch.no_grad()
 def renormalised_output(pf: Prefill, layer: int, keep: torch.Tensor | None = None, P: torch.Tensor | None = None,
-                        values: torch.Tensor | None = None) -> torch.Tensor:
+                        values: torch.Tensor | None = None, attn: torch.Tensor | None = None) -> torch.Tensor:
     """What eviction really computes: softmax renormalised over the kept tokens, then Σ_h A'_h V_{g(h)} W_O^h + b_O.
 
     keep: bool (H, n) — which tokens each *query* head still sees — or (G, n) per KV head, applied to every query
     head of its group; None keeps all. A leading batch dimension (B, G|H, n) gives B outputs at once. P: projected
     values (H, n, D) if already computed (else the cheaper route through V then W_O, which never holds an H·n·D
     tensor). values (G, n, d), or (B, G, n, d) with a batch: replacement values (SmoothEvict's merged values)
-    instead of the captured V. Returns (w, D) float32, or (B, w, D)."""
-    A = pf.attn(layer)  # (H, w, n)
+    instead of the captured V. attn (H, r, n): the attention of other query rows over the prompt (e.g. the held-out
+    rows of `metrics.heldout_attention`) instead of the window's. Returns (w, D) float32 (r rows with attn), or
+    (B, w, D)."""
+    A = pf.attn(layer) if attn is None else attn  # (H, w, n)
     H, G = A.shape[0], pf.layers[layer].v.shape[0]
     if keep is not None:
         m = keep.to(A.device)

@@ -12,8 +12,9 @@ Task metrics take (prediction, references) and return a score in [0, 1]:
 references and first-line cut are applied there.
 
 Fidelity: `attention_output_errors` (‖O_S − O‖_F/‖O‖_F per layer on the window, softmax renormalised over the
-kept set; the keep-set of KV head g applies to all its query heads) and `next_token_kl` (KL(full ‖ compressed) of
-the next-token distributions along a teacher-forced continuation).
+kept set; the keep-set of KV head g applies to all its query heads), the same error on held-out rows
+(`heldout_attention`: the queries of FullKV's continuation, rows after the window that no score has seen), and
+`next_token_kl` (KL(full ‖ compressed) of the next-token distributions along a teacher-forced continuation).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .attention import window_attention
 from .capture import stacked_values
 from .decomposition import renormalised_output
 
@@ -167,41 +169,76 @@ def window_output(pf, layer: int, keep: torch.Tensor | None = None, values: torc
 
 
 def attention_output_errors(pf, keep: torch.Tensor, values: list[torch.Tensor] | None = None,
-                            reference: list[torch.Tensor] | None = None) -> torch.Tensor:
+                            reference: list[torch.Tensor] | None = None,
+                            attn: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Per-layer relative error ‖O_S − O‖_F / ‖O‖_F of the window attention output, (L,) float32.
 
     keep (L, G, n) bool; values: per-layer merged values (G, n, d) or None; reference: the full outputs
-    [window_output(pf, ℓ)] if already computed (a sweep computes them once per prompt)."""
-    return attention_output_errors_batch(pf, keep.unsqueeze(0), [values], reference)[0]
+    [window_output(pf, ℓ)] if already computed (a sweep computes them once per prompt); attn: per-layer attention
+    (H, r, n) of other rows than the window's (`heldout_attention`), the reference then being theirs."""
+    return attention_output_errors_batch(pf, keep.unsqueeze(0), [values], reference, attn=attn)[0]
 
 
 def attention_output_errors_batch(pf, keeps: torch.Tensor, values: list | None = None,
                                   reference: list[torch.Tensor] | None = None,
-                                  max_bytes: int = 1 << 28) -> torch.Tensor:
+                                  max_bytes: int = 1 << 28, attn: list[torch.Tensor] | None = None) -> torch.Tensor:
     """`attention_output_errors` of B keep-sets of one prompt at once: keeps (B, L, G, n) bool, values a list of B
     entries (per-layer merged values or None; None: all captured), → (B, L) float32. Points go through the
-    renormalised output in chunks of at most `max_bytes` of masked attention (a sweep's fast path)."""
+    renormalised output in chunks of at most `max_bytes` of masked attention (a sweep's fast path). attn: as in
+    `attention_output_errors` (None: the window rows)."""
     if keeps.dim() != 4:
         raise ValueError(f"keeps {tuple(keeps.shape)}: expected (B, L, G, n) bool")
     B, L, G, n = keeps.shape
     if n != pf.n or L != len(pf.layers):
         raise ValueError(f"keep mask {tuple(keeps.shape[1:])} does not match the prefill (L={len(pf.layers)}, "
                          f"n={pf.n})")
+    if attn is not None and (len(attn) != L or any(a.shape[-1] != n for a in attn)):
+        raise ValueError(f"attn: {len(attn)} layers of shape {tuple(attn[0].shape) if attn else ()}; expected {L} "
+                         f"layers of (H, rows, {n})")
     values = [None] * B if values is None else list(values)
     if len(values) != B:
         raise ValueError(f"values: {len(values)} entries for {B} keep-sets")
     errs = torch.empty(B, L)
     for li in range(L):
-        full = reference[li] if reference is not None else window_output(pf, li)  # O (w, D)
-        chunk = max(1, max_bytes // (4 * pf.attn(li).numel()))  # points whose masked attention fits max_bytes
+        A = None if attn is None else attn[li]
+        full = reference[li] if reference is not None else renormalised_output(pf, li, attn=A)  # O (rows, D)
+        chunk = max(1, max_bytes // (4 * (pf.attn(li) if A is None else A).numel()))  # points fitting max_bytes
         dev = full.device
         for c in range(0, B, chunk):
             e = min(B, c + chunk)
             merged = any(x is not None for x in values[c:e])  # replacement values where a point has them
             vals = stacked_values(pf, li, values[c:e]) if merged else None
-            kept = renormalised_output(pf, li, keeps[c:e, li].to(dev), values=vals)  # O_S (b, w, D)
+            kept = renormalised_output(pf, li, keeps[c:e, li].to(dev), values=vals, attn=A)  # O_S (b, rows, D)
             errs[c:e, li] = ((kept - full).flatten(1).norm(dim=1) / full.norm().clamp_min(1e-30)).cpu()
     return errs
+
+
+@torch.no_grad()
+def heldout_attention(pf, continuation: torch.Tensor, prefix: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Attention of held-out rows over the prompt, per layer: [(H, T, n)] float32.
+
+    The rows are the T tokens of `continuation` (the sweep uses FullKV's own answer), decoded teacher-forced over
+    the full cache after `prefix` (the question of a question-agnostic run) — rows after the observation window,
+    which no policy's score has seen. Their queries' softmax is taken over the n prompt keys only (the prefix's and
+    the continuation's own keys, kept in full by every policy, are left out), so `attention_output_errors(...,
+    attn=heldout_attention(...))` is the window error's formula on rows the scores were not fitted to."""
+    from .cache import RaggedCache  # the decode stage, after this one in the data flow
+    from .generate import decode
+
+    cont = torch.as_tensor(continuation).view(-1).long().cpu()
+    if cont.numel() == 0:
+        raise ValueError("heldout_attention needs a continuation of at least one token")
+    pre = torch.zeros(0, dtype=torch.long) if prefix is None else torch.as_tensor(prefix).view(-1).long().cpu()
+    ids = torch.cat([pre, cont])
+    cache = RaggedCache.from_prefill(pf, None, capacity=ids.numel())
+    queries = {}
+
+    def record(cache, li, q, T, scaling):  # the reference attention, keeping the continuation rows' queries
+        queries[li] = q[:, -cont.numel():]
+        return cache.attend(li, q, T, scaling)
+
+    decode(pf.model, cache, ids.view(1, -1), record)
+    return [window_attention(queries[li], c.k, c.scaling, n_past=pf.n) for li, c in enumerate(pf.layers)]
 
 
 def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:

@@ -15,8 +15,9 @@ per metric, with the columns `COLUMNS`:
   every policy; the policy "fullkv" itself runs at "full" only. A budget that keeps everything for a prompt
   (tokens ≥ n, fraction 1.0) reuses the FullKV answer too.
 - metric: the task's metric (e.g. contains, string_match_all) and, with fidelity on, `attn_rel_err` (mean over
-  layers of ‖O_S − O‖_F/‖O‖_F on the window, renormalised) and `kl_next_token` (mean KL(full ‖ compressed) along
-  FullKV's own answer, teacher-forced).
+  layers of ‖O_S − O‖_F/‖O‖_F on the window, renormalised), `attn_rel_err_heldout` (the same on held-out rows:
+  the queries of FullKV's teacher-forced answer, after the window, `metrics.heldout_attention`) and
+  `kl_next_token` (mean KL(full ‖ compressed) along FullKV's own answer, teacher-forced).
 - fresh=True never deletes: the old table is moved aside (`results.move_aside`, named in the output).
 - Sharded over processes (`shard`, `distributed.Shard`: torchrun's rank r of N, CLI `flowkv_utils.sweep_cli`): rank r
   runs the instances r, r + N, ... (round-robin by index) and appends to its own crash-safe table
@@ -64,7 +65,7 @@ RUN = ["model", "model_sha", "seed", "window", "settings"]  # what one run share
 NUMERIC = ["budget_fraction", "value", "elapsed_s"]
 INTEGER = ["context_tokens", "seed", "window", "kept_entries", "budget_bytes"]
 TIMING = ["elapsed_s"]
-FIDELITY = ("attn_rel_err", "kl_next_token")
+FIDELITY = ("attn_rel_err", "attn_rel_err_heldout", "kl_next_token")
 PHASES = ("prefill", "select", "decode", "fidelity", "write")  # where a sweep's time goes (df.attrs["phases"])
 PREDICTION_CHARS = 160
 
@@ -351,10 +352,13 @@ def _run_instance(model, tok, inst: TaskInstance, pts: list, metric_names: list[
         phase["decode"] += t2 - t1
         if fidelity and compressed:
             kl = metrics.kl_divergence(out.logits[:1, 1:], out.logits[1:, 1:]).mean(-1).cpu()  # (P,)
-            err = metrics.attention_output_errors_batch(pf, keeps[1:], [r.values for r in points[1:]],
-                                                        ref_out).mean(1)  # (P,)
+            merged = [r.values for r in points[1:]]
+            err = metrics.attention_output_errors_batch(pf, keeps[1:], merged, ref_out).mean(1)  # (P,)
+            held = metrics.heldout_attention(pf, out.continuation, question)
+            err_h = metrics.attention_output_errors_batch(pf, keeps[1:], merged, attn=held).mean(1)  # (P,)
             for i, k in enumerate(compressed):
-                vals[k] = {"attn_rel_err": float(err[i]), "kl_next_token": float(kl[i])}
+                vals[k] = {"attn_rel_err": float(err[i]), "attn_rel_err_heldout": float(err_h[i]),
+                           "kl_next_token": float(kl[i])}
         phase["fidelity"] += time.perf_counter() - t2
         share = (time.perf_counter() - t1) / (len(compressed) + 1)
         full_s = prefill_s + share
@@ -368,6 +372,7 @@ def _run_instance(model, tok, inst: TaskInstance, pts: list, metric_names: list[
                 pf, torch.zeros(0, dtype=torch.long), None, prefix=question)[0]
             cont = torch.tensor((full_ids or [int(first.argmax())])[:kl_tokens])
             full_tf = teacher_forced_logits(pf, cont, None, prefix=question)
+            held = metrics.heldout_attention(pf, cont, question) if compressed else None
         full_s = prefill_s + time.perf_counter() - t1
         for k in compressed:  # one point at a time: the definitions
             t2 = time.perf_counter()
@@ -377,6 +382,8 @@ def _run_instance(model, tok, inst: TaskInstance, pts: list, metric_names: list[
             if fidelity:
                 vals[k]["attn_rel_err"] = float(metrics.attention_output_errors(pf, result.keep, result.values,
                                                                                 ref_out).mean())
+                vals[k]["attn_rel_err_heldout"] = float(metrics.attention_output_errors(
+                    pf, result.keep, result.values, attn=held).mean())
                 comp = teacher_forced_logits(pf, cont, result, prefix=question)
                 vals[k]["kl_next_token"] = float(metrics.kl_divergence(full_tf[1:], comp[1:]).mean())
             elapsed[k] += time.perf_counter() - t2
@@ -390,7 +397,7 @@ def _run_instance(model, tok, inst: TaskInstance, pts: list, metric_names: list[
     for p, b in pts:
         result = results[(p, b)]
         if result is None:  # the full cache: FullKV's answer, zero error by definition
-            text, kept, v = full_text, n_all, {"attn_rel_err": 0.0, "kl_next_token": 0.0}
+            text, kept, v = full_text, n_all, dict.fromkeys(FIDELITY, 0.0)
             point_s = full_s if REGISTRY[p].role == "reference" else elapsed[(p, b)]
         else:
             text, kept, v = _text(tok, answers[(p, b)]), result.total_kept, dict(vals[(p, b)])

@@ -203,5 +203,5 @@ def test_torchrun_two_processes_give_the_single_process_table(monkeypatch, capsy
     one, two = sweep.load_results(tmp_path / "one.csv"), sweep.load_results(tmp_path / "two.csv")
     assert f"merged table {tmp_path / 'two.csv'}: {len(one)} rows from 2 file(s) (two.rank0-of-2.csv, " \
            "two.rank1-of-2.csv)" in run.stdout
-    assert len(one) == 3 * 3 * 3 and one.value[one.metric == "contains"].sum() >= 3  # FullKV finds the needles
+    assert len(one) == 3 * 3 * (1 + len(sweep.FIDELITY)) and one.value[one.metric == "contains"].sum() >= 3  # FullKV finds the needles
     _same(one, two)

@@ -166,3 +166,36 @@ def test_next_token_kl(tiny_prefill):
     assert M.next_token_kl(pf, cont, snap) > 0.0
     with pytest.raises(ValueError, match="at least one token"):
         M.next_token_kl(pf, torch.tensor([], dtype=torch.long), snap)
+
+
+@pytest.mark.parametrize("prefix_len", [0, 3])
+def test_heldout_attention_is_the_longer_prompts_attention(tiny_prefill, prefix_len):
+    """The held-out rows' queries (FullKV's continuation decoded over the full cache, after an optional prefix)
+    are the queries a prefill of prompt + prefix + continuation computes at those rows; their attention over the
+    n prompt keys, softmax taken over the prompt only, is `heldout_attention`'s."""
+    pf = tiny_prefill
+    cont = torch.tensor([5, 9, 2, 7])
+    pre = torch.arange(prefix_len) + 11
+    held = M.heldout_attention(pf, cont, pre if prefix_len else None)
+    longer = prefill(pf.model, torch.cat([pf.input_ids[0], pre, cont]).view(1, -1), window=cont.numel())
+    for li, c in enumerate(longer.layers):
+        H, T, _ = c.q.shape
+        qk = torch.einsum("htd,hnd->htn", c.q.float(), c.k[:, : pf.n].float().repeat_interleave(H // 2, 0))
+        torch.testing.assert_close(held[li], torch.softmax(qk * c.scaling, -1), rtol=1e-4, atol=1e-6)
+        assert held[li].shape == (4, 4, pf.n)
+
+
+def test_heldout_errors_zero_when_all_kept_and_positive_otherwise(tiny_prefill):
+    pf = tiny_prefill
+    held = M.heldout_attention(pf, torch.tensor([1, 2, 3]))
+    keep = torch.ones(2, 2, pf.n, dtype=torch.bool)
+    assert M.attention_output_errors(pf, keep, attn=held).max().item() < 1e-5
+    snap = get_policy("snapkv", window=8)(pf, 12)
+    errs = M.attention_output_errors(pf, snap.keep, attn=held)
+    assert errs.shape == (2,) and (errs > 0).all()
+    batch = M.attention_output_errors_batch(pf, torch.stack([snap.keep, keep]), attn=held)
+    torch.testing.assert_close(batch[0], errs)
+    with pytest.raises(ValueError, match="at least one token"):
+        M.heldout_attention(pf, torch.tensor([], dtype=torch.long))
+    with pytest.raises(ValueError, match="attn: 1 layers"):
+        M.attention_output_errors(pf, keep, attn=held[:1])

@@ -21,6 +21,8 @@ from flowkv_utils import analysis, sweep
 from flowkv_utils.policies import STUDY
 from flowkv_utils.results import TableError, TableFile
 
+ROWS = 1 + len(sweep.FIDELITY)  # rows of one point with fidelity on: the task metric and each fidelity metric
+
 SETUP = textwrap.dedent("""
     import torch
     from flowkv_utils.models import random_model
@@ -105,8 +107,8 @@ def test_rows_are_tidy_and_consistent(tiny, reference):
     _, df = reference
     n_points = len(tiny["INSTANCES"]) * len(sweep.plan(STUDY, tiny["BUDGETS"]))
     assert list(df.columns) == sweep.COLUMNS
-    assert len(df) == 3 * n_points and not df.duplicated(sweep.KEY).any()
-    assert set(df.metric) == {"contains", "attn_rel_err", "kl_next_token"}
+    assert len(df) == (1 + len(sweep.FIDELITY)) * n_points and not df.duplicated(sweep.KEY).any()
+    assert set(df.metric) == {"contains", "attn_rel_err", "attn_rel_err_heldout", "kl_next_token"}
     assert set(df[df.policy == "fullkv"].budget) == {"full"}
     L, G, d = 2, 2, 8
     full = df[df.budget == "full"]
@@ -118,6 +120,7 @@ def test_rows_are_tidy_and_consistent(tiny, reference):
     assert (part.kept_entries == part.budget.astype(int) * L * G).all()  # every policy spends the budget
     assert (df.budget_bytes == df.kept_entries * 2 * d * 4).all()  # K and V, float32
     assert (part[part.metric == "attn_rel_err"].value > 0).all()
+    assert (part[part.metric == "attn_rel_err_heldout"].value > 0).all()
     assert (df.seed == 0).all() and df.versions.str.startswith("torch ").all()
     assert df.model_sha.nunique() == 1 and df.instance_sha.nunique() == 3 and (df.window == 8).all()
     c = analysis.claims(df)
@@ -134,7 +137,7 @@ def test_rerun_skips_finished_points(tiny, reference, tmp_path):
     # a new budget only runs the new points
     sweep.run_sweep(tiny["MODEL"], None, tiny["INSTANCES"][:1], ["snapkv"], [16], path, seed=0, window=8,
                     progress=False, on_row=calls.append)
-    assert len(calls) == 3 and {c["budget"] for c in calls} == {"16"}
+    assert len(calls) == 1 + len(sweep.FIDELITY) and {c["budget"] for c in calls} == {"16"}
 
 
 def test_resume_key_includes_every_setting(tiny, reference, tmp_path):
@@ -146,23 +149,23 @@ def test_resume_key_includes_every_setting(tiny, reference, tmp_path):
     base = dict(seed=0, window=8, progress=False)
     n = lambda **kw: _count_rows(model, insts, path, **{**base, **kw})
     assert n() == 0
-    assert n(seed=1) == 3 * 2  # snapkv at 12 and "full" (fullkv is not in this run's policies)
+    assert n(seed=1) == ROWS * 2  # snapkv at 12 and "full" (fullkv is not in this run's policies)
     assert n(seed=1) == 0  # and reused next time
-    assert n(window=4) == 6
-    assert n(policy_params={"snapkv": {"kernel": 3}}) == 6
-    assert n(kl_tokens=4) == 6
+    assert n(window=4) == ROWS * 2
+    assert n(policy_params={"snapkv": {"kernel": 3}}) == ROWS * 2
+    assert n(kl_tokens=4) == ROWS * 2
     assert n(fidelity=False) == 2
     from flowkv_utils.models import random_model
     other = random_model("llama", layers=2, heads=4, kv_heads=2, head_dim=8, vocab=128, seed=7)
-    assert _count_rows(other, insts, path, **base) == 6
+    assert _count_rows(other, insts, path, **base) == ROWS * 2
     import torch
 
     from flowkv_utils.tasks import TaskInstance
     i0 = insts[0]
     changed = TaskInstance(i0.task, i0.instance, torch.roll(i0.prompt_ids, 1, -1), i0.references, 4, "contains")
-    assert _count_rows(model, [changed], path, **base) == 6  # same id, other prompt: other instance_sha
+    assert _count_rows(model, [changed], path, **base) == ROWS * 2  # same id, other prompt: other instance_sha
     df = sweep.run_sweep(model, None, insts, ["snapkv"], [12, "full"], path, seed=1, window=8, progress=False)
-    assert (df.seed == 1).all() and len(df) == 6  # the summary of the seed-1 run holds seed-1 rows only
+    assert (df.seed == 1).all() and len(df) == ROWS * 2  # the summary of the seed-1 run holds seed-1 rows only
     whole = sweep.load_results(path)
     assert set(whole.seed) == {0, 1}
     with pytest.raises(ValueError, match="different runs.*seed"):
@@ -189,7 +192,7 @@ def test_fresh_moves_aside_and_is_a_real_boolean(tiny, reference, tmp_path, caps
                     fresh=True)
     moved = [p for p in tmp_path.iterdir() if p.name.startswith("f.") and p.name.endswith(".old.csv")]
     assert len(moved) == 1 and moved[0].read_bytes() == data and str(moved[0]) in capsys.readouterr().out
-    assert len(sweep.load_results(path)) == 3
+    assert len(sweep.load_results(path)) == ROWS
 
 
 @pytest.mark.parametrize("content, match", [
@@ -246,7 +249,7 @@ def test_lock_one_writer_at_a_time(tiny, tmp_path):
     with pytest.warns(UserWarning, match="stale lock"):
         sweep.run_sweep(tiny["MODEL"], None, tiny["INSTANCES"][:1], ["snapkv"], [12], path, window=8,
                         progress=False)
-    assert not path.with_name("l.csv.lock").exists() and len(sweep.load_results(path)) == 3
+    assert not path.with_name("l.csv.lock").exists() and len(sweep.load_results(path)) == ROWS
 
 
 class _Killed(Exception):
