@@ -9,6 +9,7 @@ Throughput side (bench tables, `bench.load_results`): the throughput bars agains
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -227,6 +228,61 @@ def claims(df: pd.DataFrame, flowkv: str = "flowkv", baselines: Sequence[str] = 
         "cells_significantly_above": int(above), "cells_significantly_below": int(below),
         "ci_level": CI_LEVEL,
     }
+
+
+# ---- the study: (task, length) cells, the tasks FullKV solves, the budget each policy needs ----
+LENGTH_ID = re.compile(r"^len(\d+)_")  # RULER instance ids: len<prompt length>_<index>
+SOLVED = 0.8  # a (task, length) cell enters the claims when FullKV's accuracy there is at least this
+
+
+def cells_by_length(df: pd.DataFrame) -> pd.DataFrame:
+    """The table with every task split by the prompt length its instances were built for: task becomes
+    "<task> @<length>" (from RULER instance ids, len<N>_<i>; other tasks keep their name), so that every summary
+    of this module treats a (task, length) cell as a task — averages then weight the cells equally."""
+    length = df.instance.astype(str).str.extract(LENGTH_ID, expand=False)
+    out = df.copy()
+    out["task"] = np.where(length.notna(), df.task.astype(str) + " @" + length.fillna(""), df.task)
+    return out
+
+
+def solved_cells(df: pd.DataFrame, threshold: float = SOLVED) -> pd.DataFrame:
+    """FullKV's accuracy per task (a `cells_by_length` table: per cell) with its 95 % bootstrap interval and the
+    number of instances; `solved` = accuracy ≥ threshold, the cells a claim about eviction can use (a cell FullKV
+    fails says nothing about what eviction loses)."""
+    if not 0 <= threshold <= 1:
+        raise ValueError(f"threshold={threshold!r}: an accuracy in [0, 1]")
+    d = task_rows(df)
+    d = d[(d.policy == "fullkv") & ~d.budget.map(math.isfinite)]
+    rows = []
+    for task, g in d.groupby("task"):
+        low, high = bootstrap_mean_ci([g.value.to_numpy()])
+        rows.append({"task": task, "fullkv": float(g.value.mean()), "low": low, "high": high, "n": len(g),
+                     "solved": bool(g.value.mean() >= threshold)})
+    return pd.DataFrame(rows, columns=["task", "fullkv", "low", "high", "n", "solved"])
+
+
+def budget_to_match(df: pd.DataFrame, within: float = 0.05) -> pd.DataFrame:
+    """Per policy, the smallest finite budget from which on (it and every larger budget of the table) its
+    task-averaged accuracy stays within `within` (relative) of FullKV's, acc ≥ (1 − within)·FullKV, and the KV
+    memory kept there (MiB, mean over instances); NaN where even its largest budget falls short. Rows in the
+    table's policy order; FullKV left out."""
+    if not 0 <= within < 1:
+        raise ValueError(f"within={within!r}: a relative accuracy loss in [0, 1), e.g. 0.05")
+    acc = accuracy_table(df)
+    avg = acc[(acc.task == "average")]
+    full = float(fullkv_accuracy(df).mean())
+    rows = []
+    for policy in dict.fromkeys(df.policy):
+        if policy == "fullkv":
+            continue
+        g = avg[(avg.policy == policy) & avg.budget.map(math.isfinite)].sort_values("budget")
+        good = (g.value >= (1 - within) * full).to_numpy()
+        tail = len(good) - int(np.argmin(good[::-1])) if not good.all() else 0  # start of the all-good suffix
+        first = g.iloc[tail] if tail < len(good) else None
+        rows.append({"policy": policy, "budget": _number(first.budget) if first is not None else float("nan"),
+                     "mib": float(first.kib) / 1024 if first is not None else float("nan"),
+                     "accuracy": float(first.value) if first is not None else float("nan"), "fullkv": full})
+    return pd.DataFrame(rows, columns=["policy", "budget", "mib", "accuracy", "fullkv"])
 
 
 # ---- throughput side (bench tables) ----

@@ -1,0 +1,57 @@
+"""The study's summaries on hand-made tables: (task, length) cells, the cells FullKV solves, the budget each policy
+needs to stay within 5 % of FullKV."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from flowkv_utils import analysis
+
+
+def _table(values: dict[tuple[str, str, str], list[float]], kib: float = 1.0) -> pd.DataFrame:
+    """{(task, policy, budget): per-instance scores} → tidy rows (instance ids len<N>_<i> for tasks named @N)."""
+    rows = []
+    for (task, policy, budget), vals in values.items():
+        name, _, length = task.partition("@")
+        for i, v in enumerate(vals):
+            inst = f"len{length}_{i:02d}" if length else f"d{i}"
+            mult = 1.0 if budget == "full" else float(budget)
+            rows.append({"task": name, "instance": inst, "policy": policy, "budget": budget, "metric": "contains",
+                         "value": v, "budget_bytes": kib * 1024 * mult})
+    return pd.DataFrame(rows)
+
+
+def test_cells_by_length_splits_ruler_tasks_only():
+    df = _table({("ruler_vt@4000", "fullkv", "full"): [1, 1], ("ruler_vt@8000", "fullkv", "full"): [1, 0],
+                 ("niah", "fullkv", "full"): [1]})
+    cells = analysis.cells_by_length(df)
+    assert sorted(set(cells.task)) == ["niah", "ruler_vt @4000", "ruler_vt @8000"]
+    assert list(df.task.unique()) == ["ruler_vt", "niah"]  # the input is not changed
+
+
+def test_solved_cells_use_the_threshold_and_carry_intervals():
+    df = analysis.cells_by_length(_table({("ruler_vt@4000", "fullkv", "full"): [1] * 9 + [0],
+                                          ("ruler_vt@8000", "fullkv", "full"): [1, 0, 0, 1]}))
+    s = analysis.solved_cells(df).set_index("task")
+    assert s.loc["ruler_vt @4000", "fullkv"] == pytest.approx(0.9) and s.loc["ruler_vt @4000", "solved"]
+    assert not s.loc["ruler_vt @8000", "solved"] and s.loc["ruler_vt @8000", "n"] == 4
+    assert s.loc["ruler_vt @4000", "low"] <= 0.9 <= s.loc["ruler_vt @4000", "high"]
+    with pytest.raises(ValueError, match="threshold=1.5"):
+        analysis.solved_cells(df, threshold=1.5)
+
+
+def test_budget_to_match_is_the_start_of_the_good_suffix():
+    full = [1.0, 1.0]
+    df = _table({("t", "fullkv", "full"): full,
+                 ("t", "a", "0.01"): [1.0, 1.0], ("t", "a", "0.1"): [0.0, 1.0], ("t", "a", "0.5"): [1.0, 1.0],
+                 ("t", "b", "0.01"): [0.0, 0.0], ("t", "b", "0.1"): [1.0, 1.0], ("t", "b", "0.5"): [1.0, 0.0]})
+    need = analysis.budget_to_match(df).set_index("policy")
+    assert need.loc["a", "budget"] == 0.5  # 0.01 is good, but 0.1 is not: a lucky small budget does not count
+    assert need.loc["a", "mib"] == pytest.approx(0.5 / 1024)
+    assert math.isnan(need.loc["b", "budget"])  # its largest budget falls short
+    assert "fullkv" not in need.index
+    with pytest.raises(ValueError, match="within=1"):
+        analysis.budget_to_match(df, within=1)
