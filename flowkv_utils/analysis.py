@@ -239,10 +239,15 @@ def cells_by_length(df: pd.DataFrame) -> pd.DataFrame:
     """The table with every task split by the prompt length its instances were built for: task becomes
     "<task> @<length>" (from RULER instance ids, len<N>_<i>; other tasks keep their name), so that every summary
     of this module treats a (task, length) cell as a task — averages then weight the cells equally."""
-    length = df.instance.astype(str).str.extract(LENGTH_ID, expand=False)
     out = df.copy()
-    out["task"] = np.where(length.notna(), df.task.astype(str) + " @" + length.fillna(""), df.task)
+    out["task"] = [cell_of(t, i) for t, i in zip(df.task, df.instance, strict=True)]
     return out
+
+
+def cell_of(task: str, instance: str) -> str:
+    """The (task, length) cell of one instance: "<task> @<length>" for RULER ids len<N>_<i>, else the task."""
+    m = LENGTH_ID.match(str(instance))
+    return f"{task} @{m.group(1)}" if m else str(task)
 
 
 def solved_cells(df: pd.DataFrame, threshold: float = SOLVED) -> pd.DataFrame:

@@ -161,6 +161,13 @@ def plan(policies: Sequence[str], budgets: Sequence) -> list[tuple[str, int | fl
     return [(p, b) for p in policies for b in budgets if REGISTRY[p].role != "reference" or b == FULL]
 
 
+def run_settings(fidelity: bool = True, kl_tokens: int = 16, question: str = "aware") -> str:
+    """The `settings` column of a run's rows (JSON): what besides model, seed, window, instance and policy decides
+    its values (the question mode only when agnostic, so older aware tables keep their identity)."""
+    return json.dumps({"fidelity": fidelity, "kl_tokens": kl_tokens,
+                       **({"question": question} if question == "agnostic" else {})}, sort_keys=True)
+
+
 def run_sweep(model, tok, instances: Sequence[TaskInstance], policies: Sequence[str], budgets: Sequence,
               path: str | Path, seed: int = 0, window: int = 32, fidelity: bool = True,
               policy_params: dict[str, dict] | None = None, kl_tokens: int = 16, progress: bool = True,
@@ -236,8 +243,7 @@ def run_sweep(model, tok, instances: Sequence[TaskInstance], policies: Sequence[
                          "(fresh)")
     mine = shard.take(instances)
     ident = {"model": model_name(model), "model_sha": fingerprint(model), "seed": seed, "window": window,
-             "settings": json.dumps({"fidelity": fidelity, "kl_tokens": kl_tokens,
-                                     **({"question": question} if agnostic else {})}, sort_keys=True)}
+             "settings": run_settings(fidelity, kl_tokens, question)}
     out = TableFile(rank_table(path, shard), COLUMNS)  # validates (and locks) the file before anything is computed
     try:
         old = load_results(path)  # every rank table too: a point any process finished is not run again

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from . import sweep
+from . import analysis, sweep
 from .budgets import BUDGET_HELP, parse_budget
 from .distributed import Shard, barrier, device_for, process_group
 from .policies import STUDY
@@ -61,6 +61,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--question", choices=sweep.QUESTION_MODES, default="aware",
                     help="aware: the question is compressed with the context; agnostic: the context is compressed "
                     "before the question arrives (as kvpress evaluates)")
+    ap.add_argument("--solved-only", type=float, default=None, metavar="ACCURACY",
+                    help="run FullKV on every instance first, print its accuracy per (task, length) cell, and run the "
+                    "other policies only on the cells where it reaches ACCURACY (e.g. 0.8)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the task instances")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (0 keeps torch's default)")
     ap.add_argument("--fresh", action="store_true",
@@ -87,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                              f"{a.ruler_tasks} (or --ruler-grid for every task at every length)")
         if a.ruler_per_length < 1:
             raise ValueError(f"--ruler-per-length {a.ruler_per_length}: must be ≥ 1")
+        if a.solved_only is not None and not 0 <= a.solved_only <= 1:
+            raise ValueError(f"--solved-only {a.solved_only}: an accuracy in [0, 1], e.g. 0.8")
         if a.threads < 0:
             raise ValueError(f"--threads {a.threads}: must be ≥ 0 (0 keeps torch's default)")
         points = sweep.plan(a.policies, a.budgets)  # unknown policies, bad budgets: before the model loads
@@ -110,6 +115,26 @@ def task_instances(a: argparse.Namespace, tok) -> list:
     return instances
 
 
+def solved_instances(model, tok, instances: list, a: argparse.Namespace, shard: Shard, run: dict) -> list:
+    """FullKV on every instance (its rows go into the table; the full sweep reuses them), its accuracy per (task,
+    length) cell printed, and the instances of the cells where it reaches --solved-only."""
+    from .models import fingerprint
+
+    sweep.run_sweep(model, tok, instances, ["fullkv"], [sweep.FULL], a.table, **run)
+    barrier(shard)  # every rank's FullKV rows are on disk
+    rows = sweep.load_results(a.table)
+    isha = {sweep.instance_sha(i, a.question) for i in instances}
+    rows = rows[rows.instance_sha.isin(isha) & (rows.model_sha == fingerprint(model)) & (rows.seed == a.seed)
+                & (rows.window == a.window) & (rows.settings == sweep.run_settings(not a.no_fidelity,
+                                                                                   question=a.question))]
+    cells = analysis.solved_cells(analysis.cells_by_length(rows), a.solved_only)
+    if shard.main:
+        print(f"FullKV per (task, length) cell (solved: ≥ {a.solved_only}):", flush=True)
+        print(cells.to_string(index=False, float_format=lambda v: f"{v:.3f}"), flush=True)
+    solved = set(cells.task[cells.solved])
+    return [i for i in instances if analysis.cell_of(i.task, i.instance) in solved]
+
+
 def _run(a: argparse.Namespace, shard: Shard, device: torch.device, n_points: int) -> int:
     from .models import load_model
 
@@ -125,8 +150,10 @@ def _run(a: argparse.Namespace, shard: Shard, device: torch.device, n_points: in
     instances = task_instances(a, tok)
     print(f"{shard.label} on {device}: {len(shard.take(instances))} of {len(instances)} instances × {n_points} "
           f"(policy, budget) points", flush=True)
-    sweep.run_sweep(model, tok, instances, a.policies, a.budgets, a.table, seed=a.seed, window=a.window,
-                    fidelity=not a.no_fidelity, shard=shard, question=a.question)
+    run = dict(seed=a.seed, window=a.window, fidelity=not a.no_fidelity, shard=shard, question=a.question)
+    if a.solved_only is not None:
+        instances = solved_instances(model, tok, instances, a, shard, run)
+    sweep.run_sweep(model, tok, instances, a.policies, a.budgets, a.table, **run)
     barrier(shard)  # every rank's table is complete
     if shard.main:
         files = sweep.table_files(a.table)

@@ -16,7 +16,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flowkv_utils import distributed, sweep, sweep_cli
+from flowkv_utils import analysis, distributed, sweep, sweep_cli
 from flowkv_utils.distributed import Shard
 from flowkv_utils.models import random_model
 from flowkv_utils.results import REPO, TableError
@@ -194,6 +194,30 @@ def test_ruler_grid_and_haystack_name_the_instances(embedded):
     cells = [(i.task, i.prompt_ids.shape[-1] <= n) for i, n in zip(insts, [300] + [300, 300, 400, 400] * 2)]
     assert [t for t, _ in cells] == ["niah_essay"] + ["ruler_niah_single_essay"] * 4 + ["ruler_fwe"] * 4
     assert all(fits for _, fits in cells) and len({i.instance for i in insts[1:5]}) == 4
+
+
+@pytest.mark.model
+def test_solved_only_runs_the_policies_on_the_cells_fullkv_solves(monkeypatch, capsys, tmp_path):
+    """--solved-only: FullKV on every instance first, its accuracy per (task, length) cell printed, the other
+    policies only where it reaches the threshold (whichever cells those are on this model)."""
+    for k in distributed.ENV:
+        monkeypatch.delenv(k, raising=False)
+    table = tmp_path / "s.csv"
+    args = ["--table", str(table), "--niah-lengths", "--ruler-tasks", "niah_single", "niah_multivalue",
+            "--ruler-lengths", "300", "--ruler-grid", "--ruler-per-length", "2", "--policies", "fullkv", "snapkv",
+            "--budgets", "64", "full", "--window", "16", "--no-fidelity", "--solved-only", "0.75"]
+    assert sweep_cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "FullKV per (task, length) cell (solved: ≥ 0.75):" in out
+    df = analysis.cells_by_length(sweep.load_results(table))
+    full = df[df.policy == "fullkv"].groupby("task").value.mean()
+    assert set(full.index) == {"ruler_niah_single @300", "ruler_niah_multivalue @300"}
+    for cell, acc in full.items():
+        assert f"{cell}" in out
+        ran = df[(df.task == cell) & (df.policy == "snapkv") & (df.budget == "64")]
+        assert len(ran) == (2 if acc >= 0.75 else 0), (cell, acc)
+    assert sweep_cli.main(args[:-1] + ["1.5"]) == 2
+    assert "--solved-only 1.5: an accuracy in [0, 1]" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------- a real 2-process run
