@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import gzip
 import io
 import json
 import os
@@ -72,12 +73,18 @@ class TableError(ValueError):
 
 
 def _read_text(path: Path) -> tuple[str, bool]:
-    """(complete lines of the file, whether a torn last line was dropped). Refuses non-UTF-8 bytes."""
+    """(complete lines of the file, whether a torn last line was dropped). Refuses non-UTF-8 bytes. A `.gz` file
+    (a stored table compressed for the repository: `gzip -9 table.csv`) is read through gzip."""
     if not path.exists():
         return "", False
     if not path.is_file():
         raise TableError(f"{path}: not a regular file")
     data = path.read_bytes()
+    if path.suffix == ".gz":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as e:
+            raise TableError(f"{path}: not a gzip-compressed table ({e})") from None
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -210,6 +217,9 @@ class TableFile:
     def __init__(self, path: str | Path, columns: Sequence[str], lock: bool = True):
         self.path = Path(path)
         self.columns = list(columns)
+        if self.path.suffix == ".gz":
+            raise TableError(f"{self.path}: a compressed table is a read-only archive; write to a .csv table (and "
+                             "gzip it when it is complete)")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:

@@ -422,3 +422,20 @@ def test_paired_difference_and_claim_intervals():
     acc = analysis.accuracy_table(df, ci=True)
     row = acc[(acc.task == "t") & (acc.policy == "snapkv")].iloc[0]
     assert row.low <= row.value <= row.high
+
+
+def test_a_gzipped_table_loads_the_same_and_is_read_only(reference, tmp_path):
+    """Stored study tables are kept gzip-compressed in the repository: they load like the CSV; writing to one, or
+    loading a .gz that is not gzip, fails naming the file."""
+    import gzip
+
+    src, df = reference
+    gz = tmp_path / "r.csv.gz"
+    gz.write_bytes(gzip.compress(src.read_bytes()))
+    pd.testing.assert_frame_equal(sweep.load_results(gz), sweep.load_results(src))
+    with pytest.raises(TableError, match="r.csv.gz: a compressed table is a read-only archive"):
+        TableFile(gz, sweep.COLUMNS)
+    bad = tmp_path / "bad.csv.gz"
+    bad.write_bytes(src.read_bytes())
+    with pytest.raises(TableError, match="bad.csv.gz: not a gzip-compressed table"):
+        sweep.load_results(bad)
