@@ -125,8 +125,9 @@ def exact_l1_scores(A: torch.Tensor, v: torch.Tensor, w_o: torch.Tensor, m: int 
                     max_floats: int = MAX_FLOATS) -> torch.Tensor:
     """Σ_{i,c} |Σ_{h∈g} A_h[i, j] P_h[j, c]| for j < m: the entrywise L1 norm of each entry's w×D contribution,
     built explicitly (no Gram form exists for L1). A (H, w, n), v (G, n, d), w_o (H, d, D) → (G, m) float32.
-    Cost O(m·H·w·D) MACs per layer (Llama-3.1-8B at 128K: ≈5.5·10¹¹, about 5× the exact L2 Gram form), in token
-    chunks of c tokens, G·c·(w + r)·D ≤ max_floats floats at once."""
+    Cost per layer O(m·H·d·D) MACs for the projected values plus O(m·H·w·D) for the head sums (Llama-3.1-8B at 128K:
+    ≈2.2·10¹² + 0.6·10¹², the direct transcription's cost, ≈25× the exact L2 Gram form), in token chunks of c tokens,
+    G·c·(w + r)·D ≤ max_floats floats at once."""
     H, w, n = A.shape
     G, _, d = v.shape
     m = n if m is None else m
