@@ -17,6 +17,11 @@ POLICY_STYLE = {
     "flowkv_global": ("#ff7f0e", "h"), "smoothevict": ("#e377c2", "d"),
     "h2o": ("#8c564b", "<"), "tova": ("#637939", ">"), "keydiff": ("#7b4173", "H"),
     "defensivekv": ("#e7969c", ">"), "layer_defensivekv": ("#c49c94", "<"), "lava": ("#393b79", "8"),
+    # FlowKV's ablations (role "ablation", drawn dotted): muted reds for the layer-wise, browns for the global form
+    "flowkv_pool7": ("#d98c8c", "s"), "flowkv_no_cross": ("#c27070", "^"), "flowkv_per_head": ("#a85858", "v"),
+    "flowkv_l1": ("#e0a8a8", "D"), "flowkv_sinks4": ("#8f4a4a", "P"),
+    "flowkv_global_n0": ("#e8b07a", "s"), "flowkv_global_n1": ("#cc9460", "^"),
+    "flowkv_global_n3": ("#b07a48", "v"), "flowkv_global_floor4": ("#8c6035", "P"),
 }
 POLICY_LABEL = {
     "fullkv": "FullKV", "streamingllm": "StreamingLLM", "snapkv": "SnapKV", "pyramidkv": "PyramidKV",
@@ -25,6 +30,12 @@ POLICY_LABEL = {
     "smoothevict": "SmoothEvict (project interpretation)",
     "h2o": "H2O", "tova": "TOVA", "keydiff": "KeyDiff",
     "defensivekv": "DefensiveKV", "layer_defensivekv": "Layer-DefensiveKV", "lava": "LAVa",
+    "flowkv_pool7": "FlowKV ablation: max-pooled, k = 7", "flowkv_no_cross": "FlowKV ablation: no cross terms",
+    "flowkv_per_head": "FlowKV ablation: per-head products", "flowkv_l1": "FlowKV ablation: L1 norm",
+    "flowkv_sinks4": "FlowKV ablation: 4 sinks", "flowkv_global_n0": "FlowKV global ablation: N0, raw",
+    "flowkv_global_n1": "FlowKV global ablation: N1, output norm",
+    "flowkv_global_n3": "FlowKV global ablation: N3, layer sum 1",
+    "flowkv_global_floor4": "FlowKV global ablation: floor 4",
 }
 
 
@@ -76,6 +87,14 @@ def policy_label(name: str) -> str:
     return POLICY_LABEL.get(name, name)
 
 
+def policy_linestyle(name: str) -> str:
+    """Dotted for FlowKV's ablations (role "ablation"), solid for every other policy (and unknown names)."""
+    from .policies import REGISTRY  # here: importing the plots needs no torch
+
+    cls = REGISTRY.get(name)
+    return ":" if cls is not None and cls.role == "ablation" else "-"
+
+
 def plot_curves(ax, table, task: str = "average", x: str = "budget",
                 policies: Sequence[str] | None = None, logx: bool = True, full_x: float | None = None,
                 reference: bool = True) -> None:
@@ -89,8 +108,8 @@ def plot_curves(ax, table, task: str = "average", x: str = "budget",
         g = fin[fin.policy == p].sort_values(x)
         if p == "fullkv" or g.empty:
             continue
-        ax.plot(g[x], g.value, marker=policy_marker(p), color=policy_color(p), lw=1.4, ms=5,
-                label=policy_label(p))
+        ax.plot(g[x], g.value, marker=policy_marker(p), color=policy_color(p), ls=policy_linestyle(p), lw=1.4,
+                ms=5, label=policy_label(p))
         if "low" in g and g.low.notna().any():  # the table's 95 % interval (accuracy_table(..., ci=True))
             ax.fill_between(g[x], g.low, g.high, color=policy_color(p), alpha=0.12, lw=0)
     full = t[(t.policy == "fullkv") & ~t.budget.map(math.isfinite)]

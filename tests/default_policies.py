@@ -21,6 +21,8 @@ VARIANTS: list[tuple[str, dict]] = [
     ("flowkv_global", {"norm": "N1"}),
     ("flowkv_global", {"norm": "N3", "head_floor": 2}),
     ("flowkv_global", {"sinks": 2, "kernel": 3}),
+    ("flowkv", {"form": "per_head", "p": 1}),  # the score ablations not registered on their own
+    ("flowkv_global", {"form": "no_cross", "head_floor": 2}),
     ("smoothevict", {"sinks": 2}),
     ("h2o", {"normalise": True}),
     ("defensivekv", {"threshold": 0.0, "kernel": 1}),

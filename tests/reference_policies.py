@@ -161,6 +161,36 @@ def flowkv_direct(pf, layer: int, w: int) -> torch.Tensor:
     return out
 
 
+def flowkv_ablation_direct(pf, layer: int, w: int, form: str, p: int) -> torch.Tensor:
+    """FlowKV's score ablations for j < n − w, (G, n − w) float64, from the explicit w×D contribution matrices
+    C_h[j] = A_h[:, j] P_h[j, :]ᵀ of every query head h of the group (one outer product per head and token),
+    with ‖·‖_p the entrywise p-norm of a matrix (p = 2: Frobenius):
+      exact     ‖Σ_{h∈g} C_h[j]‖_p
+      no_cross  (Σ_{h∈g} ‖C_h[j]‖_F²)^½   (the squared Frobenius norm of the sum, cross terms between heads dropped)
+      per_head  Σ_{h∈g} ‖C_h[j]‖_p        (each head's rank-1 term on its own, summed)."""
+    L, H, G, d, D, n = geometry(pf)
+    r, m = H // G, n - w
+    A = attention(pf, layer, w)
+    v = pf.layers[layer].v.double()
+
+    def norm(C):  # (m, w, D) → (m,): entrywise p-norm of each token's matrix
+        return C.abs().pow(p).sum((1, 2)).pow(1 / p)
+
+    out = torch.zeros(G, m, dtype=torch.float64)
+    for g in range(G):
+        per_head = []
+        for h in range(g * r, (g + 1) * r):
+            P = v[g, :m] @ w_o(pf, layer, h)  # (m, D)
+            per_head.append(A[h, :, :m].T.unsqueeze(2) * P.unsqueeze(1))  # C_h[j], (m, w, D)
+        if form == "exact":
+            out[g] = norm(sum(per_head))
+        elif form == "no_cross":
+            out[g] = sum(C.square().sum((1, 2)) for C in per_head).sqrt()
+        else:
+            out[g] = sum(norm(C) for C in per_head)
+    return out
+
+
 def dkm_products(pf, layer: int, w: int) -> torch.Tensor:
     """‖A_h[:, j]‖ · ‖V_h[j] W_O^h‖ per head (only meaningful when G == H): (H, n − w)."""
     L, H, G, d, D, n = geometry(pf)
@@ -536,8 +566,10 @@ def cake(pf, budget, window: int = 32, tau1: float = 1.0, tau2: float = 1.0, gam
 
 
 # ---------------------------------------------------------------------------------------------------- FlowKV
-def flowkv_layer_scores(pf, layer: int, w: int, kernel: int, sinks: int) -> list[list[float]]:
-    s = flowkv_direct(pf, layer, w).tolist()
+def flowkv_layer_scores(pf, layer: int, w: int, kernel: int, sinks: int, form: str = "exact",
+                        p: int = 2) -> list[list[float]]:
+    s = (flowkv_direct(pf, layer, w) if (form, p) == ("exact", 2) else flowkv_ablation_direct(pf, layer, w, form, p))
+    s = s.tolist()
     s = [pool(row, kernel, "max") for row in s]
     return [[math.inf if j < sinks else x for j, x in enumerate(row)] for row in s]
 
@@ -547,7 +579,8 @@ def _nan_inf(row: list[float]) -> torch.Tensor:
     return t.masked_fill(t.isinf(), float("nan"))
 
 
-def flowkv(pf, budget, window: int = 32, sinks: int = 0, kernel: int = 1, **_) -> Ref:
+def flowkv(pf, budget, window: int = 32, sinks: int = 0, kernel: int = 1, form: str = "exact", p: int = 2,
+           **_) -> Ref:
     """Layer-wise: flatten s over (g, j < n − w), keep the top G·(B − w) (sinks counted), plus every window."""
     L, H, G, d, D, n = geometry(pf)
     w = window
@@ -558,7 +591,7 @@ def flowkv(pf, budget, window: int = 32, sinks: int = 0, kernel: int = 1, **_) -
         return ref
     slots = slot_budgets(total, L, G)
     for li in range(L):
-        s = flowkv_layer_scores(pf, li, w, kernel, sinks)
+        s = flowkv_layer_scores(pf, li, w, kernel, sinks, form, p)
         chosen, amb = top([(s[g][j], (g, j)) for g in range(G) for j in range(n - w)], sum(slots[li]) - G * w)
         for g, j in chosen:
             ref.keep[li, g, j] = True
@@ -582,7 +615,7 @@ def layer_norm(pf, layer: int, norm: str, w: int, raw: list[list[float]]) -> flo
 
 
 def flowkv_global(pf, budget, window: int = 32, sinks: int = 0, kernel: int = 1, norm: str = "N2",
-                  head_floor: int = 0, **_) -> Ref:
+                  head_floor: int = 0, form: str = "exact", p: int = 2, **_) -> Ref:
     """Normalised scores; optional per-head floor; one top over every (ℓ, g, j) fills G·L·(B − w)."""
     L, H, G, d, D, n = geometry(pf)
     w, m = window, n - window
@@ -594,7 +627,7 @@ def flowkv_global(pf, budget, window: int = 32, sinks: int = 0, kernel: int = 1,
     S = total - w * L * G
     s = []
     for li in range(L):
-        raw = flowkv_layer_scores(pf, li, w, kernel, sinks)
+        raw = flowkv_layer_scores(pf, li, w, kernel, sinks, form, p)
         z = layer_norm(pf, li, norm, w, raw)
         s.append([[x / z for x in row] for row in raw])
     floor = min(head_floor, S // (L * G))
@@ -658,6 +691,20 @@ REFERENCES = {
     "criticalkv": criticalkv, "criticaladakv": criticaladakv, "cake": cake, "flowkv": flowkv,
     "flowkv_global": flowkv_global, "smoothevict": smoothevict,
 }
+
+
+def with_defaults(reference, **changed):
+    """An ablation's reference: `reference` with some of its defaults changed (explicit arguments still win)."""
+    return lambda pf, budget, **params: reference(pf, budget, **{**changed, **params})
+
+
+REFERENCES.update(  # FlowKV's ablations: one default changed each
+    flowkv_pool7=with_defaults(flowkv, kernel=7), flowkv_no_cross=with_defaults(flowkv, form="no_cross"),
+    flowkv_per_head=with_defaults(flowkv, form="per_head"), flowkv_l1=with_defaults(flowkv, p=1),
+    flowkv_sinks4=with_defaults(flowkv, sinks=4), flowkv_global_n0=with_defaults(flowkv_global, norm="N0"),
+    flowkv_global_n1=with_defaults(flowkv_global, norm="N1"), flowkv_global_n3=with_defaults(flowkv_global, norm="N3"),
+    flowkv_global_floor4=with_defaults(flowkv_global, head_floor=4),
+)
 
 
 # ---------------------------------------------------------------------------------------------- H2O, TOVA, KeyDiff

@@ -3,6 +3,7 @@ method.md §2-3, on tiny random models (2-3 layers, head_dim 8, n ≤ 200) throu
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -16,9 +17,16 @@ from flowkv_utils.budgets import proportional_allocation
 from flowkv_utils.cache import RaggedCache
 from flowkv_utils.capture import prefill
 from flowkv_utils.models import random_model
-from flowkv_utils.policies import REGISTRY, get_policy
+from flowkv_utils.policies import ABLATIONS, BASELINES, REGISTRY, STUDY, get_policy, names
 from flowkv_utils.policies.cake import cascade_budgets, indicator, layer_allocation
-from flowkv_utils.policies.flowkv import FlowKVGlobal, flowkv_scores, gram_blocks
+from flowkv_utils.policies.flowkv import (
+    FlowKV,
+    FlowKVGlobal,
+    ablation_scores,
+    exact_l1_scores,
+    flowkv_scores,
+    gram_blocks,
+)
 from flowkv_utils.selection import GlobalCascade, shown
 
 PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -178,6 +186,104 @@ def test_flowkv_gram_form_equals_frobenius_norm(case, layer):
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
     if pf.shape.kv_heads == pf.shape.heads:
         torch.testing.assert_close(want, ref.dkm_products(pf, layer, w), rtol=1e-10, atol=1e-12)
+
+
+FORMS = [("no_cross", 2), ("per_head", 2), ("exact", 1), ("per_head", 1)]  # every ablation of the exact/L2 score
+
+
+def form_scores(pf, layer: int, w: int) -> dict[tuple[str, int], torch.Tensor]:
+    """{(form, p): (G, n − w) scores} of one layer, every form (through the policy, so through its memo)."""
+    return {fp: FlowKV(window=w, form=fp[0], p=fp[1]).scores(pf, layer) for fp in [("exact", 2), *FORMS]}
+
+
+@PROPERTY
+@given(case=cases(), layer=st.integers(0, 2), form=st.sampled_from(FORMS))
+def test_flowkv_ablation_forms_equal_their_direct_transcription(case, layer, form):
+    """no_cross, per_head and the L1 forms == the norms of the explicit per-token contribution matrices."""
+    pf, w, _ = case
+    layer = layer % len(pf.layers)
+    m = pf.n - w
+    A, v, G = pf.attn(layer)[:, -w:], pf.layers[layer].v, pf.shape.kv_heads
+    got = ablation_scores(A, v, *form, m, gram=gram_blocks(pf.w_o(layer), G), w_o=pf.w_o(layer))
+    want = ref.flowkv_ablation_direct(pf, layer, w, *form)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+
+
+@FEW
+@given(case=cases(max_n=120), layer=st.integers(0, 2))
+def test_flowkv_exact_l2_is_unchanged(case, layer):
+    """form="exact", p=2 (the default) is the Gram-block score itself, bit for bit; the direct transcription of
+    the ablations at exact/L2 is the original one."""
+    pf, w, _ = case
+    layer = layer % len(pf.layers)
+    m = pf.n - w
+    want = flowkv_scores(pf.attn(layer)[:, -w:], pf.layers[layer].v, gram_blocks(pf.w_o(layer), pf.shape.kv_heads), m)
+    for pol in (FlowKV(window=w), FlowKV(window=w, form="exact", p=2), FlowKVGlobal(window=w)):
+        assert torch.equal(pol.layer_scores(pf, layer), want)
+    torch.testing.assert_close(ref.flowkv_ablation_direct(pf, layer, w, "exact", 2), ref.flowkv_direct(pf, layer, w),
+                               rtol=1e-10, atol=1e-14)
+
+
+@PROPERTY
+@given(case=cases(), layer=st.integers(0, 2))
+def test_flowkv_ablation_identities(case, layer):
+    """per_head ≥ exact (triangle inequality, for L2 and L1) and per_head ≥ no_cross (‖x‖₂ ≤ ‖x‖₁ over heads);
+    the entrywise L1 norm ≥ the Frobenius norm; with one query head per KV head (G = H) the forms coincide.
+    (no_cross vs exact has no order: the cross terms reinforce or cancel.)"""
+    pf, w, _ = case
+    layer = layer % len(pf.layers)
+    s = form_scores(pf, layer, w)
+    tol = 1e-5 * float(s[("per_head", 1)].max()) + 1e-30
+
+    def at_least(big, small):
+        assert (s[big] >= s[small] * (1 - 1e-5) - tol).all(), f"{big} < {small}"
+
+    at_least(("per_head", 2), ("exact", 2))
+    at_least(("per_head", 2), ("no_cross", 2))
+    at_least(("per_head", 1), ("exact", 1))
+    at_least(("exact", 1), ("exact", 2))
+    at_least(("per_head", 1), ("per_head", 2))
+    if pf.shape.kv_heads == pf.shape.heads:
+        for p, forms in ((2, ("exact", "no_cross", "per_head")), (1, ("exact", "per_head"))):
+            for f in forms[1:]:
+                torch.testing.assert_close(s[(f, p)], s[(forms[0], p)], rtol=1e-4, atol=tol)
+
+
+def test_flowkv_forms_are_memoised_apart(pf40):
+    """The memo key holds form and p: each form, asked on one shared prefill, keeps its own scores."""
+    s = form_scores(pf40, 1, 8)
+    fresh = prefill(pf40.model, pf40.input_ids, window=pf40.window)
+    for (f, p), got in s.items():
+        assert torch.equal(got, FlowKV(window=8, form=f, p=p).layer_scores(fresh, 1))
+    assert not torch.equal(s[("exact", 2)], s[("per_head", 2)]) and not torch.equal(s[("exact", 2)], s[("exact", 1)])
+
+
+def test_exact_l1_chunks_do_not_change_the_scores(pf40):
+    """The chunked L1 form gives the same scores with one token per chunk as with all tokens in one chunk."""
+    A, v, w_o = pf40.attn(0), pf40.layers[0].v, pf40.w_o(0)
+    one = exact_l1_scores(A, v, w_o, 30, max_floats=1)
+    torch.testing.assert_close(one, exact_l1_scores(A, v, w_o, 30), rtol=1e-6, atol=0)
+
+
+def test_ablations_are_registered_variants():
+    """Each ablation is FlowKV or FlowKV global with exactly one default changed, role "ablation", outside the
+    study, the baselines and the derived policies, listed after flowkv_global and before smoothevict."""
+    assert ABLATIONS == names(role="ablation") == [
+        "flowkv_pool7", "flowkv_no_cross", "flowkv_per_head", "flowkv_l1", "flowkv_sinks4", "flowkv_global_n0",
+        "flowkv_global_n1", "flowkv_global_n3", "flowkv_global_floor4"]
+    order = list(REGISTRY)
+    assert order[order.index("flowkv_global") + 1: order.index("smoothevict")] == ABLATIONS
+    assert not set(ABLATIONS) & (set(STUDY) | set(BASELINES) | set(names(role="derived")))
+    for name in ABLATIONS:
+        cls = REGISTRY[name]
+        parent = FlowKVGlobal if issubclass(cls, FlowKVGlobal) else FlowKV
+        assert issubclass(cls, parent) and cls.name == name and cls.__doc__.count("\n") == 0
+        assert [f.name for f in dataclasses.fields(cls)] == [f.name for f in dataclasses.fields(parent)]
+        changed = [f.name for f, g in zip(dataclasses.fields(cls), dataclasses.fields(parent), strict=True)
+                   if f.default != g.default]
+        assert len(changed) == 1, f"{name} changes {changed}"
+        assert {k: getattr(cls, k) for k in ("head_adaptive", "layer_adaptive", "output_aware", "scope", "streams")} \
+            == {k: getattr(parent, k) for k in ("head_adaptive", "layer_adaptive", "output_aware", "scope", "streams")}
 
 
 @PROPERTY
@@ -355,6 +461,15 @@ def test_unknown_policy_lists_the_registry():
     ("flowkv_global", {"norm": "N9"}, r"norm='N9'.*N0, N1, N2, N3"),
     ("flowkv_global", {"head_floor": -2}, r"head_floor=-2"), ("streamingllm", {"sinks": 1.5}, r"sinks=1\.5"),
     ("smoothevict", {"kernel": 0}, r"kernel=0"), ("h2o", {"normalise": 1}, r"normalise=1"),
+    ("flowkv", {"form": "cross"}, r"form='cross' is invalid.*'exact'.*'no_cross'.*'per_head'"),
+    ("flowkv", {"p": 3}, r"p=3 is invalid.*2 \(Frobenius norm\) or 1 \(entrywise L1 norm\)"),
+    ("flowkv", {"p": True}, r"p=True is invalid"), ("flowkv", {"p": "1"}, r"p='1' is invalid"),
+    ("flowkv_global", {"form": 2}, r"form=2 is invalid"),
+    ("flowkv", {"form": "no_cross", "p": 1}, r"form='no_cross' with p=1 is invalid.*L2 identity"),
+    ("flowkv_no_cross", {"p": 1}, r"flowkv_no_cross: form='no_cross' with p=1"),
+    ("flowkv_l1", {"form": "no_cross"}, r"flowkv_l1: form='no_cross' with p=1"),
+    ("flowkv_pool7", {"kernel": 4}, r"flowkv_pool7: kernel=4"),
+    ("flowkv_global_n3", {"norm": "N4"}, r"flowkv_global_n3: norm='N4'"),
 ])
 def test_bad_params(name, params, match):
     with pytest.raises(ValueError, match=match):

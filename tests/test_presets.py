@@ -61,6 +61,13 @@ def test_stored_result_identities_unchanged():
     assert '"pool": "avg"' in policy_params_json(get_policy("snapkv", **KVPRESS["snapkv"]))
     assert '"shares": "kept"' in policy_params_json(get_policy("adakv", **KVPRESS["adakv"]))
     assert '"allocation": "official"' in policy_params_json(get_policy("cake", allocation="official"))
+    for name in ("flowkv", "flowkv_global", "smoothevict"):  # FlowKV's score ablations form, p: only when set
+        stored = policy_params_json(get_policy(name))
+        assert '"form"' not in stored and '"p"' not in stored
+    assert '"form": "per_head", ' in policy_params_json(get_policy("flowkv", form="per_head"))
+    assert '"p": 1' in policy_params_json(get_policy("flowkv", p=1))
+    assert '"form": "exact", ' in policy_params_json(get_policy("flowkv_l1"))  # new rows: every parameter
+    assert '"p": 1' in policy_params_json(get_policy("flowkv_l1"))
 
 
 @pytest.mark.parametrize("fraction, prefix, w, shares, want", [

@@ -1,10 +1,23 @@
 """The policy registry: one name → one class. To add a policy, write one file in this folder with a `Policy`
 subclass (see snapkv.py: a score function in a dozen lines) and add one line to `REGISTRY` below. Its class
 attributes (role, head_adaptive, layer_adaptive, output_aware, scope, streams, in_study) put it into every sweep,
-table and figure: nothing else lists policies by name."""
+table and figure: nothing else lists policies by name. Roles: "reference" (FullKV), "baseline" (published methods),
+"derived" (FlowKV, its global form, SmoothEvict) and "ablation" (FlowKV with one default changed, ablations.py:
+never a baseline nor the derived method, and not in STUDY)."""
 
 from __future__ import annotations
 
+from .ablations import (
+    FlowKVGlobalFloor4,
+    FlowKVGlobalN0,
+    FlowKVGlobalN1,
+    FlowKVGlobalN3,
+    FlowKVL1,
+    FlowKVNoCross,
+    FlowKVPerHead,
+    FlowKVPool7,
+    FlowKVSinks4,
+)
 from .adakv import AdaKV
 from .base import ROLES, Policy, PolicyResult
 from .cake import CAKE
@@ -39,6 +52,15 @@ REGISTRY: dict[str, type[Policy]] = {  # in the order figures and tables list th
     "cake": CAKE,
     "flowkv": FlowKV,
     "flowkv_global": FlowKVGlobal,
+    "flowkv_pool7": FlowKVPool7,  # the ablations (role "ablation", not in STUDY)
+    "flowkv_no_cross": FlowKVNoCross,
+    "flowkv_per_head": FlowKVPerHead,
+    "flowkv_l1": FlowKVL1,
+    "flowkv_sinks4": FlowKVSinks4,
+    "flowkv_global_n0": FlowKVGlobalN0,
+    "flowkv_global_n1": FlowKVGlobalN1,
+    "flowkv_global_n3": FlowKVGlobalN3,
+    "flowkv_global_floor4": FlowKVGlobalFloor4,
     "smoothevict": SmoothEvict,
 }
 
@@ -58,9 +80,11 @@ def categories() -> dict[str, dict[str, object]]:
     return {n: {k: getattr(cls, k) for k in CATEGORIES} for n, cls in REGISTRY.items()}
 
 
-# the policies of the study, in the order figures list them; the head-wise baselines FlowKV is compared with
+# the policies of the study, in the order figures list them; the head-wise baselines FlowKV is compared with;
+# FlowKV's ablations (each one default changed)
 STUDY = names(in_study=True)
 BASELINES = names(role="baseline")
+ABLATIONS = names(role="ablation")
 
 
 def prefill_options(policies) -> dict[str, bool]:
@@ -82,5 +106,5 @@ def get_policy(name: str, **params) -> Policy:
         raise TypeError(f"policy {name!r}: {e}") from None
 
 
-__all__ = ["BASELINES", "CATEGORIES", "KVPRESS", "PRESETS", "REGISTRY", "ROLES", "STUDY", "Policy", "PolicyResult",
-           "categories", "get_policy", "names", "prefill_options"]
+__all__ = ["ABLATIONS", "BASELINES", "CATEGORIES", "KVPRESS", "PRESETS", "REGISTRY", "ROLES", "STUDY", "Policy",
+           "PolicyResult", "categories", "get_policy", "names", "prefill_options"]

@@ -44,7 +44,7 @@ from ..selection import (
 __all__ = ["POOLS", "ROLES", "SHARES", "Policy", "PolicyResult", "check_choice", "check_odd_kernel", "check_param",
            "group_mean", "layer_topk", "pool1d", "share_of", "snap_scores", "window_mass"]
 
-ROLES = ("reference", "baseline", "derived")
+ROLES = ("reference", "baseline", "derived", "ablation")
 POOLS = ("max", "avg")  # SnapKV-family pooling: "max" (SnapKV's LongBench setting, the project's) | "avg" (kvpress)
 # what a policy's fractions (AdaKV's safeguard α, CriticalKV's first stage) are taken of: "selectable" the B − w
 # prefix tokens (the project's), "kept" the kept count B with the window inside (kvpress); see `share_of`
@@ -63,6 +63,7 @@ class Policy:
     uses_window: ClassVar[bool] = True  # False: no observation window is kept (StreamingLLM, FullKV)
     # what the policy is — read by the sweep, the layer-wise compressor and the notebooks
     role: ClassVar[str] = "baseline"  # "reference" (FullKV) | "baseline" (published method) | "derived" (this project)
+    # | "ablation" (a derived policy with one default changed, for ablation studies)
     head_adaptive: ClassVar[bool] = False  # heads of a layer compete: per-head budgets differ
     layer_adaptive: ClassVar[bool] = False  # layer totals differ
     output_aware: ClassVar[bool] = False  # scores read the values / W_O, not attention alone
