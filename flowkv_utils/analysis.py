@@ -8,6 +8,7 @@ Throughput side (bench tables, `bench.load_results`): the throughput bars agains
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Sequence
@@ -264,6 +265,44 @@ def solved_cells(df: pd.DataFrame, threshold: float = SOLVED) -> pd.DataFrame:
         rows.append({"task": task, "fullkv": float(g.value.mean()), "low": low, "high": high, "n": len(g),
                      "solved": bool(g.value.mean() >= threshold)})
     return pd.DataFrame(rows, columns=["task", "fullkv", "low", "high", "n", "solved"])
+
+
+def solved_rows(df: pd.DataFrame, threshold: float = SOLVED) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(`solved_cells` of the table split by length, the table's rows of the solved cells only): what a study's
+    claims are computed from. The rows' task column names the cell ("<task> @<length>")."""
+    cells = cells_by_length(df)
+    solved = solved_cells(cells, threshold)
+    return solved, cells[cells.task.isin(set(solved.task[solved.solved]))]
+
+
+def fidelity_accuracy_correlation(df: pd.DataFrame, policies: Sequence[str] | None = None) -> pd.DataFrame:
+    """Does better output fidelity go with better answers? Per finite budget, the Spearman rank correlation over
+    policies between each fidelity metric of the table and the task-averaged accuracy (a negative ρ: lower error,
+    higher accuracy). Rows: budgets; columns: the fidelity metrics; plus `policies`, how many were ranked."""
+    acc = accuracy_table(df)
+    acc = acc[(acc.task == "average") & acc.budget.map(math.isfinite) & (acc.policy != "fullkv")]
+    if policies is not None:
+        acc = acc[acc.policy.isin(policies)]
+    a = acc.pivot_table(index="budget", columns="policy", values="value")
+    out = pd.DataFrame(index=a.index)
+    for m in FIDELITY:
+        if not (df.metric == m).any():
+            continue
+        f = accuracy_table(df, metric=m)
+        f = f[f.task == "average"].pivot_table(index="budget", columns="policy", values="value")
+        out[m] = [a.loc[b].rank().corr(f.loc[b, a.columns].rank()) if b in f.index else float("nan")
+                  for b in a.index]
+    out["policies"] = a.notna().sum(axis=1)
+    return out
+
+
+def run_label(df: pd.DataFrame) -> str:
+    """A short name of a run for titles: model (up to its first space, without a GGUF file's quantisation and
+    extension), question mode, budget kind."""
+    model = re.sub(r"(\.Q\w+)?\.gguf$", "", str(df.model.iloc[0]).split(" ")[0]) if len(df) else "?"
+    modes = {json.loads(s).get("question", "aware") for s in df.settings.unique()} if "settings" in df else {"aware"}
+    kinds = {"fractions" if "." in str(b) else "tokens" for b in df.budget.unique() if str(b) != FULL}
+    return f"{model} · question-{'/'.join(sorted(modes))} · {'/'.join(sorted(kinds))}"
 
 
 def budget_to_match(df: pd.DataFrame, within: float = 0.05) -> pd.DataFrame:

@@ -164,7 +164,8 @@ CHECKS: dict[str, Callable[[object], str | None]] = {
     "longbench_max_length": _pos_int, "tokens_around": _pos_int,
     "seed": _nonneg_int, "threads": _nonneg_int, "cpu_threads": _nonneg_int, "n_layers": _nonneg_int,
     "needle_depth": _unit, "score_frac": _unit, "min_fullkv_accuracy": _unit,
-    "results_path": _writable_file, "compare_results": _existing_files, "longbench_dir": _optional_dir,
+    "results_path": _writable_file, "compare_results": _existing_files, "study_tables": _existing_files,
+    "longbench_dir": _optional_dir,
 }
 
 

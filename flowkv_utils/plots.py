@@ -120,3 +120,19 @@ def plot_curves(ax, table, task: str = "average", x: str = "budget",
                     color=policy_color("fullkv"))
     if logx:
         ax.set_xscale("log", base=2)
+
+
+def metric_panels(rows, policies: Sequence[str], metrics: Sequence[str], xlabel: str):
+    """One panel per metric ("accuracy", with its 95 % bands and FullKV, or a fidelity metric on a log axis) of
+    a sweep table's task-averaged curves for `policies`; returns (fig, axes). The legend sits right of the last."""
+    from . import analysis  # tables → figures: the summaries come from analysis
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.4 * len(metrics) + 2, 3.6), squeeze=False,
+                             layout="constrained")
+    for ax, m in zip(axes[0], metrics, strict=True):
+        acc = m == "accuracy"
+        plot_curves(ax, analysis.accuracy_table(rows, metric=None if acc else m, ci=acc), "average",
+                    policies=policies, reference=acc)
+        ax.set(xlabel=xlabel, ylabel=m, yscale="linear" if acc else "log")
+    axes[0, -1].legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=7)
+    return fig, axes[0]

@@ -55,3 +55,25 @@ def test_budget_to_match_is_the_start_of_the_good_suffix():
     assert "fullkv" not in need.index
     with pytest.raises(ValueError, match="within=1"):
         analysis.budget_to_match(df, within=1)
+
+
+def test_solved_rows_keep_only_the_solved_cells_and_label_the_run():
+    df = _table({("ruler_vt@4000", "fullkv", "full"): [1, 1], ("ruler_vt@4000", "a", "0.1"): [0, 1],
+                 ("ruler_vt@8000", "fullkv", "full"): [0, 0], ("ruler_vt@8000", "a", "0.1"): [0, 0]})
+    df["model"], df["settings"] = "SmolLM2-135M-Instruct.Q4_1.gguf (GGUF)", '{"question": "agnostic"}'
+    solved, rows = analysis.solved_rows(df)
+    assert list(solved.task[solved.solved]) == ["ruler_vt @4000"] and set(rows.task) == {"ruler_vt @4000"}
+    assert len(rows) == 4
+    assert analysis.run_label(df) == "SmolLM2-135M-Instruct · question-agnostic · fractions"
+
+
+def test_fidelity_accuracy_correlation_ranks_policies_per_budget():
+    vals = {("t", "fullkv", "full"): [1.0, 1.0]}
+    for i, p in enumerate(["a", "b", "c"]):
+        vals[("t", p, "0.1")] = [i / 2, i / 2]
+    df = _table(vals)
+    err = df[df.budget != "full"].assign(metric="attn_rel_err", value=lambda x: 1 - x.value)  # lower error, better
+    kl = df[df.budget != "full"].assign(metric="kl_next_token", value=lambda x: x.value)  # the opposite
+    corr = analysis.fidelity_accuracy_correlation(pd.concat([df, err, kl], ignore_index=True))
+    assert corr.loc[0.1, "attn_rel_err"] == pytest.approx(-1.0) and corr.loc[0.1, "kl_next_token"] == pytest.approx(1.0)
+    assert "attn_rel_err_heldout" not in corr and corr.loc[0.1, "policies"] == 3
