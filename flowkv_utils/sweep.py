@@ -18,6 +18,8 @@ per metric, with the columns `COLUMNS`:
   layers of ‖O_S − O‖_F/‖O‖_F on the window, renormalised), `attn_rel_err_heldout` (the same on held-out rows:
   the queries of FullKV's teacher-forced answer, after the window, `metrics.heldout_attention`) and
   `kl_next_token` (mean KL(full ‖ compressed) along FullKV's own answer, teacher-forced).
+- A table stored before a fidelity metric existed (`ADDED_LATER`: the held-out error) resumes as it is: a point
+  with every other metric is reused, without the new one (`fresh` recomputes the table with it).
 - fresh=True never deletes: the old table is moved aside (`results.move_aside`, named in the output).
 - Sharded over processes (`shard`, `distributed.Shard`: torchrun's rank r of N, CLI `flowkv_utils.sweep_cli`): rank r
   runs the instances r, r + N, ... (round-robin by index) and appends to its own crash-safe table
@@ -66,6 +68,9 @@ NUMERIC = ["budget_fraction", "value", "elapsed_s"]
 INTEGER = ["context_tokens", "seed", "window", "kept_entries", "budget_bytes"]
 TIMING = ["elapsed_s"]
 FIDELITY = ("attn_rel_err", "attn_rel_err_heldout", "kl_next_token")
+# metrics added after tables were stored: a point of an older table that has every other metric is resumed as it
+# is (its rows stay without these; `fresh` recomputes the table with them), so stored runs keep resuming in seconds
+ADDED_LATER = frozenset({"attn_rel_err_heldout"})
 PHASES = ("prefill", "select", "decode", "fidelity", "write")  # where a sweep's time goes (df.attrs["phases"])
 PREDICTION_CHARS = 160
 
@@ -256,7 +261,8 @@ def run_sweep(model, tok, instances: Sequence[TaskInstance], policies: Sequence[
                                           isha[id(inst)], seed, p, policy_params_json(pols[p]), budget_label(b),
                                           window, ident["settings"], m))
 
-        todo = [(inst, [(p, b) for p, b in points if not all(key(inst, p, b, m) in done for m in metric_names(inst))])
+        todo = [(inst, [(p, b) for p, b in points if not all(key(inst, p, b, m) in done for m in metric_names(inst)
+                                                             if m not in ADDED_LATER)])
                 for inst in mine]
         total = len(mine) * len(points)
         remaining = sum(len(t) for _, t in todo)

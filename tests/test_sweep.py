@@ -439,3 +439,30 @@ def test_a_gzipped_table_loads_the_same_and_is_read_only(reference, tmp_path):
     bad.write_bytes(src.read_bytes())
     with pytest.raises(TableError, match="bad.csv.gz: not a gzip-compressed table"):
         sweep.load_results(bad)
+
+
+def test_a_table_from_before_the_heldout_metric_resumes_as_it_is(tiny, reference, tmp_path):
+    """Stored tables predating `attn_rel_err_heldout` (sweep.ADDED_LATER) resume without recomputing their points;
+    a point missing one of the older metrics is recomputed."""
+    src, df = reference
+    old = df[df.metric != "attn_rel_err_heldout"]
+    path = tmp_path / "old.csv"
+    _write(path, old)
+    calls = []
+    sweep.run_sweep(tiny["MODEL"], None, tiny["INSTANCES"], STUDY, tiny["BUDGETS"], path, seed=0, window=8,
+                    progress=False, on_row=calls.append)
+    assert calls == [] and len(sweep.load_results(path)) == len(old)
+    gone = old[~((old.policy == "snapkv") & (old.budget == "12") & (old.metric == "kl_next_token"))]
+    path2 = tmp_path / "gone.csv"
+    _write(path2, gone)
+    sweep.run_sweep(tiny["MODEL"], None, tiny["INSTANCES"], STUDY, tiny["BUDGETS"], path2, seed=0, window=8,
+                    progress=False, on_row=calls.append)
+    assert {(c["policy"], c["budget"]) for c in calls} == {("snapkv", "12")}
+
+
+def _write(path, rows: pd.DataFrame) -> None:
+    out = TableFile(path, sweep.COLUMNS)
+    try:
+        out.write_many(rows.to_dict("records"))
+    finally:
+        out.close()
