@@ -122,17 +122,21 @@ def plot_curves(ax, table, task: str = "average", x: str = "budget",
         ax.set_xscale("log", base=2)
 
 
-def metric_panels(rows, policies: Sequence[str], metrics: Sequence[str], xlabel: str):
-    """One panel per metric ("accuracy", with its 95 % bands and FullKV, or a fidelity metric on a log axis) of
-    a sweep table's task-averaged curves for `policies`; returns (fig, axes). The legend sits right of the last."""
+def metric_panels(runs: Sequence[tuple[str, object, Sequence[str]]], metrics: Sequence[str]):
+    """One row of panels per run (label, sweep table, policies), one panel per metric ("accuracy", with its 95 %
+    bands and FullKV, or a fidelity metric on a log axis) of the task-averaged curves; returns (fig, axes (R, M)).
+    Each row's legend sits right of its last panel."""
     from . import analysis  # tables → figures: the summaries come from analysis
 
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.4 * len(metrics) + 2, 3.6), squeeze=False,
-                             layout="constrained")
-    for ax, m in zip(axes[0], metrics, strict=True):
-        acc = m == "accuracy"
-        plot_curves(ax, analysis.accuracy_table(rows, metric=None if acc else m, ci=acc), "average",
-                    policies=policies, reference=acc)
-        ax.set(xlabel=xlabel, ylabel=m, yscale="linear" if acc else "log")
-    axes[0, -1].legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=7)
-    return fig, axes[0]
+    fig, axes = plt.subplots(len(runs), len(metrics), figsize=(4.4 * len(metrics) + 2, 3.6 * len(runs)),
+                             squeeze=False, layout="constrained")
+    for row, (label, rows, policies) in zip(axes, runs, strict=True):
+        for ax, m in zip(row, metrics, strict=True):
+            acc = m == "accuracy"
+            plot_curves(ax, analysis.accuracy_table(rows, metric=None if acc else m, ci=acc), "average",
+                        policies=policies, reference=acc)
+            ax.set(xlabel=f"budget ({analysis.budget_unit(rows.budget)})", ylabel=m,
+                   yscale="linear" if acc else "log")
+        row[0].set_title(label, loc="left", fontsize=9)
+        row[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=7)
+    return fig, axes

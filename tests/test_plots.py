@@ -33,3 +33,20 @@ def test_curves_draw_every_policy():
     assert lines[plots.policy_label("flowkv_l1")].get_linestyle() == ":"
     assert lines[plots.policy_label("flowkv")].get_linestyle() == "-"
     plt.close(fig)
+
+
+def test_metric_panels_one_row_per_run_one_panel_per_metric():
+    rows = []
+    for p in ("fullkv", "snapkv", "flowkv"):
+        for b in (["full"] if p == "fullkv" else ["0.1", "0.5"]):
+            for i in range(3):
+                for m, v in (("contains", 1.0 if p == "fullkv" else i / 2), ("kl_next_token", 0.1 * (i + 1))):
+                    rows.append(dict(task="t", instance=f"d{i}", policy=p, budget=b, metric=m, value=v,
+                                     budget_bytes=1024.0))
+    df = pd.DataFrame(rows)
+    fig, axes = plots.metric_panels([("a", df, ["snapkv", "flowkv"]), ("b", df, ["flowkv"])],
+                                    ["accuracy", "kl_next_token"])
+    assert axes.shape == (2, 2) and axes[0, 0].get_title(loc="left") == "a"
+    assert [len(ax.get_lines()) for ax in axes[:, 0]] == [3, 2]  # the curves and FullKV's line
+    assert axes[0, 1].get_yscale() == "log" and axes[0, 1].get_ylabel() == "kl_next_token"
+    plt.close(fig)
