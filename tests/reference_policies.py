@@ -80,10 +80,15 @@ def top(items: list[tuple[float, tuple]], k: int) -> tuple[set, bool]:
     k = max(0, min(k, len(order)))
     chosen = {key for _, key in order[:k]}
     amb = False
-    if 0 < k < len(order):
-        a, b = order[k - 1][0], order[k][0]
-        if a != b and math.isfinite(a) and math.isfinite(b):
-            amb = abs(a - b) <= TIE_RTOL * max(abs(a), abs(b))
+    if 0 < k < len(order) and math.isfinite(a := order[k - 1][0]):
+        # values within TIE_RTOL of the k-th on both sides of the boundary, not all exactly equal: float32 may order
+        # them otherwise (it can round them to one value, and then the smaller key wins), also where the k-th and
+        # (k+1)-th themselves tie exactly (a run of max-pooled equal scores next to a near-equal run)
+        def near(v):
+            return math.isfinite(v) and abs(v - a) <= TIE_RTOL * max(abs(v), abs(a))
+        inside = {v for v, _ in order[:k] if near(v)}
+        outside = {v for v, _ in order[k:] if near(v)}
+        amb = bool(outside) and len(inside | outside) > 1
     return chosen, amb
 
 
