@@ -146,9 +146,13 @@ def paired_difference(df: pd.DataFrame, policy: str, other: str | Sequence[str],
 
 def fullkv_accuracy(df: pd.DataFrame) -> pd.Series:
     """FullKV's mean score per task (policy fullkv at budget "full")."""
+    return fullkv_rows(df).groupby("task").value.mean()
+
+
+def fullkv_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The task-metric rows of FullKV (policy fullkv at budget "full"), budget numeric (`task_rows`)."""
     d = task_rows(df)
-    d = d[(d.policy == "fullkv") & ~d.budget.map(math.isfinite)]
-    return d.groupby("task").value.mean()
+    return d[(d.policy == "fullkv") & ~d.budget.map(math.isfinite)]
 
 
 def auc_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -257,10 +261,8 @@ def solved_cells(df: pd.DataFrame, threshold: float = SOLVED) -> pd.DataFrame:
     fails says nothing about what eviction loses)."""
     if not 0 <= threshold <= 1:
         raise ValueError(f"threshold={threshold!r}: an accuracy in [0, 1]")
-    d = task_rows(df)
-    d = d[(d.policy == "fullkv") & ~d.budget.map(math.isfinite)]
     rows = []
-    for task, g in d.groupby("task"):
+    for task, g in fullkv_rows(df).groupby("task"):
         low, high = bootstrap_mean_ci([g.value.to_numpy()])
         rows.append({"task": task, "fullkv": float(g.value.mean()), "low": low, "high": high, "n": len(g),
                      "solved": bool(g.value.mean() >= threshold)})
