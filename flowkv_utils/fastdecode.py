@@ -221,12 +221,14 @@ def fused_post_attention(h, o, w_o, ln_w, eps: float, w_gate_up, w_down, inter: 
 
 
 def fusable(model) -> bool:
-    """Llama-style layers the fused step reproduces exactly: no q/k norms, no biases, SiLU MLP."""
+    """Llama-style layers the fused step reproduces exactly: no q/k norms, no biases, SiLU MLP, and every projection a
+    plain nn.Linear (a tensor-parallel shard's o_proj/down_proj all_reduce their output: `tensor_parallel`)."""
     c = model.config
     lay = model.model.layers[0]
     a = lay.self_attn
-    return (getattr(a, "q_norm", None) is None and all(getattr(m, "bias", None) is None for m in
-            (a.q_proj, a.k_proj, a.v_proj, a.o_proj, lay.mlp.gate_proj, lay.mlp.up_proj, lay.mlp.down_proj))
+    projections = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, lay.mlp.gate_proj, lay.mlp.up_proj, lay.mlp.down_proj)
+    return (getattr(a, "q_norm", None) is None and all(type(m) is torch.nn.Linear and m.bias is None
+                                                       for m in projections)
             and getattr(c, "hidden_act", "silu") == "silu")
 
 

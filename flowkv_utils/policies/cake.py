@@ -40,12 +40,22 @@ from .base import Policy, check_choice, check_odd_kernel, check_param, group_mea
 ALLOCATIONS = ("project", "official")
 
 
+def preference_parts(A_prefix: torch.Tensor) -> torch.Tensor:
+    """(2,) float64 [H, V]: the dispersion and shift sums of (H, w, m) prefix attention (sums over heads, so the
+    parts of a tensor-parallel rank's heads add up to the layer's: `sharded_policies`)."""
+    A = A_prefix.double()
+    return torch.stack([-(A * torch.log(A + 1e-10)).sum(), A.var(dim=1).sum()])
+
+
+def preference_of(parts: torch.Tensor, tau1: float = 1.0, tau2: float = 1.0) -> float:
+    """P_ℓ = H^{1/τ₁} · V^{1/τ₂} from the parts [H, V] of `preference_parts`."""
+    ent, var = parts[0], parts[1]
+    return float(ent.clamp_min(0) ** (1.0 / tau1) * var.clamp_min(0) ** (1.0 / tau2))
+
+
 def preference(A_prefix: torch.Tensor, tau1: float = 1.0, tau2: float = 1.0) -> float:
     """P_ℓ = H^{1/τ₁} · V^{1/τ₂} from (H, w, m) attention over the prefix columns."""
-    A = A_prefix.double()
-    ent = -(A * torch.log(A + 1e-10)).sum()
-    var = A.var(dim=1).sum()
-    return float(ent.clamp_min(0) ** (1.0 / tau1) * var.clamp_min(0) ** (1.0 / tau2))
+    return preference_of(preference_parts(A_prefix), tau1, tau2)
 
 
 def indicator(A_prefix: torch.Tensor, kv_heads: int, gamma: float = 200.0, kernel: int = 5) -> torch.Tensor:
@@ -126,6 +136,10 @@ class CAKE(Policy):
         prefs = [pf.memo(li, ("cake_preference", self.window, self.tau1, self.tau2),
                          lambda li=li: preference(self.attn(pf, li)[..., :m], self.tau1, self.tau2))
                  for li in range(b.layers)]
-        allocate = layer_allocation if self.allocation == "project" else official_allocation
-        slots = allocate(torch.tensor(prefs, dtype=torch.float64), self.selectable(b), b.kv_heads, m)
+        slots = self.layer_slots(prefs, b, m)
         return slots, {"layer_budgets": (slots.sum(1) + b.kv_heads * self.window).tolist(), "preferences": prefs}
+
+    def layer_slots(self, prefs: list[float], b: Budget, n_prefix: int) -> torch.Tensor:
+        """(L, G) head slots from the layer preferences, by `allocation`."""
+        allocate = layer_allocation if self.allocation == "project" else official_allocation
+        return allocate(torch.tensor(prefs, dtype=torch.float64), self.selectable(b), b.kv_heads, n_prefix)

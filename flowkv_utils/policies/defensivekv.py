@@ -54,16 +54,24 @@ def value_share(pf: Prefill, layer: int, m: int) -> torch.Tensor:
     return torch.where(total > 0, pn / total, torch.zeros_like(pn))
 
 
-def mass_order(A: torch.Tensor, kv_heads: int, window: int, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+def bias_rows(A: torch.Tensor, window: int) -> torch.Tensor:
+    """(H, w) attention mass of each query head and window row on the last w prefix columns; their mean is stage 1's
+    β (`mass_order`). A (H, w, n)."""
+    return A[:, :, : A.shape[-1] - window][..., -window:].sum(-1)
+
+
+def mass_order(A: torch.Tensor, kv_heads: int, window: int, threshold: float,
+               bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The budget-free part of stage 1: ((G, m) rank of each token's mean attention, most first; (G,) tokens taken
     before their share of the head's prefix attention reaches threshold − β). β = mean attention mass on the last
-    w prefix columns, as the official code computes it. A (H, w, n)."""
+    w prefix columns, as the official code computes it (`bias_rows`; given as `bias` when A holds only some of the
+    layer's heads, as on a tensor-parallel rank). A (H, w, n)."""
     H, w, n = A.shape
     m = n - window
     P = A[:, :, :m]
     abar = P.mean(1).view(kv_heads, H // kv_heads, m).mean(1)  # (G, m) mean over window rows and group heads
     p = abar / abar.sum(-1, keepdim=True)
-    bias = P[..., -window:].sum(-1).mean()  # a 0-d tensor: no host synchronisation
+    bias = bias_rows(A, window).mean() if bias is None else bias  # a 0-d tensor: no host synchronisation
     order = torch.sort(p, dim=-1, descending=True, stable=True).values
     reached = order.cumsum(-1) >= threshold - bias
     count = torch.where(reached.any(-1), reached.int().argmax(-1), 0)  # tokens before it

@@ -61,6 +61,13 @@ def head_budgets(scores: torch.Tensor, total, alpha: float, flat_ranks: torch.Te
         flat_ranks = rank_desc(scores.flatten(-2)).view_as(scores)
     top = flat_ranks < totals.to(scores.device, non_blocking=True).view(*scores.shape[:-2], 1, 1)
     counts = top.sum(-1).reshape(-1, G).cpu()  # (L', G)
+    return budgets_from_counts(counts, totals, alpha, m).view(*scores.shape[:-2], G)
+
+
+def budgets_from_counts(counts: torch.Tensor, totals: torch.Tensor, alpha: float, m: int) -> torch.Tensor:
+    """(L', G) head budgets B_g = (1 − α)·c_g + α·total/G from each head's count c_g (L', G) in its layer's flattened
+    top-`total` (totals (L',)), largest-remainder rounded to the exact total, each ≤ m (`head_budgets`)."""
+    G = counts.shape[-1]
     x = (1 - alpha) * counts.double() + (alpha * totals.double() / G).unsqueeze(-1)
     base = torch.floor(x).long()
     deficit = (totals - base.sum(-1)).clamp_min(0)
@@ -68,7 +75,7 @@ def head_budgets(scores: torch.Tensor, total, alpha: float, flat_ranks: torch.Te
     base = base.clamp(0, m)
     for i in torch.nonzero(base.sum(-1) != totals).flatten().tolist():  # a no-op but for float noise at the cap
         base[i] = fill_to_total(base[i], int(totals[i]), m)
-    return base.view(*scores.shape[:-2], G)
+    return base
 
 
 @dataclass
@@ -105,9 +112,12 @@ class LAVa(Policy):
         re-splits each layer's total over its heads."""
         sig = [pf.memo(li, ("lava_sparsity", repr(self)), lambda li=li: self.sparsity(pf, li))
                for li in range(b.layers)]
-        slots = layer_allocation(torch.tensor(sig, dtype=torch.float64), self.selectable(b), b.kv_heads,
-                                 pf.n - self.window)
+        slots = self.layer_slots(sig, b, pf.n - self.window)
         return slots, {"layer_budgets": (slots.sum(1) + b.kv_heads * self.window).tolist(), "sparsity": sig}
+
+    def layer_slots(self, sig: list[float], b: Budget, n_prefix: int) -> torch.Tensor:
+        """(L, G) slots from the layers' σ_ℓ: layer totals ∝ σ_ℓ (capped at G·(n − w), exact total), split evenly."""
+        return layer_allocation(torch.tensor(sig, dtype=torch.float64), self.selectable(b), b.kv_heads, n_prefix)
 
     def keep_layers(self, pf: Prefill | None, layers, S: torch.Tensor, slots: torch.Tensor):
         k = head_budgets(S, torch.as_tensor(slots).sum(-1), self.alpha, self.score_ranks(pf, layers, S, "layer"))

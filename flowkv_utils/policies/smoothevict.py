@@ -66,16 +66,21 @@ class SmoothEvict(FlowKV):
 
     def select(self, pf: Prefill, b: Budget):
         keep, scores, info = super().select(pf, b)
-        G = b.kv_heads
-        mass = pf.memo_layers(range(b.layers), ("group_window_mass", self.window),
+        info["values"] = self.merged_values(pf, keep)
+        return keep, scores, info
+
+    def merged_values(self, pf: Prefill, keep: torch.Tensor) -> list[torch.Tensor]:
+        """Per-layer merged values (G, n, d) of the prefill's KV heads given their keep-set (L, G, n): each head
+        merges within itself, so a tensor-parallel rank merges its own heads (`sharded_policies`)."""
+        L, G = keep.shape[:2]
+        mass = pf.memo_layers(range(L), ("group_window_mass", self.window),
                               lambda li: group_mean(window_mass(self.attn(pf, li)), G))  # (L, G, n)
         c0 = pf.layers[0]
         step = max(1, self.merge_bytes // (8 * G * pf.n * c0.v.shape[-1]))
         values = []
-        for s in range(0, b.layers, step):
-            ls = range(s, min(b.layers, s + step))
+        for s in range(0, L, step):
+            ls = range(s, min(L, s + step))
             k = torch.stack([pf.layers[li].k for li in ls])
             v = torch.stack([pf.layers[li].v for li in ls])
             values.extend(merge_values(k, v, keep[s:s + len(ls)], mass[s:s + len(ls)]).unbind(0))
-        info["values"] = values
-        return keep, scores, info
+        return values
