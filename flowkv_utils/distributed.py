@@ -5,8 +5,9 @@
   index (items r, r + N, r + 2N, ...), so every item is in exactly one shard and the split depends only on the
   order of the items and N.
 - `device_for(device, shard)`: the device a rank uses — `cuda:LOCAL_RANK` when CUDA is asked for, else the CPU.
-- `process_group(shard, device)`: the process group (nccl on CUDA, gloo on the CPU), set up only when N > 1 and used
-  only for barriers (`barrier`): ranks never exchange data, each appends to its own table.
+- `process_group(shard, device)`: the process group (nccl on CUDA, gloo on the CPU), set up only when N > 1. A sweep
+  uses it only for barriers (`barrier`): its ranks never exchange data, each appends to its own table. (The
+  tensor-parallel command, `tensor_parallel`, sets up the same group for its collectives.)
 - `rank_table(path, shard)`: where a rank writes: `table.csv` → `table.rank0-of-2.csv` beside it (a plain run writes
   `table.csv` itself); `rank_tables(path)` finds them again for the merged load (`sweep.load_results`).
 """
@@ -105,8 +106,8 @@ def device_for(device: str | torch.device, shard: Shard) -> torch.device:
 @contextmanager
 def process_group(shard: Shard, device: torch.device,
                   timeout_s: float = BARRIER_TIMEOUT_S) -> Iterator[None]:
-    """The torch.distributed process group of a sharded run (nccl on CUDA, gloo on the CPU), for barriers only; a
-    single process sets nothing up. torchrun provides the rendezvous (MASTER_ADDR, MASTER_PORT). timeout_s: how
+    """The torch.distributed process group of a sharded run (nccl on CUDA, gloo on the CPU): a sweep's barriers, or
+    the collectives of a tensor-parallel run; a single process sets nothing up. torchrun provides the rendezvous (MASTER_ADDR, MASTER_PORT). timeout_s: how
     long a barrier waits for the slowest rank."""
     if shard.world_size == 1:
         yield

@@ -18,6 +18,8 @@ SHAPES = {
                       intermediate=14336, vocab=128256),
     "llama3-8b-2l": dict(family="llama", layers=2, heads=32, kv_heads=8, head_dim=128, hidden=4096,
                          intermediate=14336, vocab=128256),
+    "llama3-70b": dict(family="llama", layers=80, heads=64, kv_heads=8, head_dim=128, hidden=8192,
+                       intermediate=28672, vocab=128256),  # tensor-parallel runs (`tensor_parallel`)
     "tiny": dict(family="llama", layers=2, heads=4, kv_heads=2, head_dim=16, hidden=64, intermediate=128,
                  vocab=128),
 }

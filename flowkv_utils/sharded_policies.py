@@ -1,0 +1,370 @@
+"""Policies on a tensor-parallel rank (`tensor_parallel`): each rank selects the keep-set of its own KV heads, and the
+ranks' keep-sets, concatenated over heads, are exactly the unsharded one. `ShardedPolicy(policy, tp)(pf, budget)` runs
+any registered policy so; `PLANS` says, per registered name, what the ranks exchange.
+
+- "local" (no exchange): a head's keep-set depends only on that head — its scores (groups are whole on a rank) and
+  its per-head budget, which depends only on the budget and n (the uniform split, PyramidKV's schedule). The rank runs
+  the policy's own pieces on its heads with its share of the global (L, G) slots. StreamingLLM, H2O, KeyDiff, SnapKV,
+  PyramidKV, CriticalKV (and FullKV).
+- cross-head scores: all_gather the per-head rows the unsharded code reduces over heads (TOVA's last-query attention
+  of every query head; DefensiveKV's projected-value norms, shared across KV heads, and its stage-1 bias rows) and
+  reduce them in the unsharded order — rows of H·n or G·m numbers a layer, no head_dim axis, never the cache.
+- layer statistics: all_gather each rank's partial sums, add them in rank order (CAKE's preference, LAVa's entropy,
+  FlowKV-global's N3 sum); a layer's largest score (DefensiveKV's stage 1) is the max of the ranks' maxima.
+- competitions across heads — one top-k over a layer's (g, j) (FlowKV and its layer-wise ablations, SmoothEvict,
+  AdaKV, CriticalAdaKV, DefensiveKV, LAVa's head counts) or over the model's (ℓ, g, j) (FlowKV global and its
+  ablations, Layer-DefensiveKV): the exact distributed top-k `sharded_topk`.
+
+Exact distributed top-k. The unsharded selection ranks entries by score, ties to the earlier flat index in
+(layer, head, token) order (stable sorts, `selection.rank_desc`). A rank holds a contiguous block of heads, so its
+local flat order is the global order restricted to it. Each rank takes its k best entries (local ties to the earlier
+index) as (value, global flat index) candidates; all_gather; every rank orders the N·k candidates by
+(value desc, index asc) and keeps those of the first k that are its own. An entry of the global top-k has fewer than
+k entries before it globally, so fewer locally: it is among its rank's candidates, and the result is exactly the
+global top-k. Every decision is computed by every rank from the same gathered numbers, so the ranks always agree
+(and the kept total is exactly the budget's, checked); they agree with the unsharded run as far as their scores do:
+a shard's forward adds o_proj and MLP partials across ranks, so layers after the first differ from the unsharded
+model by float rounding (the tests compare the keep-sets exactly on random-weight models).
+
+Adding a policy: one line in `PLANS` — `LOCAL` if its keep-set of a head depends only on that head, else a plan
+whose `select` mirrors `Policy.select` with the cross-head pieces replaced by the collectives above.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from .budgets import Budget, resolve_budget
+from .capture import Prefill
+from .policies import REGISTRY, Policy
+from .policies.cake import preference_of, preference_parts
+from .policies.criticalkv import critical_scores, first_stage_counts, projected_value_l1, two_stage
+from .policies.defensivekv import bias_rows, defensive_attention, first_stage_mask, mass_order
+from .policies.lava import budgets_from_counts, lava_scores
+from .selection import PolicyResult, floor_first, masked, pad_scores, rank_desc, shown, with_window
+
+if TYPE_CHECKING:
+    from .tensor_parallel import TensorParallel
+
+
+# ------------------------------------------------------------------------------------ the exact distributed top-k
+def local_candidates(scores: torch.Tensor, kk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kk best entries of each row of scores (R, M), ties to the earlier position: (values, positions) (R, kk)."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True)
+    return order.values[:, :kk], order.indices[:, :kk]
+
+
+def choose_candidates(values: torch.Tensor, ids: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """(N, R, c) bool: per row r the k[r] best of every rank's candidates (values, global ids (N, R, c)), ranked by
+    value, ties to the smaller id — the unsharded `rank_desc` order."""
+    N, R, c = values.shape
+    v = values.permute(1, 0, 2).reshape(R, N * c)
+    by_id = torch.argsort(ids.permute(1, 0, 2).reshape(R, N * c), dim=-1, stable=True)
+    chosen = rank_desc(v.gather(-1, by_id)) < k.to(v.device).view(R, 1)  # in id order
+    return torch.empty_like(chosen).scatter_(-1, by_id, chosen).view(R, N, c).permute(1, 0, 2)
+
+
+def sharded_topk(scores: torch.Tensor, ids: torch.Tensor, k, tp: TensorParallel) -> torch.Tensor:
+    """(R, M) bool: this rank's part of each row's global top-k[r]. scores (R, M): the rank's entries of R rows;
+    ids (M,) or (R, M): their global flat indices in the unsharded row (increasing along M); k: ints (R,) or one."""
+    R, M = scores.shape
+    k = torch.as_tensor(k, dtype=torch.long).reshape(-1).expand(R).cpu()
+    mask = torch.zeros(R, M, dtype=torch.bool, device=scores.device)
+    kk = min(int(k.max()), M) if R else 0
+    if kk == 0:
+        return mask
+    vals, pos = local_candidates(scores.float(), kk)
+    gid = ids.to(scores.device).expand(R, M).gather(-1, pos)
+    mine = choose_candidates(tp.all_gather(vals), tp.all_gather(gid), k)[tp.rank]  # (R, kk)
+    return mask.scatter_(-1, pos, mine)
+
+
+def layer_topk(S: torch.Tensor, k, tp: TensorParallel) -> torch.Tensor:
+    """(L, G/N, m) bool: the rank's part of each layer's one top-k[ℓ] over its flattened (G, m) scores (S: the rank's
+    heads); global index in a layer (kv_start + g)·m + j."""
+    L, g, m = S.shape
+    ids = tp.kv_start * m + torch.arange(g * m, device=S.device)
+    return sharded_topk(S.reshape(L, g * m), ids, k, tp).view_as(S)
+
+
+def model_topk(S: torch.Tensor, k: int, tp: TensorParallel) -> torch.Tensor:
+    """(L, G/N, m) bool: the rank's part of one top-k over every (ℓ, g, j) of the model; global index
+    ℓ·G·m + (kv_start + g)·m + j."""
+    L, g, m = S.shape
+    dev = S.device
+    ids = (torch.arange(L, device=dev).view(L, 1, 1) * (tp.kv_heads * m)
+           + (tp.kv_start + torch.arange(g, device=dev)).view(1, g, 1) * m + torch.arange(m, device=dev))
+    return sharded_topk(S.reshape(1, -1), ids.reshape(1, -1), [k], tp).view_as(S)
+
+
+def gathered_sum(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
+    """Σ over ranks of x (partial sums), added in rank order from the gathered parts: the same on every rank."""
+    return tp.all_gather(x).sum(0)
+
+
+# ------------------------------------------------------------------------------------------------------ the plans
+@dataclass(frozen=True)
+class Plan:
+    """How a policy runs on a rank. select(policy, pf, b, tp) → (kept prefix (L, G/N, m), scores to show (L, G/N, m)
+    or None, per-layer replacement values or None); the window is appended by `ShardedPolicy`."""
+
+    select: Callable
+    exchanges: str  # what the ranks exchange, in words (printed by the command line)
+
+    @property
+    def local(self) -> bool:
+        return self.exchanges == "nothing"
+
+
+def _slots(policy: Policy, pf: Prefill, b: Budget) -> torch.Tensor:
+    """(L, G) global slots of an allocation that reads only the budget and n (uniform, PyramidKV)."""
+    return torch.as_tensor(policy.allocate(pf, b)[0])
+
+
+def _local(policy, pf, b, tp):
+    layers = range(b.layers)
+    mask, s = policy.keep_layers(pf, layers, policy.stacked_scores(pf, layers), tp.own(_slots(policy, pf, b)))
+    return mask, s, None
+
+
+def _tova(policy, pf, b, tp):
+    g = tp.local_kv_heads
+
+    def scores(li):  # the unsharded formula on every query head's last row, gathered in head order
+        return tp.gather_heads(pf.attn(li)[:, -1]).mean(dim=0).expand(g, -1).contiguous()
+
+    S = pf.memo_layers(range(b.layers), ("sharded_tova", tp.world_size), scores)
+    mask, s = policy.keep_layers(None, range(b.layers), S, tp.own(_slots(policy, pf, b)))
+    return mask, s, None
+
+
+def _layer(policy, pf, b, tp):
+    S = policy.stacked_scores(pf, range(b.layers))
+    return layer_topk(S, _slots(policy, pf, b).sum(-1), tp), S, None
+
+
+def _smoothevict(policy, pf, b, tp):
+    mask, S, _ = _layer(policy, pf, b, tp)
+    return mask, S, policy.merged_values(pf, with_window(mask, policy.kept_window))
+
+
+def _adakv_mask(policy, S: torch.Tensor, slots: torch.Tensor, tp) -> torch.Tensor:
+    """`adakv.adaptive_head_mask` on a rank: each head's own top floor, then the layer's distributed top-k."""
+    m = S.shape[-1]
+    totals = slots.sum(-1)
+    floors = policy.floors(totals, tp.kv_heads).clamp(max=m)  # (L,)
+    keep = rank_desc(S) < floors.to(S.device).view(-1, 1, 1)
+    return keep | layer_topk(masked(S, keep), totals - tp.kv_heads * floors, tp)
+
+
+def _adakv(policy, pf, b, tp):
+    S = policy.stacked_scores(pf, range(b.layers))
+    return _adakv_mask(policy, S, _slots(policy, pf, b), tp), S, None
+
+
+def _critical_adakv(policy, pf, b, tp):
+    layers = range(b.layers)
+    S, slots = policy.stacked_scores(pf, layers), _slots(policy, pf, b)
+    heads = _adakv_mask(policy, S, slots, tp).sum(-1)  # (L, G/N): AdaKV's budgets of the rank's heads
+    k1 = first_stage_counts(heads, policy.first_stage, policy.window, policy.shares)
+    if policy.shares == "kept":
+        k1 = torch.maximum(k1, policy.floors(slots.sum(-1), tp.kv_heads).to(k1.device).unsqueeze(-1))
+    c = critical_scores(pf, layers, S)
+    return two_stage(S, c, heads, k1), c, None
+
+
+def _defensive_scores(policy, pf, tp, li: int) -> torch.Tensor:
+    """(G/N, m) DefensiveKV scores of the rank's heads, the value share over every KV head from the gathered norms."""
+    def compute():
+        m = pf.n - policy.window
+        pn = tp.gather_heads(projected_value_l1(pf, li, m))  # (G, m)
+        total = pn.sum(0, keepdim=True)
+        share = torch.where(total > 0, pn / total, torch.zeros_like(pn))[tp.kv_start: tp.kv_start + tp.local_kv_heads]
+        return defensive_attention(policy.attn(pf, li), pf.shape.kv_heads, policy.window, policy.kernel) * share
+
+    return pf.memo(li, ("sharded_defensive_scores", repr(policy), tp.world_size), compute)
+
+
+def _defensive_first_stage(policy, pf, tp, layers, S: torch.Tensor, caps) -> torch.Tensor:
+    """`DefensiveKV.with_first_stage` on a rank: β from every head's bias rows, the layer max over every rank."""
+    def order(li):
+        A = policy.attn(pf, li)
+        bias = tp.gather_heads(bias_rows(A, policy.window)).mean()
+        return mass_order(A, pf.shape.kv_heads, policy.window, policy.threshold, bias)
+
+    ranks, counts = pf.memo_layers(layers, ("sharded_defensive_stage1", policy.window, policy.threshold,
+                                            tp.world_size), order)
+    first = first_stage_mask(ranks, counts, caps)
+    top = tp.all_gather(S.amax((-2, -1), keepdim=True)).amax(0)  # (L', 1, 1) the layer's largest score
+    return torch.where(first, top, S)
+
+
+def _defensive(policy, pf, b, tp):
+    layers = range(b.layers)
+    S = torch.stack([_defensive_scores(policy, pf, tp, li) for li in layers])
+    slots = _slots(policy, pf, b)
+    s = _defensive_first_stage(policy, pf, tp, layers, S, slots.amin(-1))
+    return layer_topk(s, slots.sum(-1), tp), s, None
+
+
+def _model(scores: Callable[[int], torch.Tensor]):
+    """A model-wide plan: the rank's (L, G/N, m) scores from scores(ℓ), each head's floor, one distributed top-k."""
+    def select(policy, pf, b, tp):
+        s = torch.stack([scores(policy, pf, b, tp, li) for li in range(b.layers)])
+        return model_topk(floor_first(s, policy.model_floor(b)), policy.selectable(b), tp), s, None
+
+    return select
+
+
+def _flowkv_global_scores(policy, pf, b, tp, li):
+    """FlowKV-global's normalised scores: N0–N2 divide by replicated numbers (O and h are the whole layer's on every
+    rank); N3's per-layer sum adds the ranks' partial sums."""
+    if policy.norm != "N3":
+        return policy.model_scores(pf, li, b)
+
+    def compute():
+        raw = policy.scores(pf, li)
+        total = float(gathered_sum(raw[torch.isfinite(raw)].sum().view(1), tp))
+        return raw / max(total, 1e-30)
+
+    return pf.memo(li, ("sharded_normalised_scores", repr(policy), tp.world_size), compute)
+
+
+def _layer_defensive_scores(policy, pf, b, tp, li):
+    cap = int(b.per_slot()[li].min()) - policy.kept_window
+    S = _defensive_scores(policy, pf, tp, li).unsqueeze(0)
+    return _defensive_first_stage(policy, pf, tp, [li], S, [cap])[0]
+
+
+def _cake(policy, pf, b, tp):
+    m = pf.n - policy.window
+
+    def prefs(li):
+        parts = gathered_sum(preference_parts(policy.attn(pf, li)[..., :m]), tp)
+        return preference_of(parts, policy.tau1, policy.tau2)
+
+    p = [pf.memo(li, ("sharded_cake_preference", policy.window, policy.tau1, policy.tau2, tp.world_size),
+                 lambda li=li: prefs(li)) for li in range(b.layers)]
+    layers = range(b.layers)
+    mask, s = policy.keep_layers(pf, layers, policy.stacked_scores(pf, layers), tp.own(policy.layer_slots(p, b, m)))
+    return mask, s, None
+
+
+def _lava_sparsity(policy, pf, tp, li: int) -> float:
+    """`lava.normalised_entropy` of the layer's scores over every rank's heads: the sum, then the entropy terms."""
+    s = lava_scores(policy.attn(pf, li), pf.layers[li].v, pf.shape.kv_heads, policy.window, policy.kernel,
+                    dtype=torch.float64).reshape(-1)
+    count = s.numel() * tp.world_size
+    if count < 2:
+        return 0.0
+    p = s / (gathered_sum(s.sum().view(1), tp) + 1e-16)
+    ent = gathered_sum((p * torch.log(p + 1e-16)).sum().view(1), tp)
+    return float(-ent / math.log(count))
+
+
+def _lava(policy, pf, b, tp):
+    layers = range(b.layers)
+    m = pf.n - policy.window
+    sig = [pf.memo(li, ("sharded_lava_sparsity", repr(policy), tp.world_size),
+                   lambda li=li: _lava_sparsity(policy, pf, tp, li)) for li in layers]
+    totals = policy.layer_slots(sig, b, m).sum(-1)  # (L,)
+    S = policy.stacked_scores(pf, layers)
+    counts = layer_topk(S, totals, tp).sum(-1)  # (L, G/N): each head's entries in its layer's top-total
+    heads = budgets_from_counts(tp.all_gather(counts).permute(1, 0, 2).reshape(b.layers, -1).cpu(), totals,
+                                policy.alpha, m)
+    return rank_desc(S) < tp.own(heads).to(S.device).unsqueeze(-1), S, None
+
+
+FULL = Plan(None, "nothing")  # keeps everything: no selection at all
+LOCAL = Plan(_local, "nothing")
+LAYER = Plan(_layer, "the layer's top-k candidates (value, index)")
+MODEL = Plan(_model(_flowkv_global_scores), "the model's top-k candidates; N3: the layers' score sums")
+
+PLANS: dict[str, Plan] = {  # every registered policy, in registry order
+    "fullkv": FULL,
+    "streamingllm": LOCAL,
+    "h2o": LOCAL,
+    "tova": Plan(_tova, "the last query's attention rows of every query head"),
+    "keydiff": LOCAL,
+    "snapkv": LOCAL,
+    "pyramidkv": LOCAL,
+    "adakv": Plan(_adakv, "the layer's top-k candidates after the per-head safeguard"),
+    "criticalkv": LOCAL,
+    "criticaladakv": Plan(_critical_adakv, "the layer's top-k candidates after the per-head safeguard"),
+    "defensivekv": Plan(_defensive, "projected-value norm rows, stage-1 bias rows, layer maxima, the layer's "
+                                    "top-k candidates"),
+    "layer_defensivekv": Plan(_model(_layer_defensive_scores), "projected-value norm rows, stage-1 bias rows, "
+                                                               "layer maxima, the model's top-k candidates"),
+    "lava": Plan(_lava, "the layers' score and entropy sums, the layer's top-k candidates, head counts"),
+    "cake": Plan(_cake, "the layers' preference sums (dispersion, shift)"),
+    "flowkv": LAYER,
+    "flowkv_global": MODEL,
+    "flowkv_pool7": LAYER,
+    "flowkv_no_cross": LAYER,
+    "flowkv_per_head": LAYER,
+    "flowkv_l1": LAYER,
+    "flowkv_sinks4": LAYER,
+    "flowkv_global_n0": MODEL,
+    "flowkv_global_n1": MODEL,
+    "flowkv_global_n3": MODEL,
+    "flowkv_global_floor4": MODEL,
+    "smoothevict": Plan(_smoothevict, "the layer's top-k candidates"),
+}
+
+
+def plan_of(policy: Policy) -> Plan:
+    """The policy's plan, by its registered name; an unregistered or unplanned policy is an error naming them."""
+    name = policy.name
+    if name not in PLANS or REGISTRY.get(name) is not type(policy):
+        raise ValueError(f"policy {name!r} ({type(policy).__name__}) has no tensor-parallel plan: planned are "
+                         f"{', '.join(PLANS)}; add it to sharded_policies.PLANS (LOCAL if a head's keep-set depends "
+                         "only on that head)")
+    return PLANS[name]
+
+
+# ---------------------------------------------------------------------------------------------------- the wrapper
+@dataclass
+class ShardedPolicy:
+    """A policy on tensor-parallel rank tp.rank: `__call__(pf, budget)` with pf the prefill of the rank's shard
+    (`tensor_parallel.shard_model`) → its `PolicyResult` for the rank's G/N KV heads (keep (L, G/N, n)); the budget
+    is the model's (resolved over all G heads), `result.budget` says so. Every rank must call it together."""
+
+    policy: Policy
+    tp: TensorParallel
+
+    def __post_init__(self) -> None:
+        self.plan = plan_of(self.policy)
+
+    @torch.no_grad()
+    def __call__(self, pf: Prefill, budget) -> PolicyResult:
+        p, tp = self.policy, self.tp
+        s = pf.shape
+        if s.kv_heads != tp.local_kv_heads:
+            raise ValueError(f"the prefill has {s.kv_heads} KV heads, rank {tp.rank} of {tp.world_size} holds "
+                             f"{tp.local_kv_heads}: prefill the rank's shard (tensor_parallel.shard_model)")
+        dev = pf.layers[0].k.device
+        if self.plan is FULL:
+            if budget is not None:
+                resolve_budget(budget, pf.n, s.layers, tp.kv_heads)  # the same errors as every policy
+            b = resolve_budget(pf.n, pf.n, s.layers, tp.kv_heads)
+        else:
+            b = p.budget_for(pf.n, s.layers, tp.kv_heads, budget)
+            if p.uses_window and pf.window < p.window:
+                raise ValueError(f"{p.name}: window={p.window} but the prefill captured only {pf.window} window "
+                                 f"queries; prefill with window ≥ {p.window}")
+        if self.plan is FULL or b.full:
+            keep = torch.ones(s.layers, s.kv_heads, pf.n, dtype=torch.bool, device=dev)
+            return PolicyResult(p.name, b, keep, info={"full": True, "rank": tp.rank, "world_size": tp.world_size})
+        mask, scores, values = self.plan.select(p, pf, b, tp)
+        w = p.kept_window
+        keep = with_window(mask, w)
+        got = int(gathered_sum(keep.sum().view(1), tp))
+        if got != b.total:  # every policy spends exactly the budget, over all ranks: a bug if not
+            raise RuntimeError(f"{p.name} on {tp.world_size} ranks kept {got} entries, budget total is {b.total}")
+        sc = None if scores is None else pad_scores(shown(scores), w)
+        return PolicyResult(p.name, b, keep, sc, values, {"rank": tp.rank, "world_size": tp.world_size})

@@ -1,0 +1,182 @@
+"""Tensor parallelism over KV heads (`tensor_parallel`, `sharded_policies`) on the CPU with gloo: for every registered
+policy the ranks' keep-sets, concatenated over heads, equal the unsharded keep-set exactly (a fraction and a token
+budget); sharded decode logits equal the unsharded ones; N not dividing the KV heads is a clear error; the exact
+distributed top-k's merge equals one top-k (ties to the earlier index); and the command runs under torchrun.
+
+The 2- and 4-process checks run in one `torch.multiprocessing.spawn` per world size (every check inside it), on a
+random-weight Llama of 2 layers, 8 heads, 4 KV heads, head_dim 8."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flowkv_utils import sharded_policies as sp
+from flowkv_utils.capture import prefill
+from flowkv_utils.fastdecode import FastDecoder, StaticRaggedCache
+from flowkv_utils.models import random_model
+from flowkv_utils.policies import REGISTRY, FlowKV, get_policy
+from flowkv_utils.results import REPO
+from flowkv_utils.selection import rank_desc
+from flowkv_utils.tensor_parallel import TensorParallel, random_shard, shard_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+WINDOW, N_TOKENS, STEPS = 8, 80, 4
+BUDGETS = [0.33, 20]  # a fraction (80·0.33·8 = 211.2 → 211 entries: an uneven split over slots) and a token count
+TINY = dict(layers=2, heads=8, kv_heads=4, head_dim=8, vocab=128, seed=0)
+
+
+def _tiny():
+    model = random_model("llama", **TINY)
+    ids = torch.randint(0, TINY["vocab"], (1, N_TOKENS), generator=torch.Generator().manual_seed(1))
+    return model, ids
+
+
+# ------------------------------------------------------------------------------------------- in one process
+
+
+def test_every_registered_policy_has_a_plan():
+    assert list(sp.PLANS) == list(REGISTRY)
+    local = [n for n, p in sp.PLANS.items() if p.local]
+    assert local == ["fullkv", "streamingllm", "h2o", "keydiff", "snapkv", "pyramidkv", "criticalkv"]
+
+    class Mine(FlowKV):  # not registered: no plan is guessed for it
+        name = "mine"
+
+    with pytest.raises(ValueError, match="policy 'mine' .* no tensor-parallel plan.*add it to sharded_policies.PLANS"):
+        sp.ShardedPolicy(Mine(), TensorParallel(8, 4))
+
+
+def test_processes_must_divide_the_kv_heads():
+    with pytest.raises(ValueError, match=r"N=3 processes do not divide the G=4 KV heads.*use N in \[1, 2, 4\]"):
+        TensorParallel(8, 4, rank=0, world_size=3)
+    model, _ = _tiny()
+    with pytest.raises(ValueError, match="N=3 processes do not divide the G=4"):
+        shard_model(model, TensorParallel.for_model(model, 0, 3))
+    with pytest.raises(ValueError, match="N=8 processes do not divide the G=2"):
+        random_shard("tiny", TensorParallel(4, 2, 0, 8))
+
+
+@settings(max_examples=60, deadline=None)
+@given(world=st.integers(1, 4), rows=st.integers(1, 3), per_rank=st.integers(1, 12), levels=st.integers(1, 5),
+       data=st.data())
+def test_merged_candidates_are_the_one_topk_with_ties_to_the_earlier_index(world, rows, per_rank, levels, data):
+    """Scores of few distinct values (many ties), split into `world` contiguous blocks: each block's candidates,
+    merged, give exactly `rank_desc(scores) < k` of the whole rows."""
+    M = world * per_rank
+    vals = data.draw(st.lists(st.integers(0, levels), min_size=rows * M, max_size=rows * M))
+    scores = torch.tensor(vals, dtype=torch.float32).view(rows, M)
+    k = torch.tensor(data.draw(st.lists(st.integers(0, M), min_size=rows, max_size=rows)))
+    kk = min(int(k.max()), per_rank)
+    if kk == 0:
+        return
+    cands = [sp.local_candidates(scores[:, r * per_rank:(r + 1) * per_rank], kk) for r in range(world)]
+    values = torch.stack([v for v, _ in cands])
+    ids = torch.stack([pos + r * per_rank for r, (_, pos) in enumerate(cands)])
+    chosen = sp.choose_candidates(values, ids, k)
+    got = torch.zeros(rows, M, dtype=torch.bool)
+    for r in range(world):
+        got.scatter_(-1, ids[r], chosen[r])
+    assert torch.equal(got, rank_desc(scores) < k.view(-1, 1))
+
+
+def test_one_process_is_the_unsharded_policy():
+    """World size 1: the plans run without any process group and give every policy's own keep-set."""
+    model, ids = _tiny()
+    pf = prefill(model, ids, window=WINDOW, all_queries=True)
+    tp = TensorParallel.for_model(model)
+    for name in REGISTRY:
+        ref, got = get_policy(name, window=WINDOW)(pf, 0.33), sp.ShardedPolicy(get_policy(name, window=WINDOW),
+                                                                                tp)(pf, 0.33)
+        assert torch.equal(ref.keep, got.keep), name
+
+
+# --------------------------------------------------------------------------- 2 and 4 processes (gloo, spawn)
+
+
+def _worker(rank: int, world: int, out: str) -> None:
+    """One rank: every policy × budget sharded vs unsharded, then decode; writes what it found to out/rank<r>.json."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world,
+                            timeout=_dt.timedelta(seconds=120))
+    model, ids = _tiny()
+    tp = TensorParallel.for_model(model, rank, world)
+    local = shard_model(model, tp)
+    pf = prefill(model, ids, window=WINDOW, all_queries=True)
+    lpf = prefill(local, ids, window=WINDOW, all_queries=True)
+    found = {"prefill_logits": float((pf.logits - lpf.logits).abs().max()), "keep": {}, "values": {}}
+
+    def gathered(x):  # (L, G/N, ...) of every rank → (L, G, ...): the test's reference only, never the library's
+        return tp.all_gather(x).transpose(0, 1).flatten(1, 2)
+
+    kept = {}
+    for name in REGISTRY:
+        for budget in BUDGETS:
+            ref = get_policy(name, window=WINDOW)(pf, budget)
+            got = sp.ShardedPolicy(get_policy(name, window=WINDOW), tp)(lpf, budget)
+            whole = gathered(got.keep)
+            found["keep"][f"{name}@{budget}"] = int((whole != ref.keep).sum())
+            if ref.values is not None:
+                v = gathered(torch.stack(got.values))
+                found["values"][f"{name}@{budget}"] = float((v - torch.stack(ref.values)).abs().max())
+            kept[name, budget] = (ref, got)
+    steps = []
+    for name in ("flowkv", "flowkv_global", "snapkv"):
+        ref, got = kept[name, BUDGETS[0]]
+        dec_ref = FastDecoder(model, StaticRaggedCache.from_keeps(pf, ref.keep[None], None, STEPS), impl="torch",
+                              fuse=False, compile=False)
+        dec = FastDecoder(local, StaticRaggedCache.from_keeps(lpf, got.keep[None], None, STEPS), impl="torch",
+                          fuse=False, compile=False)
+        tok = pf.logits.argmax().view(1)
+        for _ in range(STEPS):  # greedy on the unsharded logits; both decoders are fed the same token
+            a, b = dec_ref.step(tok), dec.step(tok)
+            steps.append(float((a - b).abs().max()))
+            tok = a.argmax(-1)
+    found["decode_logits"] = steps
+    found["kept_bytes"] = StaticRaggedCache.from_keeps(lpf, kept["flowkv", BUDGETS[0]][1].keep[None], None,
+                                                       1).kept_bytes()
+    Path(out, f"rank{rank}.json").write_text(json.dumps(found))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sharded_keep_sets_and_decode_equal_the_unsharded_model(world, tmp_path):
+    torch.multiprocessing.spawn(_worker, args=(world, str(tmp_path)), nprocs=world, join=True)  # a file rendezvous
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    for r, found in enumerate(ranks):
+        assert found["prefill_logits"] < 1e-4, (r, found["prefill_logits"])
+        assert len(found["keep"]) == len(REGISTRY) * len(BUDGETS)
+        wrong = {k: v for k, v in found["keep"].items() if v}
+        assert not wrong, f"rank {r}/{world}: entries differing from the unsharded keep-set: {wrong}"
+        assert found["values"] and max(found["values"].values()) < 1e-5, found["values"]  # SmoothEvict's merge
+        assert max(found["decode_logits"]) < 1e-4, found["decode_logits"]
+    assert ranks[0]["keep"] == ranks[-1]["keep"]
+    full = 2 * TINY["layers"] * TINY["kv_heads"] * TINY["head_dim"] * 4 * round(N_TOKENS * BUDGETS[0])
+    assert 0 < ranks[0]["kept_bytes"] < full  # a rank holds only its own heads' entries
+
+
+# ------------------------------------------------------------------------------------------ the command line
+
+
+def test_command_under_torchrun_two_processes():
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "flowkv_utils.tensor_parallel", "--shape", "tiny", "--context", "128", "--budget",
+                          "0.25", "--policy", "flowkv", "--steps", "3"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.strip().split("\n")
+    assert any(line.startswith("rank 0 ") for line in lines) and any(line.startswith("rank 1 ") for line in lines)
+    total = [line for line in lines if line.startswith("total")]
+    assert len(total) == 1 and "2 ranks" in total[0], run.stdout
