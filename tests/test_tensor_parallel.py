@@ -31,7 +31,7 @@ from flowkv_utils.tensor_parallel import TensorParallel, random_shard, shard_mod
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 WINDOW, N_TOKENS, STEPS = 8, 80, 4
-BUDGETS = [0.33, 20]  # a fraction (80·0.33·8 = 211.2 → 211 entries: an uneven split over slots) and a token count
+BUDGETS = [0.33, 20, 0.6]  # fractions (80·0.33·8 = 211.2 → 211 entries: an uneven split over slots), a token count
 TINY = dict(layers=2, heads=8, kv_heads=4, head_dim=8, vocab=128, seed=0)
 
 
@@ -64,6 +64,9 @@ def test_processes_must_divide_the_kv_heads():
         shard_model(model, TensorParallel.for_model(model, 0, 3))
     with pytest.raises(ValueError, match="N=8 processes do not divide the G=2"):
         random_shard("tiny", TensorParallel(4, 2, 0, 8))
+    pf = prefill(model, torch.arange(40).view(1, -1), window=WINDOW)  # the whole model's prefill, not a shard's
+    with pytest.raises(ValueError, match="the prefill has 4 KV heads, rank 1 of 2 holds 2: prefill the rank's shard"):
+        sp.ShardedPolicy(get_policy("snapkv", window=WINDOW), TensorParallel.for_model(model, 1, 2))(pf, 16)
 
 
 @settings(max_examples=60, deadline=None)
@@ -162,8 +165,10 @@ def test_sharded_keep_sets_and_decode_equal_the_unsharded_model(world, tmp_path)
         assert found["values"] and max(found["values"].values()) < 1e-5, found["values"]  # SmoothEvict's merge
         assert max(found["decode_logits"]) < 1e-4, found["decode_logits"]
     assert ranks[0]["keep"] == ranks[-1]["keep"]
-    full = 2 * TINY["layers"] * TINY["kv_heads"] * TINY["head_dim"] * 4 * round(N_TOKENS * BUDGETS[0])
-    assert 0 < ranks[0]["kept_bytes"] < full  # a rank holds only its own heads' entries
+    entries = round(N_TOKENS * BUDGETS[0] * TINY["layers"] * TINY["kv_heads"])  # the budget's model total
+    kept = [found["kept_bytes"] for found in ranks]
+    assert sum(kept) == entries * 2 * TINY["head_dim"] * 4  # K and V, float32: each rank holds only its own heads
+    assert max(kept) < sum(kept)
 
 
 # ------------------------------------------------------------------------------------------ the command line
