@@ -24,7 +24,7 @@ from flowkv_utils import sharded_policies as sp
 from flowkv_utils.capture import prefill
 from flowkv_utils.fastdecode import FastDecoder, StaticRaggedCache
 from flowkv_utils.models import random_model
-from flowkv_utils.policies import REGISTRY, FlowKV, get_policy
+from flowkv_utils.policies import KVPRESS, REGISTRY, FlowKV, get_policy
 from flowkv_utils.results import REPO
 from flowkv_utils.selection import rank_desc
 from flowkv_utils.tensor_parallel import TensorParallel, random_shard, shard_model
@@ -32,6 +32,10 @@ from flowkv_utils.tensor_parallel import TensorParallel, random_shard, shard_mod
 pytestmark = pytest.mark.usefixtures("one_thread")
 WINDOW, N_TOKENS, STEPS = 8, 80, 4
 BUDGETS = [0.33, 20, 0.6]  # fractions (80·0.33·8 = 211.2 → 211 entries: an uneven split over slots), a token count
+# non-default settings that take other code paths (kvpress's shares of the kept count, CAKE's official budgets, ...)
+VARIANTS = [*KVPRESS.items(), ("cake", {"allocation": "official"}), ("h2o", {"normalise": True}),
+            ("defensivekv", {"threshold": 0.0}), ("flowkv_global", {"head_floor": 20})]
+VARIANT_BUDGETS = [0.33, 0.8]  # 0.8: a safeguard of 0.2·64 > w tokens with shares="kept"
 TINY = dict(layers=2, heads=8, kv_heads=4, head_dim=8, vocab=128, seed=0)
 
 
@@ -134,6 +138,11 @@ def _worker(rank: int, world: int, out: str) -> None:
                 v = gathered(torch.stack(got.values))
                 found["values"][f"{name}@{budget}"] = float((v - torch.stack(ref.values)).abs().max())
             kept[name, budget] = (ref, got)
+    for name, params in VARIANTS:
+        for budget in VARIANT_BUDGETS:
+            ref = get_policy(name, window=WINDOW, **params)(pf, budget)
+            got = sp.ShardedPolicy(get_policy(name, window=WINDOW, **params), tp)(lpf, budget)
+            found["keep"][f"{name}{params}@{budget}"] = int((gathered(got.keep) != ref.keep).sum())
     steps = []
     for name in ("flowkv", "flowkv_global", "snapkv"):
         ref, got = kept[name, BUDGETS[0]]
@@ -159,7 +168,7 @@ def test_sharded_keep_sets_and_decode_equal_the_unsharded_model(world, tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
     for r, found in enumerate(ranks):
         assert found["prefill_logits"] < 1e-4, (r, found["prefill_logits"])
-        assert len(found["keep"]) == len(REGISTRY) * len(BUDGETS)
+        assert len(found["keep"]) == len(REGISTRY) * len(BUDGETS) + len(VARIANTS) * len(VARIANT_BUDGETS)
         wrong = {k: v for k, v in found["keep"].items() if v}
         assert not wrong, f"rank {r}/{world}: entries differing from the unsharded keep-set: {wrong}"
         assert found["values"] and max(found["values"].values()) < 1e-5, found["values"]  # SmoothEvict's merge
