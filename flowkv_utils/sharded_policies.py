@@ -24,7 +24,10 @@ k entries before it globally, so fewer locally: it is among its rank's candidate
 global top-k. Every decision is computed by every rank from the same gathered numbers, so the ranks always agree
 (and the kept total is exactly the budget's, checked); they agree with the unsharded run as far as their scores do:
 a shard's forward adds o_proj and MLP partials across ranks, so layers after the first differ from the unsharded
-model by float rounding (the tests compare the keep-sets exactly on random-weight models).
+model by float rounding (the tests compare the keep-sets exactly on random-weight models). Cost: every rank receives
+N·k (float32 value, int64 index) pairs per top-k — for one model-wide top-k that is 12·N bytes per kept entry
+(k = 5% of 80 layers × 8 heads × 128K tokens: ≈4·10⁶ entries, ≈ 0.4 GB at N = 8); a threshold search over
+all_reduced counts would send less, at the price of many rounds.
 
 Adding a policy: one line in `PLANS` — `LOCAL` if its keep-set of a head depends only on that head, else a plan
 whose `select` mirrors `Policy.select` with the cross-head pieces replaced by the collectives above.
