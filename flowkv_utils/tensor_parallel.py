@@ -372,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
         if shard.main:
             print(table(rows, args, ("nccl on cuda" if device.type == "cuda" else "gloo on cpu")
                         if shard.world_size > 1 else f"one process on {device.type}"), flush=True)
+        if shard.world_size > 1:  # no rank tears the group down while another still uses it (gloo aborts then)
+            dist.barrier()
     return 0
 
 

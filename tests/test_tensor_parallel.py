@@ -159,6 +159,7 @@ def _worker(rank: int, world: int, out: str) -> None:
     found["kept_bytes"] = StaticRaggedCache.from_keeps(lpf, kept["flowkv", BUDGETS[0]][1].keep[None], None,
                                                        1).kept_bytes()
     Path(out, f"rank{rank}.json").write_text(json.dumps(found))
+    dist.barrier()  # every rank done with the group before any tears it down (gloo can abort otherwise)
     dist.destroy_process_group()
 
 
