@@ -188,8 +188,8 @@ def test_command_under_torchrun_two_processes():
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           "-m", "flowkv_utils.tensor_parallel", "--shape", "tiny", "--context", "128", "--budget",
-                          "0.25", "--policy", "flowkv", "--steps", "3"], env=env, capture_output=True, text=True,
-                         timeout=300)
+                          "0.25", "--policy", "flowkv", "--steps", "3", "--device", "cpu"],
+                         env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.strip().split("\n")
     assert any(line.startswith("rank 0 ") for line in lines) and any(line.startswith("rank 1 ") for line in lines)
