@@ -270,11 +270,43 @@ def solved_cells(df: pd.DataFrame, threshold: float = SOLVED) -> pd.DataFrame:
 
 
 def solved_rows(df: pd.DataFrame, threshold: float = SOLVED) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(`solved_cells` of the table split by length, the table's rows of the solved cells only): what a study's
-    claims are computed from. The rows' task column names the cell ("<task> @<length>")."""
+    """(`solved_cells` of the table split by length, the table's rows of the cells that enter a study's claims):
+    the cells FullKV solves *and* where compressing policies ran. The solved table gains `swept` (a compressing
+    policy has rows in the cell; False: a FullKV screen only, e.g. a solved cell left out to save device time) and
+    `claims` (solved and swept). The rows' task column names the cell ("<task> @<length>")."""
     cells = cells_by_length(df)
     solved = solved_cells(cells, threshold)
-    return solved, cells[cells.task.isin(set(solved.task[solved.solved]))]
+    swept = set(cells.task[cells.policy != "fullkv"])
+    solved["swept"] = solved.task.isin(swept)
+    solved["claims"] = solved.solved & solved.swept
+    return solved, cells[cells.task.isin(set(solved.task[solved.claims]))]
+
+
+def cell_length(cell: str) -> int:
+    """The prompt length of a "<task> @<length>" cell (`cell_of`); 0 for a cell without one (sorts first)."""
+    _, _, length = str(cell).rpartition(" @")
+    return int(length) if length.isdigit() else 0
+
+
+def best_baseline(df: pd.DataFrame, baselines: Sequence[str] = BASELINES) -> str:
+    """The head-wise baseline of the table with the highest task-averaged accuracy, mean over its finite budgets."""
+    acc = accuracy_table(df)
+    acc = acc[(acc.task == "average") & acc.policy.isin(baselines) & acc.budget.map(math.isfinite)]
+    if acc.empty:
+        raise ValueError(f"no rows of a baseline ({', '.join(baselines)}) at a finite budget in the table")
+    return str(acc.groupby("policy").value.mean().idxmax())
+
+
+def kv_layout(df: pd.DataFrame) -> dict:
+    """What one token's KV costs in the table's model, from FullKV's rows: bytes per token, KV heads × layers
+    (entries per token) and the bytes of one entry (K and V of one head: 2·d numbers)."""
+    full = fullkv_rows(df)
+    if full.empty or not (full.kept_entries > 0).all():
+        raise ValueError("no FullKV rows with kept entries in the table: its KV layout is unknown")
+    entries = full.kept_entries / full.context_tokens
+    return {"bytes_per_token": float((full.budget_bytes / full.context_tokens).mean()),
+            "entries_per_token": float(entries.mean()),
+            "bytes_per_entry": float((full.budget_bytes / full.kept_entries).mean())}
 
 
 def fidelity_accuracy_correlation(df: pd.DataFrame, policies: Sequence[str] | None = None) -> pd.DataFrame:
@@ -301,7 +333,7 @@ def fidelity_accuracy_correlation(df: pd.DataFrame, policies: Sequence[str] | No
 def run_label(df: pd.DataFrame) -> str:
     """A short name of a run for titles: model (up to its first space, without a GGUF file's quantisation and
     extension), question mode, budget kind."""
-    model = re.sub(r"(\.Q\w+)?\.gguf$", "", str(df.model.iloc[0]).split(" ")[0]) if len(df) else "?"
+    model = re.sub(r"([.-][Qq]\d\w*)?\.gguf$", "", str(df.model.iloc[0]).split(" ")[0]) if len(df) else "?"
     modes = {json.loads(s).get("question", "aware") for s in df.settings.unique()} if "settings" in df else {"aware"}
     kinds = {"fractions" if "." in str(b) else "tokens" for b in df.budget.unique() if str(b) != FULL}
     return f"{model} · question-{'/'.join(sorted(modes))} · {'/'.join(sorted(kinds))}"

@@ -65,6 +65,17 @@ def test_solved_rows_keep_only_the_solved_cells_and_label_the_run():
     assert list(solved.task[solved.solved]) == ["ruler_vt @4000"] and set(rows.task) == {"ruler_vt @4000"}
     assert len(rows) == 4
     assert analysis.run_label(df) == "SmolLM2-135M-Instruct · question-agnostic · fractions"
+    df["model"] = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf (GGUF, dequantised to float32)"
+    assert analysis.run_label(df).startswith("qwen2.5-coder-0.5b-instruct · ")
+
+
+def test_solved_rows_leave_out_solved_cells_only_fullkv_screened():
+    df = _table({("ruler_vt@4000", "fullkv", "full"): [1, 1], ("ruler_vt@4000", "a", "0.1"): [0, 1],
+                 ("ruler_vt@8000", "fullkv", "full"): [1, 1]})  # solved, but no policy ran there
+    solved, rows = analysis.solved_rows(df)
+    s = solved.set_index("task")
+    assert s.solved.all() and list(s.swept) == [True, False] and list(s.claims) == [True, False]
+    assert set(rows.task) == {"ruler_vt @4000"}
 
 
 def test_fidelity_accuracy_correlation_ranks_policies_per_budget():
@@ -77,3 +88,28 @@ def test_fidelity_accuracy_correlation_ranks_policies_per_budget():
     corr = analysis.fidelity_accuracy_correlation(pd.concat([df, err, kl], ignore_index=True))
     assert corr.loc[0.1, "attn_rel_err"] == pytest.approx(-1.0) and corr.loc[0.1, "kl_next_token"] == pytest.approx(1.0)
     assert "attn_rel_err_heldout" not in corr and corr.loc[0.1, "policies"] == 3
+
+
+def test_cell_length_sorts_cells_by_their_prompt_length():
+    cells = ["ruler_vt @16000", "niah", "ruler_vt @8000", "ruler_vt @32000"]
+    assert sorted(cells, key=analysis.cell_length) == ["niah", "ruler_vt @8000", "ruler_vt @16000", "ruler_vt @32000"]
+
+
+def test_best_baseline_is_the_highest_mean_over_finite_budgets():
+    df = _table({("t", "fullkv", "full"): [1, 1], ("t", "snapkv", "0.1"): [1, 1], ("t", "snapkv", "0.5"): [0, 1],
+                 ("t", "adakv", "0.1"): [1, 0], ("t", "adakv", "0.5"): [1, 0], ("t", "flowkv", "0.1"): [1, 1],
+                 ("t", "flowkv", "0.5"): [1, 1]})
+    assert analysis.best_baseline(df) == "snapkv"  # 0.75 vs 0.5; FlowKV (1.0) is not a baseline
+    assert analysis.best_baseline(df, baselines=["adakv"]) == "adakv"
+    with pytest.raises(ValueError, match="no rows of a baseline"):
+        analysis.best_baseline(df, baselines=["h2o"])
+
+
+def test_kv_layout_from_fullkv_rows():
+    df = _table({("t", "fullkv", "full"): [1, 1], ("t", "a", "0.1"): [1, 0]})
+    df["context_tokens"], df["kept_entries"] = 100, 100 * 48  # 24 layers × 2 KV heads
+    df["budget_bytes"] = df.kept_entries * 2 * 64 * 4  # K and V, d 64, float32
+    kv = analysis.kv_layout(df)
+    assert kv == {"bytes_per_token": 48 * 512, "entries_per_token": 48, "bytes_per_entry": 512}
+    with pytest.raises(ValueError, match="no FullKV rows"):
+        analysis.kv_layout(df[df.policy != "fullkv"])
