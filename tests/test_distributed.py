@@ -191,7 +191,7 @@ def test_ruler_grid_and_haystack_name_the_instances(embedded):
                                        "--ruler-tasks", "niah_single", "fwe", "--ruler-lengths", "300", "400",
                                        "--ruler-grid", "--ruler-per-length", "2", "--haystack", "essay"])
     insts = sweep_cli.task_instances(a, tok)
-    cells = [(i.task, i.prompt_ids.shape[-1] <= n) for i, n in zip(insts, [300] + [300, 300, 400, 400] * 2)]
+    cells = [(i.task, i.prompt_ids.shape[-1] <= n) for i, n in zip(insts, [300] + [300, 300, 400, 400] * 2, strict=True)]
     assert [t for t, _ in cells] == ["niah_essay"] + ["ruler_niah_single_essay"] * 4 + ["ruler_fwe"] * 4
     assert all(fits for _, fits in cells) and len({i.instance for i in insts[1:5]}) == 4
 
