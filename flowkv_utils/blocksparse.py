@@ -1,0 +1,120 @@
+"""Block-sparse decode attention, Quest-style: the whole KV cache stays resident, and each decode step reads only a
+query-aware top-k of fixed-size pages per KV head (issue 14's comparator for eviction: it saves bandwidth, not
+memory).
+
+Quest (Tang et al., 2024) keeps, per page of P consecutive keys, the elementwise minimum m and maximum M of the keys.
+For a query q the largest logit any key k of the page can reach is bounded by
+
+    u(q, page) = Σ_i max(q_i · m_i, q_i · M_i)  ≥  max_{k ∈ page} q · k,
+
+since for every coordinate q_i k_i lies between q_i m_i and q_i M_i. The step keeps the k_pages pages of largest u
+(ties to the earlier page) and attends exactly over their tokens (softmax over the kept tokens only). Quest is
+defined per attention head; with grouped-query attention the KV head's pages are shared by its r query heads, so
+here a page's bound is the **maximum over the group's query heads** (a page any head of the group may need) — the
+project's choice for GQA, stated wherever it is used. The page holding the newest token is always kept (Quest
+attends to the current page), so the newest token is always seen.
+
+Shapes: q (H, d) one decode query per query head, k/v (G, n, d) one sequence's cache, H = r·G.
+
+- `page_bounds(k, page)`: per-page key minimum and maximum (G, n_pages, d) — computed once per page as it fills.
+- `page_scores(q, kmin, kmax)`: u per (KV head, page), the group maximum (G, n_pages).
+- `select_pages(scores, k_pages)`: indices (G, k_pages) of the kept pages, ascending, the last page always in.
+- `page_mask(pages, n, page)`: the kept tokens as a bool mask (G, n).
+- `blocksparse_attention(q, k, v, k_pages, page, scaling)`: the decode output (H, d) from the kept pages only
+  (gathered: what a step reads), and the kept page indices. A torch reference of the semantics; the H200 kernel and
+  its timings are issue 14's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _check_page(page: int) -> None:
+    if isinstance(page, bool) or not isinstance(page, int) or page < 1:
+        raise ValueError(f"page={page!r}: the page size must be a positive int (tokens per page, e.g. 16 or 64)")
+
+
+def n_pages(n: int, page: int) -> int:
+    """Pages of `page` tokens needed for n tokens (the last may be partial)."""
+    _check_page(page)
+    return math.ceil(n / page)
+
+
+def page_bounds(k: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kmin, kmax), each (G, n_pages, d) float32: the elementwise min and max of each page's keys; a partial last
+    page uses only its real tokens."""
+    if k.dim() != 3:
+        raise ValueError(f"k has shape {tuple(k.shape)}: expected (G, n, d), one sequence's keys")
+    G, n, d = k.shape
+    if n == 0:
+        raise ValueError("k holds no tokens: a page bound needs at least one key")
+    p = n_pages(n, page)
+    pad = p * page - n
+    kf = k.float()
+    lo = torch.nn.functional.pad(kf, (0, 0, 0, pad), value=math.inf).view(G, p, page, d).amin(2)
+    hi = torch.nn.functional.pad(kf, (0, 0, 0, pad), value=-math.inf).view(G, p, page, d).amax(2)
+    return lo, hi
+
+
+def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+    """Quest's upper bound u = Σ_i max(q_i m_i, q_i M_i) per (query head, page), maximised over the query heads
+    of each KV head's group: (G, n_pages) float32. q: (H, d) with H a multiple of G."""
+    if q.dim() != 2 or kmin.dim() != 3 or kmin.shape != kmax.shape or q.shape[-1] != kmin.shape[-1]:
+        raise ValueError(f"q {tuple(q.shape)}, kmin {tuple(kmin.shape)}, kmax {tuple(kmax.shape)}: expected q (H, d) "
+                         "and kmin = kmax shapes (G, pages, d) of the same d")
+    H, G = q.shape[0], kmin.shape[0]
+    if H % G:
+        raise ValueError(f"{H} query heads are not a multiple of the {G} KV heads")
+    qg = q.float().view(G, H // G, 1, -1)  # (G, r, 1, d)
+    u = torch.maximum(qg * kmin.unsqueeze(1), qg * kmax.unsqueeze(1)).sum(-1)  # (G, r, pages)
+    return u.amax(1)
+
+
+def select_pages(scores: torch.Tensor, k_pages: int) -> torch.Tensor:
+    """Indices (G, k_pages), ascending, of the kept pages per KV head: the last page (the newest token's) always,
+    then the k_pages − 1 other pages of largest bound, ties to the earlier page. k_pages ≥ the page count keeps
+    every page."""
+    if isinstance(k_pages, bool) or not isinstance(k_pages, int) or k_pages < 1:
+        raise ValueError(f"k_pages={k_pages!r}: must be an int ≥ 1 (the newest page is always kept)")
+    G, p = scores.shape
+    k_pages = min(k_pages, p)
+    s = scores.float().clone()
+    s[:, -1] = math.inf  # the current page
+    order = torch.sort(s, dim=-1, descending=True, stable=True).indices[:, :k_pages]
+    return order.sort(dim=-1).values
+
+
+def page_mask(pages: torch.Tensor, n: int, page: int) -> torch.Tensor:
+    """Bool mask (G, n) of the tokens of the kept pages (the indices of `select_pages`)."""
+    p = n_pages(n, page)
+    kept = torch.zeros(pages.shape[0], p, dtype=torch.bool, device=pages.device)
+    kept.scatter_(1, pages, True)
+    return kept.repeat_interleave(page, dim=1)[:, :n]
+
+
+def blocksparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pages: int, page: int,
+                          scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step of Quest-style attention over one sequence's resident cache: (output (H, d) in q's dtype,
+    kept page indices (G, k_pages)). Gathers only the kept pages' keys and values (k_pages·page tokens per KV head
+    instead of n; the pad of a partial last page is masked) and takes the softmax (float32) over their tokens."""
+    if k.dim() != 3 or k.shape != v.shape:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)}: expected the same shape (G, n, d)")
+    G, n, d = k.shape
+    kmin, kmax = page_bounds(k, page)
+    pages = select_pages(page_scores(q, kmin, kmax), k_pages)  # (G, kp)
+    p, kp = kmin.shape[1], pages.shape[1]
+    pad = p * page - n
+
+    def gathered(x: torch.Tensor) -> torch.Tensor:  # (G, kp·page, d): the kept pages only
+        x = torch.nn.functional.pad(x.float(), (0, 0, 0, pad)).view(G, p, page, d)
+        return torch.gather(x, 1, pages.view(G, kp, 1, 1).expand(G, kp, page, d)).view(G, kp * page, d)
+
+    token = (pages.unsqueeze(-1) * page + torch.arange(page, device=k.device)).view(G, kp * page)
+    H = q.shape[0]
+    logits = torch.einsum("grd,gnd->grn", q.float().view(G, H // G, d), gathered(k)) * scaling
+    logits = logits.masked_fill((token >= n).unsqueeze(1), -math.inf)  # the pad of a partial last page
+    out = torch.einsum("grn,gnd->grd", torch.softmax(logits, dim=-1), gathered(v))
+    return out.reshape(H, d).to(q.dtype), pages

@@ -1,0 +1,74 @@
+"""Quest-style block-sparse decode attention: the page bound is an upper bound of every key's logit, every page kept
+is dense attention, the kept pages are the top bounds with the newest page always in, and the gathered output equals
+dense attention with the other tokens masked out."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flowkv_utils import blocksparse as bs
+
+
+def _qkv(G=2, r=3, n=37, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(G * r, d, generator=g), torch.randn(G, n, d, generator=g), torch.randn(G, n, d, generator=g))
+
+
+def _dense(q, k, v, scaling, mask=None):
+    G, n, d = k.shape
+    logits = torch.einsum("grd,gnd->grn", q.view(G, -1, d), k) * scaling
+    if mask is not None:
+        logits = logits.masked_fill(~mask.unsqueeze(1), -math.inf)
+    return torch.einsum("grn,gnd->grd", torch.softmax(logits, -1), v).reshape(-1, d)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 70), page=st.integers(1, 16), seed=st.integers(0, 10**6))
+def test_page_bound_is_an_upper_bound_of_every_logit_of_the_group(n, page, seed):
+    q, k, _ = _qkv(n=n, seed=seed)
+    u = bs.page_scores(q, *bs.page_bounds(k, page))  # (G, pages)
+    logits = torch.einsum("grd,gnd->grn", q.view(2, 3, -1), k).amax(1)  # (G, n): the group's largest logit
+    per_token_bound = u.repeat_interleave(page, dim=1)[:, :n]
+    assert (logits <= per_token_bound + 1e-5).all()
+    assert u.shape == (2, bs.n_pages(n, page))
+
+
+def test_every_page_kept_is_dense_attention():
+    q, k, v = _qkv(n=50)
+    out, pages = bs.blocksparse_attention(q, k, v, k_pages=100, page=8, scaling=0.3)
+    assert pages.shape == (2, 7) and (pages == torch.arange(7)).all()
+    torch.testing.assert_close(out, _dense(q, k, v, 0.3), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n,page,k_pages", [(50, 8, 3), (64, 16, 2), (33, 4, 5), (9, 16, 1)])
+def test_gathered_pages_equal_dense_attention_over_their_tokens(n, page, k_pages):
+    q, k, v = _qkv(n=n, seed=n)
+    out, pages = bs.blocksparse_attention(q, k, v, k_pages, page, scaling=0.25)
+    p = bs.n_pages(n, page)
+    assert pages.shape == (2, min(k_pages, p)) and (pages[:, -1] == p - 1).all()  # the newest page always kept
+    mask = bs.page_mask(pages, n, page)
+    assert mask[:, -1].all() and int(mask.sum()) <= 2 * min(k_pages, p) * page
+    torch.testing.assert_close(out, _dense(q, k, v, 0.25, mask), rtol=1e-5, atol=1e-6)
+
+
+def test_selection_is_the_top_bounds_besides_the_newest_page_ties_to_the_earlier():
+    scores = torch.tensor([[5.0, 1.0, 5.0, 3.0, 0.0], [0.0, 2.0, 2.0, 2.0, 9.0]])
+    assert bs.select_pages(scores, 3).tolist() == [[0, 2, 4], [1, 2, 4]]
+    assert bs.select_pages(scores, 1).tolist() == [[4], [4]]
+
+
+def test_bad_input_is_named():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="page=0"):
+        bs.page_bounds(k, 0)
+    with pytest.raises(ValueError, match="k_pages=0"):
+        bs.select_pages(torch.zeros(2, 3), 0)
+    with pytest.raises(ValueError, match="not a multiple"):
+        bs.page_scores(q[:5], *bs.page_bounds(k, 4))
+    with pytest.raises(ValueError, match="expected the same shape"):
+        bs.blocksparse_attention(q, k, v[:, :-1], 2, 4, 1.0)
