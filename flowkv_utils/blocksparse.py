@@ -20,6 +20,11 @@ Shapes: q (H, d) one decode query per query head, k/v (G, n, d) one sequence's c
 - `page_scores(q, kmin, kmax)`: u per (KV head, page), the group maximum (G, n_pages).
 - `select_pages(scores, k_pages)`: indices (G, k_pages) of the kept pages, ascending, the last page always in.
 - `page_mask(pages, n, page)`: the kept tokens as a bool mask (G, n).
+- `page_work_items(offsets, pages, page)`: the kept pages as the split-KV kernel's work items (one item per kept
+  page, built on the device with a fixed count, so the step stays graph-capturable): the project's split-KV decode
+  (`kernels.split_kv_torch` / `split_kv_triton`) then reads only those pages of the resident packed cache.
+- `update_page_tables(tables, items, d)`: the Triton kernel's tables, built once by `kernels.triton_tables` from a
+  first step's page items, rewritten in place on the device for each later step (what a captured graph replays).
 - `blocksparse_attention(q, k, v, k_pages, page, scaling)`: the decode output (H, d) from the kept pages only
   (gathered: what a step reads), and the kept page indices. A torch reference of the semantics; the H200 kernel and
   its timings are issue 14's.
@@ -30,6 +35,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from .kernels import TritonTables, WorkItems
 
 
 def _check_page(page: int) -> None:
@@ -118,3 +125,42 @@ def blocksparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_p
     logits = logits.masked_fill((token >= n).unsqueeze(1), -math.inf)  # the pad of a partial last page
     out = torch.einsum("grn,gnd->grd", torch.softmax(logits, dim=-1), gathered(v))
     return out.reshape(H, d).to(q.dtype), pages
+
+
+def page_work_items(offsets: torch.Tensor, pages: torch.Tensor, page: int, check: bool = True) -> WorkItems:
+    """Work items (`kernels.WorkItems`) covering exactly the kept pages: segment s = (sequence, KV head) of the
+    packed layout (rows offsets[s]:offsets[s+1]), kept pages pages[s] (S, k_pages) ascending; item (s, j) covers
+    rows [offsets[s] + pages[s, j]·page, min(that + page, offsets[s+1])). Device tensors in, device tensors out, and
+    always S·k_pages items (CUDA-graph friendly: only the starts and ends change from step to step). check: verify
+    that every page lies inside its segment (a device sync: pass False inside a captured step)."""
+    _check_page(page)
+    S, kp = pages.shape
+    if offsets.shape != (S + 1,):
+        raise ValueError(f"offsets has shape {tuple(offsets.shape)}: expected ({S + 1},) for {S} segments of pages")
+    off = offsets.to(pages.device, torch.long)
+    seg = torch.arange(S, device=pages.device).repeat_interleave(kp)
+    start = off[seg] + pages.reshape(-1).long() * page
+    end = torch.minimum(start + page, off[seg + 1])
+    if check and bool((start >= off[seg + 1]).any()):
+        raise ValueError("a kept page starts past its segment's end: pages must index the segment's own pages")
+    return WorkItems(seg.to(torch.int32), start, end,
+                     (torch.arange(S + 1, device=pages.device) * kp).to(torch.int32), page)
+
+
+def update_page_tables(tables: TritonTables, items: WorkItems, d: int) -> TritonTables:
+    """Write this step's page items into tables that `kernels.triton_tables` built from page items of the same
+    segments and page count (the layout never changes: every segment has k_pages items and its tail item), in
+    place and on the device (no host round trip): rows 1–3 of each segment's prefix items (K and V element offsets,
+    keys). d: the head dimension (the tables address elements)."""
+    S = tables.seg_count.numel()
+    kp = items.count // max(1, S)
+    if items.count != S * kp or tables.tab.shape[1] != S * (kp + 1):  # shapes only: no device sync in a graph
+        raise ValueError(f"{items.count} page items for {S} segments whose tables hold "
+                         f"{tables.tab.shape[1] // max(1, S) - 1} prefix items each: build the tables "
+                         "(kernels.triton_tables) with the same number of kept pages")
+    pos = (tables.seg_first.view(S, 1) + torch.arange(kp, device=tables.tab.device)).reshape(-1)
+    start = items.start.to(tables.tab.device, torch.long)
+    tables.tab[1, pos] = start * d
+    tables.tab[2, pos] = start * d
+    tables.tab[3, pos] = items.end.to(tables.tab.device, torch.long) - start
+    return tables

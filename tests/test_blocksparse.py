@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flowkv_utils import blocksparse as bs
+from flowkv_utils.kernels import split_kv_torch, triton_tables
 
 
 def _qkv(G=2, r=3, n=37, d=8, seed=0):
@@ -62,6 +63,38 @@ def test_selection_is_the_top_bounds_besides_the_newest_page_ties_to_the_earlier
     assert bs.select_pages(scores, 1).tolist() == [[4], [4]]
 
 
+@pytest.mark.parametrize("n,page,k_pages", [(50, 8, 3), (40, 16, 9), (33, 4, 5)])
+def test_split_kv_over_the_page_items_is_blocksparse_attention(n, page, k_pages):
+    """The kept pages as work items of the project's split-KV decode (packed cache of G full segments, one decoded
+    token in the tail) give the same output as attending over the kept pages' tokens and the new token."""
+    G, r, d = 2, 3, 8
+    q, k, v = _qkv(G=G, r=r, n=n + 1, d=d, seed=n)
+    prefix_k, prefix_v = k[:, :n], v[:, :n]  # the resident cache; token n is the new one, in the tail
+    pages = bs.select_pages(bs.page_scores(q, *bs.page_bounds(prefix_k, page)), k_pages)
+    items = bs.page_work_items(torch.arange(G + 1) * n, pages, page)
+    assert items.count == G * pages.shape[1] and int((items.end - items.start).max()) <= page
+    out = split_kv_torch(q.view(G, r, d), prefix_k.reshape(-1, d), prefix_v.reshape(-1, d), items, k[:, n:],
+                         v[:, n:], 1, scaling=0.25)
+    mask = torch.cat([bs.page_mask(pages, n, page), torch.ones(G, 1, dtype=torch.bool)], dim=1)
+    torch.testing.assert_close(out.reshape(-1, d), _dense(q, k, v, 0.25, mask), rtol=1e-5, atol=1e-6)
+
+
+def test_page_tables_rewritten_in_place_equal_tables_built_afresh():
+    """Tables built once for 3 pages per segment and updated with the next step's pages are the tables the split-KV
+    kernel would get from its own builder for those pages (CPU tensors: the tables are plain integers)."""
+    G, n, d, page = 2, 40, 8, 8
+    k, v = torch.randn(G * n, d), torch.randn(G * n, d)
+    tail_k, tail_v = torch.zeros(G, 4, d), torch.zeros(G, 4, d)
+    off = torch.arange(G + 1) * n
+    first, later = torch.tensor([[0, 1, 4], [1, 3, 4]]), torch.tensor([[2, 3, 4], [0, 2, 4]])
+    tables = triton_tables(bs.page_work_items(off, first, page), k, v, tail_k, tail_v)
+    bs.update_page_tables(tables, bs.page_work_items(off, later, page), d)
+    fresh = triton_tables(bs.page_work_items(off, later, page), k, v, tail_k, tail_v)
+    assert torch.equal(tables.tab, fresh.tab) and torch.equal(tables.seg_first, fresh.seg_first)
+    with pytest.raises(ValueError, match="same number of kept pages"):
+        bs.update_page_tables(tables, bs.page_work_items(off, later[:, :2], page), d)
+
+
 def test_bad_input_is_named():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="page=0"):
@@ -70,5 +103,7 @@ def test_bad_input_is_named():
         bs.select_pages(torch.zeros(2, 3), 0)
     with pytest.raises(ValueError, match="not a multiple"):
         bs.page_scores(q[:5], *bs.page_bounds(k, 4))
+    with pytest.raises(ValueError, match="starts past its segment"):
+        bs.page_work_items(torch.tensor([0, 10, 20]), torch.tensor([[0, 3], [1, 2]]), 4)
     with pytest.raises(ValueError, match="expected the same shape"):
         bs.blocksparse_attention(q, k, v[:, :-1], 2, 4, 1.0)
