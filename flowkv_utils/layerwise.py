@@ -19,6 +19,7 @@ pass `**comp.prefill_options` to the prefill; they are dropped with the layer's 
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,6 +28,9 @@ from .capture import LayerCapture, Prefill
 from .models import shape_of
 from .policies import REGISTRY, Policy, get_policy, prefill_options
 from .selection import GlobalCascade, floor_first, topk_flat, with_window
+
+if TYPE_CHECKING:
+    from .tensor_parallel import TensorParallel
 
 
 def streaming_policies() -> list[str]:
@@ -50,11 +54,18 @@ class LayerwiseCompressor:
     (model-wide policy applied): an earlier layer is re-packed only once the cascade has evicted more than this
     fraction of the prefix entries it holds (so it holds at most 1/(1 − slack) of what it keeps: default 0.25,
     ≤ 1.33×, for far fewer copies than re-packing at every eviction, slack 0). The last layer re-packs
-    everything, so the final cache is the same for every slack."""
+    everything, so the final cache is the same for every slack.
+
+    tp (`tensor_parallel.TensorParallel`): model is that rank's shard (`shard_model`, `random_shard`; its G/N KV
+    heads) and every rank runs the prefill with its own compressor together: each layer's selection is the
+    `sharded_policies.ShardedPolicy` plan of one layer (layer-scope policies), or the layer's sharded `model_scores`
+    merged by a `sharded_policies.ShardedCascade` (model-wide ones), so the ranks' keep-sets, concatenated over heads,
+    are the unsharded compressor's; budget is the model's (over all G KV heads); keep_mask, counts and the cache are
+    the rank's heads. Not with keep_scores (kept_counts would re-select across ranks)."""
 
     def __init__(self, model, input_ids: torch.Tensor, policy: str, budget: int | float | str, window: int = 32,
                  also: tuple[str, ...] = (), keep_scores: bool = False, slack: float = 0.25,
-                 policy_params: dict[str, dict] | None = None):
+                 policy_params: dict[str, dict] | None = None, tp: TensorParallel | None = None):
         allowed = streaming_policies()
         for name in (policy, *also):
             if name not in allowed:
@@ -64,7 +75,15 @@ class LayerwiseCompressor:
                              f"before it is re-packed)")
         ids = input_ids.view(1, -1)
         self.shape = shape_of(model)
-        L, G = self.shape.layers, self.shape.kv_heads
+        self.tp = tp
+        L, G = self.shape.layers, self.shape.kv_heads  # G: this rank's KV heads under tensor parallelism
+        if tp is not None:
+            if G != tp.local_kv_heads:
+                raise ValueError(f"the model has {G} KV heads, rank {tp.rank} of {tp.world_size} holds "
+                                 f"{tp.local_kv_heads}: pass the rank's shard (tensor_parallel.shard_model)")
+            if keep_scores:
+                raise ValueError("keep_scores=True under tensor parallelism: kept_counts at other budgets would "
+                                 "re-select across ranks (not implemented); run one compressor per budget")
         self.n = ids.shape[-1]
         self.window = window
         self.pf = Prefill(model=model, input_ids=ids, window=window, layers=[None] * L, logits=None)
@@ -76,12 +95,20 @@ class LayerwiseCompressor:
                              **{k: v for k, v in params.get(name, {}).items() if k != "window"})
             for name in self.names}
         self.prefill_options = prefill_options(self.policies.values())  # what `capture.prefill` must capture
-        self.budgets = {name: p.budget_for(self.n, L, G, budget) for name, p in self.policies.items()}
+        G_all = G if tp is None else tp.kv_heads  # the budget is the model's, over every KV head
+        self.budgets = {name: p.budget_for(self.n, L, G_all, budget) for name, p in self.policies.items()}
         self.budget = self.budgets[self.main]
+        self.sharded = {}  # name → ShardedPolicy (tensor parallelism only)
+        if tp is not None:
+            from .sharded_policies import ShardedPolicy
+
+            self.sharded = {name: ShardedPolicy(p, tp) for name, p in self.policies.items()
+                            if not self._keeps_all(name)}
         self.slots = {name: p.allocate(self.pf, self.budgets[name])[0] for name, p in self.policies.items()
-                      if not self._keeps_all(name)}
-        self.cascades = {name: GlobalCascade(p.selectable(self.budgets[name])) for name, p in self.policies.items()
-                         if p.scope == "model" and not self._keeps_all(name)}
+                      if not self._keeps_all(name) and tp is None}
+        self.cascades = {name: (GlobalCascade(p.selectable(self.budgets[name])) if tp is None
+                                else self.sharded[name].cascade(self.budgets[name]))
+                         for name, p in self.policies.items() if p.scope == "model" and not self._keeps_all(name)}
         self.seconds = {name: 0.0 for name in self.names}  # scoring + selection, summed over layers
         self.layers: list[RaggedLayer | None] = [None] * L
         self.prefix_keep: dict[int, torch.Tensor] = {}  # main policy: current (G, n) keep of each packed layer
@@ -123,8 +150,10 @@ class LayerwiseCompressor:
             return None
         p, pf = self.policies[name], self.pf
         w = p.kept_window
+        if self.tp is not None and p.scope != "model":  # the rank's heads, agreed with the other ranks
+            return with_window(self.sharded[name].layer_keep(pf, li, self.budgets[name]), w)
         if p.scope == "model":
-            s = p.model_scores(pf, li, self.budgets[name])
+            s = (p.model_scores if self.tp is None else self.sharded[name].model_scores)(pf, li, self.budgets[name])
             if self.keep_scores:
                 self.scores[name].append(s)
             casc = self.cascades[name]
@@ -200,6 +229,9 @@ class LayerwiseCompressor:
         L, G = self.shape.layers, self.shape.kv_heads
         if name not in self.policies:
             raise ValueError(f"kept_counts({name!r}): not one of this compressor's policies {', '.join(self.names)}")
+        if self.tp is not None:
+            raise ValueError(f"kept_counts({name!r}): not under tensor parallelism (use counts[{name!r}], this "
+                             "compressor's budget)")
         p = self.policies[name]
         if p.role == "reference":
             return torch.full((L, G), self.n, dtype=torch.long)
