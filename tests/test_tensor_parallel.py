@@ -248,14 +248,16 @@ def test_sharded_keep_sets_and_decode_equal_the_unsharded_model(world, tmp_path)
 # ------------------------------------------------------------------------------------------ the command line
 
 
-def test_command_under_torchrun_two_processes():
+@pytest.mark.parametrize("extra", [("--policy", "flowkv"), ("--policy", "flowkv_global", "--layerwise", "--chunk", "48")])
+def test_command_under_torchrun_two_processes(extra):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           "-m", "flowkv_utils.tensor_parallel", "--shape", "tiny", "--context", "128", "--budget",
-                          "0.25", "--policy", "flowkv", "--steps", "3", "--device", "cpu"],
+                          "0.25", *extra, "--steps", "3", "--device", "cpu"],
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.strip().split("\n")
+    assert ("layer-wise compression, chunk 48" in lines[0]) == ("--layerwise" in extra), lines[0]
     assert any(line.startswith("rank 0 ") for line in lines) and any(line.startswith("rank 1 ") for line in lines)
     total = [line for line in lines if line.startswith("total")]
     assert len(total) == 1 and "2 ranks" in total[0], run.stdout
