@@ -8,7 +8,9 @@ compresses here, with exactly the keep-set it selects one-shot. A model-wide pol
 global) ranks every (ℓ, g, j) together: `selection.GlobalCascade` keeps the running global top-k of its
 `model_scores` and evicts from earlier layers as later ones arrive, which gives exactly the one-shot selection
 while holding ≈ budget + one layer. A policy that needs every prompt query (H2O) reads them from the layer's capture:
-pass `**comp.prefill_options` to the prefill; they are dropped with the layer's K/V after the hook.
+pass `**comp.prefill_options` to the prefill; they are dropped with the layer's K/V after the hook. Under tensor
+parallelism (`tp=`, the model a rank's shard) each rank compresses its own KV heads with the cross-rank agreement of
+`sharded_policies` (model-wide policies: `ShardedCascade`): the ranks' keep-sets together are the unsharded ones.
 
     comp = LayerwiseCompressor(model, ids, "flowkv_global", 0.05, also=("snapkv", "flowkv"))
     pf = prefill(model, ids, window=32, chunk=8192, on_layer=comp, keep_kv=False, **comp.prefill_options)

@@ -29,6 +29,12 @@ N·k (float32 value, int64 index) pairs per top-k — for one model-wide top-k t
 (k = 5% of 80 layers × 8 heads × 128K tokens: ≈4·10⁶ entries, ≈ 0.4 GB at N = 8); a threshold search over
 all_reduced counts would send less, at the price of many rounds.
 
+Layer by layer (`layerwise.LayerwiseCompressor(tp=...)`, while prefilling): a layer-scope plan selects one layer
+alone (`ShardedPolicy.layer_keep`; those of CAKE, LAVa and SmoothEvict need every layer and refuse); a model-wide
+plan gives each layer's scores (`ShardedPolicy.model_scores`) to a `ShardedCascade`, the running model-wide top-k of
+`selection.GlobalCascade` merged by the exact distributed top-k at every layer — after each layer the ranks together
+hold exactly the unsharded cascade's selection (one candidate exchange per layer instead of one per model).
+
 Adding a policy: one line in `PLANS` — `LOCAL` if its keep-set of a head depends only on that head, else a plan
 whose `select` mirrors `Policy.select` with the cross-head pieces replaced by the collectives above.
 """

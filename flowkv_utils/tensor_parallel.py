@@ -18,14 +18,19 @@ down_proj replaced by `RowParallelLinear`; so the project's own decoder path run
 `capture.prefill` captures the rank's heads (a `Prefill` of G/N KV heads whose `attn_out` and `resid` are the whole
 layer's, after the all_reduce), `sharded_policies.ShardedPolicy` selects their keep-set (together exactly the
 unsharded keep-set; how the ranks agree is said there), and `fastdecode.FastDecoder` (fuse=False, no CUDA graph)
-decodes over the rank's own ragged cache. Nothing of the cache ever leaves its rank.
+decodes over the rank's own ragged cache. Nothing of the cache ever leaves its rank. For long prompts
+`layerwise.LayerwiseCompressor(model, ids, policy, budget, tp=tp)` as `capture.prefill`'s `on_layer` hook compresses
+each layer's heads as soon as the layer is produced (the same keep-set; model-wide policies through
+`sharded_policies.ShardedCascade`), so a rank holds ≈ weights + its kept budget + one layer (the command's
+`--layerwise`; streaming policies only).
 
 - `TensorParallel`: rank r of N over a model of H heads and G KV heads (N must divide G), and the collectives.
 - `shard_model(model, tp)`: the rank's shard of a given model (same weights: tests compare it with the model).
 - `random_shard(shape, tp, ...)`: a rank's shard of a random-weight model of `bench.shapes.SHAPES`, built directly at
   the local size (benchmarks of shapes too large for one device).
-- `python -m flowkv_utils.tensor_parallel ...` (under `torchrun --nproc-per-node N`): prefill with a policy, timed
-  decode, one row per rank and a total (`main`).
+- `python -m flowkv_utils.tensor_parallel ...` (under `torchrun --nproc-per-node N`): prefill with a policy
+  (selection after it, or layer by layer inside it: `--layerwise`), timed decode, one row per rank and a total
+  (`main`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
 """Tensor parallelism over KV heads (`tensor_parallel`, `sharded_policies`) on the CPU with gloo: for every registered
 policy the ranks' keep-sets, concatenated over heads, equal the unsharded keep-set exactly (a fraction and a token
 budget); sharded decode logits equal the unsharded ones; N not dividing the KV heads is a clear error; the exact
-distributed top-k's merge equals one top-k (ties to the earlier index); and the command runs under torchrun.
+distributed top-k's merge equals one top-k (ties to the earlier index); compressing layer by layer while prefilling
+the shard (`LayerwiseCompressor(tp=...)`) keeps exactly the unsharded compressor's keep-set for every streaming policy
+(model-wide ones through `ShardedCascade`, also on tied scores) and decodes the same logits; and the command runs
+under torchrun (one-shot and --layerwise).
 
 The 2- and 4-process checks run in one `torch.multiprocessing.spawn` per world size (every check inside it), on a
 random-weight Llama of 2 layers, 8 heads, 4 KV heads, head_dim 8."""
