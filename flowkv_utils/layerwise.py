@@ -140,6 +140,8 @@ class LayerwiseCompressor:
             if name == self.main:
                 keep_main = keep
         self._pack(li, cap, keep_main)
+        if self.tp is not None and li == self.shape.layers - 1 and not self._keeps_all(self.main):
+            self._check_total()
         self.pf.layers[li] = None
         G, _, d = cap.k.shape
         empty = cap.k.new_empty(G, 0, d)  # fresh: a [:, :0] view would keep the layer's whole K alive
@@ -167,6 +169,16 @@ class LayerwiseCompressor:
         if self.keep_scores:
             self.scores[name].append(s)
         return with_window(p.keep_layer(pf, li, s, self.slots[name][li])[0], w)
+
+    def _check_total(self) -> None:
+        """Under tensor parallelism, after the last layer: the ranks together kept exactly the budget (as
+        `ShardedPolicy` checks one-shot; a bug if not). Collective."""
+        from .sharded_policies import gathered_sum
+
+        got = int(gathered_sum(self.counts[self.main].sum().view(1), self.tp))
+        if got != self.budget.total:
+            raise RuntimeError(f"{self.main} layer by layer on {self.tp.world_size} ranks kept {got} entries, budget "
+                               f"total is {self.budget.total}")
 
     def _compact(self, casc: GlobalCascade, final: bool) -> None:
         """Re-pack the already packed layers that lost entries to the cascade: every one on the last layer, else
