@@ -8,7 +8,9 @@ compresses here, with exactly the keep-set it selects one-shot. A model-wide pol
 global) ranks every (ℓ, g, j) together: `selection.GlobalCascade` keeps the running global top-k of its
 `model_scores` and evicts from earlier layers as later ones arrive, which gives exactly the one-shot selection
 while holding ≈ budget + one layer. A policy that needs every prompt query (H2O) reads them from the layer's capture:
-pass `**comp.prefill_options` to the prefill; they are dropped with the layer's K/V after the hook.
+pass `**comp.prefill_options` to the prefill; they are dropped with the layer's K/V after the hook. Under tensor
+parallelism (`tp=`, the model a rank's shard) each rank compresses its own KV heads with the cross-rank agreement of
+`sharded_policies` (model-wide policies: `ShardedCascade`): the ranks' keep-sets together are the unsharded ones.
 
     comp = LayerwiseCompressor(model, ids, "flowkv_global", 0.05, also=("snapkv", "flowkv"))
     pf = prefill(model, ids, window=32, chunk=8192, on_layer=comp, keep_kv=False, **comp.prefill_options)
@@ -19,6 +21,7 @@ pass `**comp.prefill_options` to the prefill; they are dropped with the layer's 
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,6 +30,9 @@ from .capture import LayerCapture, Prefill
 from .models import shape_of
 from .policies import REGISTRY, Policy, get_policy, prefill_options
 from .selection import GlobalCascade, floor_first, topk_flat, with_window
+
+if TYPE_CHECKING:
+    from .tensor_parallel import TensorParallel
 
 
 def streaming_policies() -> list[str]:
@@ -50,11 +56,18 @@ class LayerwiseCompressor:
     (model-wide policy applied): an earlier layer is re-packed only once the cascade has evicted more than this
     fraction of the prefix entries it holds (so it holds at most 1/(1 − slack) of what it keeps: default 0.25,
     ≤ 1.33×, for far fewer copies than re-packing at every eviction, slack 0). The last layer re-packs
-    everything, so the final cache is the same for every slack."""
+    everything, so the final cache is the same for every slack.
+
+    tp (`tensor_parallel.TensorParallel`): model is that rank's shard (`shard_model`, `random_shard`; its G/N KV
+    heads) and every rank runs the prefill with its own compressor together: each layer's selection is the
+    `sharded_policies.ShardedPolicy` plan of one layer (layer-scope policies), or the layer's sharded `model_scores`
+    merged by a `sharded_policies.ShardedCascade` (model-wide ones), so the ranks' keep-sets, concatenated over heads,
+    are the unsharded compressor's; budget is the model's (over all G KV heads); keep_mask, counts and the cache are
+    the rank's heads. Not with keep_scores (kept_counts would re-select across ranks)."""
 
     def __init__(self, model, input_ids: torch.Tensor, policy: str, budget: int | float | str, window: int = 32,
                  also: tuple[str, ...] = (), keep_scores: bool = False, slack: float = 0.25,
-                 policy_params: dict[str, dict] | None = None):
+                 policy_params: dict[str, dict] | None = None, tp: TensorParallel | None = None):
         allowed = streaming_policies()
         for name in (policy, *also):
             if name not in allowed:
@@ -64,7 +77,15 @@ class LayerwiseCompressor:
                              f"before it is re-packed)")
         ids = input_ids.view(1, -1)
         self.shape = shape_of(model)
-        L, G = self.shape.layers, self.shape.kv_heads
+        self.tp = tp
+        L, G = self.shape.layers, self.shape.kv_heads  # G: this rank's KV heads under tensor parallelism
+        if tp is not None:
+            if G != tp.local_kv_heads:
+                raise ValueError(f"the model has {G} KV heads, rank {tp.rank} of {tp.world_size} holds "
+                                 f"{tp.local_kv_heads}: pass the rank's shard (tensor_parallel.shard_model)")
+            if keep_scores:
+                raise ValueError("keep_scores=True under tensor parallelism: kept_counts at other budgets would "
+                                 "re-select across ranks (not implemented); run one compressor per budget")
         self.n = ids.shape[-1]
         self.window = window
         self.pf = Prefill(model=model, input_ids=ids, window=window, layers=[None] * L, logits=None)
@@ -76,12 +97,20 @@ class LayerwiseCompressor:
                              **{k: v for k, v in params.get(name, {}).items() if k != "window"})
             for name in self.names}
         self.prefill_options = prefill_options(self.policies.values())  # what `capture.prefill` must capture
-        self.budgets = {name: p.budget_for(self.n, L, G, budget) for name, p in self.policies.items()}
+        G_all = G if tp is None else tp.kv_heads  # the budget is the model's, over every KV head
+        self.budgets = {name: p.budget_for(self.n, L, G_all, budget) for name, p in self.policies.items()}
         self.budget = self.budgets[self.main]
+        self.sharded = {}  # name → ShardedPolicy (tensor parallelism only)
+        if tp is not None:
+            from .sharded_policies import ShardedPolicy
+
+            self.sharded = {name: ShardedPolicy(p, tp) for name, p in self.policies.items()
+                            if not self._keeps_all(name)}
         self.slots = {name: p.allocate(self.pf, self.budgets[name])[0] for name, p in self.policies.items()
-                      if not self._keeps_all(name)}
-        self.cascades = {name: GlobalCascade(p.selectable(self.budgets[name])) for name, p in self.policies.items()
-                         if p.scope == "model" and not self._keeps_all(name)}
+                      if not self._keeps_all(name) and tp is None}
+        self.cascades = {name: (GlobalCascade(p.selectable(self.budgets[name])) if tp is None
+                                else self.sharded[name].cascade(self.budgets[name]))
+                         for name, p in self.policies.items() if p.scope == "model" and not self._keeps_all(name)}
         self.seconds = {name: 0.0 for name in self.names}  # scoring + selection, summed over layers
         self.layers: list[RaggedLayer | None] = [None] * L
         self.prefix_keep: dict[int, torch.Tensor] = {}  # main policy: current (G, n) keep of each packed layer
@@ -111,6 +140,8 @@ class LayerwiseCompressor:
             if name == self.main:
                 keep_main = keep
         self._pack(li, cap, keep_main)
+        if self.tp is not None and li == self.shape.layers - 1 and not self._keeps_all(self.main):
+            self._check_total()
         self.pf.layers[li] = None
         G, _, d = cap.k.shape
         empty = cap.k.new_empty(G, 0, d)  # fresh: a [:, :0] view would keep the layer's whole K alive
@@ -123,8 +154,10 @@ class LayerwiseCompressor:
             return None
         p, pf = self.policies[name], self.pf
         w = p.kept_window
+        if self.tp is not None and p.scope != "model":  # the rank's heads, agreed with the other ranks
+            return with_window(self.sharded[name].layer_keep(pf, li, self.budgets[name]), w)
         if p.scope == "model":
-            s = p.model_scores(pf, li, self.budgets[name])
+            s = (p.model_scores if self.tp is None else self.sharded[name].model_scores)(pf, li, self.budgets[name])
             if self.keep_scores:
                 self.scores[name].append(s)
             casc = self.cascades[name]
@@ -136,6 +169,16 @@ class LayerwiseCompressor:
         if self.keep_scores:
             self.scores[name].append(s)
         return with_window(p.keep_layer(pf, li, s, self.slots[name][li])[0], w)
+
+    def _check_total(self) -> None:
+        """Under tensor parallelism, after the last layer: the ranks together kept exactly the budget (as
+        `ShardedPolicy` checks one-shot; a bug if not). Collective."""
+        from .sharded_policies import gathered_sum
+
+        got = int(gathered_sum(self.counts[self.main].sum().view(1), self.tp))
+        if got != self.budget.total:
+            raise RuntimeError(f"{self.main} layer by layer on {self.tp.world_size} ranks kept {got} entries, budget "
+                               f"total is {self.budget.total}")
 
     def _compact(self, casc: GlobalCascade, final: bool) -> None:
         """Re-pack the already packed layers that lost entries to the cascade: every one on the last layer, else
@@ -200,6 +243,9 @@ class LayerwiseCompressor:
         L, G = self.shape.layers, self.shape.kv_heads
         if name not in self.policies:
             raise ValueError(f"kept_counts({name!r}): not one of this compressor's policies {', '.join(self.names)}")
+        if self.tp is not None:
+            raise ValueError(f"kept_counts({name!r}): not under tensor parallelism (use counts[{name!r}], this "
+                             "compressor's budget)")
         p = self.policies[name]
         if p.role == "reference":
             return torch.full((L, G), self.n, dtype=torch.long)

@@ -127,12 +127,18 @@ class GlobalCascade:
         if self.vals is not None:  # kept ids are increasing and below the new ones: flat order is kept
             vals, ids = torch.cat([self.vals, vals]), torch.cat([self.ids, ids])
             alive = torch.cat([self.alive, alive])
-        kk = min(self.k, vals.numel())
-        top = torch.sort(vals, descending=True, stable=True).indices[:kk].sort().values  # the k best, flat order
+        top = self._best(vals, ids)
         alive[ids] = False
         self.vals, self.ids = vals[top], ids[top]
         alive[self.ids] = True
         self.alive = alive
+
+    def _best(self, vals: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Positions, in flat order, of the k best of the held entries (vals, ids increasing), ties to the earlier
+        id. A tensor-parallel rank's cascade (`sharded_policies.ShardedCascade`) replaces it by the distributed
+        top-k over every rank's heads."""
+        kk = min(self.k, vals.numel())
+        return torch.sort(vals, descending=True, stable=True).indices[:kk].sort().values
 
     def keep_mask(self, layer: int) -> torch.Tensor:
         """(G, m) bool: the entries of `layer` still selected (a copy)."""

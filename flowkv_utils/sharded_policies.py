@@ -29,6 +29,12 @@ N·k (float32 value, int64 index) pairs per top-k — for one model-wide top-k t
 (k = 5% of 80 layers × 8 heads × 128K tokens: ≈4·10⁶ entries, ≈ 0.4 GB at N = 8); a threshold search over
 all_reduced counts would send less, at the price of many rounds.
 
+Layer by layer (`layerwise.LayerwiseCompressor(tp=...)`, while prefilling): a layer-scope plan selects one layer
+alone (`ShardedPolicy.layer_keep`; those of CAKE, LAVa and SmoothEvict need every layer and refuse); a model-wide
+plan gives each layer's scores (`ShardedPolicy.model_scores`) to a `ShardedCascade`, the running model-wide top-k of
+`selection.GlobalCascade` merged by the exact distributed top-k at every layer — after each layer the ranks together
+hold exactly the unsharded cascade's selection (one candidate exchange per layer instead of one per model).
+
 Adding a policy: one line in `PLANS` — `LOCAL` if its keep-set of a head depends only on that head, else a plan
 whose `select` mirrors `Policy.select` with the cross-head pieces replaced by the collectives above.
 """
@@ -49,7 +55,16 @@ from .policies.cake import preference_of, preference_parts
 from .policies.criticalkv import critical_scores, first_stage_counts, projected_value_l1, two_stage
 from .policies.defensivekv import bias_rows, defensive_attention, first_stage_mask, mass_order
 from .policies.lava import budgets_from_counts, lava_scores
-from .selection import PolicyResult, floor_first, masked, pad_scores, rank_desc, shown, with_window
+from .selection import (
+    GlobalCascade,
+    PolicyResult,
+    floor_first,
+    masked,
+    pad_scores,
+    rank_desc,
+    shown,
+    with_window,
+)
 
 if TYPE_CHECKING:
     from .tensor_parallel import TensorParallel
@@ -72,19 +87,27 @@ def choose_candidates(values: torch.Tensor, ids: torch.Tensor, k: torch.Tensor) 
     return torch.empty_like(chosen).scatter_(-1, by_id, chosen).view(R, N, c).permute(1, 0, 2)
 
 
-def sharded_topk(scores: torch.Tensor, ids: torch.Tensor, k, tp: TensorParallel) -> torch.Tensor:
+def sharded_topk(scores: torch.Tensor, ids: torch.Tensor, k, tp: TensorParallel, ragged: bool = False) -> torch.Tensor:
     """(R, M) bool: this rank's part of each row's global top-k[r]. scores (R, M): the rank's entries of R rows;
-    ids (M,) or (R, M): their global flat indices in the unsharded row (increasing along M); k: ints (R,) or one."""
+    ids (M,) or (R, M): their global flat indices in the unsharded row (increasing along M); k: ints (R,) or one.
+    ragged: M may differ across ranks (a cascade's held entries): the ranks first agree on the candidate count, and
+    a rank with fewer entries pads its candidates with (−inf, largest index), which rank after every real entry."""
     R, M = scores.shape
+    dev = scores.device
     k = torch.as_tensor(k, dtype=torch.long).reshape(-1).expand(R).cpu()
-    mask = torch.zeros(R, M, dtype=torch.bool, device=scores.device)
-    kk = min(int(k.max()), M) if R else 0
+    mask = torch.zeros(R, M, dtype=torch.bool, device=dev)
+    width = int(tp.all_gather(torch.tensor([M], device=dev)).max()) if ragged else M
+    kk = min(int(k.max()), width) if R else 0
     if kk == 0:
         return mask
-    vals, pos = local_candidates(scores.float(), kk)
-    gid = ids.to(scores.device).expand(R, M).gather(-1, pos)
+    vals, pos = local_candidates(scores.float(), min(kk, M))
+    gid = ids.to(dev).expand(R, M).gather(-1, pos)
+    if pos.shape[-1] < kk:
+        short = kk - pos.shape[-1]
+        vals = torch.cat([vals, vals.new_full((R, short), -math.inf)], -1)
+        gid = torch.cat([gid, gid.new_full((R, short), torch.iinfo(torch.long).max)], -1)
     mine = choose_candidates(tp.all_gather(vals), tp.all_gather(gid), k)[tp.rank]  # (R, kk)
-    return mask.scatter_(-1, pos, mine)
+    return mask.scatter_(-1, pos, mine[:, : pos.shape[-1]])
 
 
 def layer_topk(S: torch.Tensor, k, tp: TensorParallel) -> torch.Tensor:
@@ -110,49 +133,93 @@ def gathered_sum(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
     return tp.all_gather(x).sum(0)
 
 
+class ShardedCascade(GlobalCascade):
+    """`selection.GlobalCascade` on a tensor-parallel rank: it holds the rank's part of the running model-wide top-k,
+    and each `add` (collective: every rank adds the same layer together) merges by the exact distributed top-k over
+    the ranks' held entries plus the new layer's, so after layer ℓ the ranks together hold exactly the unsharded
+    cascade's selection (global index ℓ·G·m + (kv_start + g)·m + j, as `model_topk`). Every layer must have the same
+    (G/N, m). Cost: per layer, every rank receives N·k' (value, index) pairs, k' ≤ k the most entries a rank holds
+    (its part of the selection plus the new layer), and the ranks' counts first (they differ: `sharded_topk` ragged)."""
+
+    def __init__(self, k: int, tp: TensorParallel):
+        super().__init__(k)
+        self.tp = tp
+        self.layer_shape: tuple[int, int] | None = None
+
+    def add(self, layer: int, scores: torch.Tensor) -> None:
+        if self.layer_shape is None:
+            self.layer_shape = tuple(scores.shape)
+        elif tuple(scores.shape) != self.layer_shape:
+            raise ValueError(f"ShardedCascade: layer {layer} has scores {tuple(scores.shape)}, earlier layers "
+                             f"{self.layer_shape}: every layer needs the same (G/N, m)")
+        super().add(layer, scores)
+
+    def _best(self, vals: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        g, m = self.layer_shape
+        layer_start = ids // (g * m) * (g * m)  # local id of the layer's first entry (layers are added in order)
+        gid = ids + (self.tp.world_size - 1) * layer_start + self.tp.kv_start * m  # N·start + kv_start·m + offset
+        top = sharded_topk(vals.view(1, -1), gid.view(1, -1), [self.k], self.tp, ragged=True)[0]
+        return top.nonzero().view(-1)
+
+
 # ------------------------------------------------------------------------------------------------------ the plans
 @dataclass(frozen=True)
 class Plan:
-    """How a policy runs on a rank. select(policy, pf, b, tp) → (kept prefix (L, G/N, m), scores to show (L, G/N, m)
-    or None, per-layer replacement values or None); the window is appended by `ShardedPolicy`."""
+    """How a policy runs on a rank. select(policy, pf, b, tp, layers) → (kept prefix (L', G/N, m) of `layers`,
+    scores to show (L', G/N, m) or None, per-layer replacement values or None); the window is appended by
+    `ShardedPolicy`. A layer-scope plan selects any subset of layers alone (one layer at a time while prefilling,
+    `layerwise.LayerwiseCompressor`), except those of policies that do not stream (they need every layer: an error
+    otherwise). A model-wide plan selects every layer at once; its `model_scores(policy, pf, b, tp, ℓ)` gives one
+    layer's (G/N, m) scores for `ShardedCascade` (the layer-wise path)."""
 
     select: Callable
     exchanges: str  # what the ranks exchange, in words (printed by the command line)
+    model_scores: Callable | None = None
 
     @property
     def local(self) -> bool:
         return self.exchanges == "nothing"
 
 
-def _slots(policy: Policy, pf: Prefill, b: Budget) -> torch.Tensor:
-    """(L, G) global slots of an allocation that reads only the budget and n (uniform, PyramidKV)."""
-    return torch.as_tensor(policy.allocate(pf, b)[0])
+def _slots(policy: Policy, pf: Prefill, b: Budget, layers) -> torch.Tensor:
+    """(L', G) global slots of `layers` of an allocation that reads only the budget and n (uniform, PyramidKV)."""
+    return torch.as_tensor(policy.allocate(pf, b)[0])[list(layers)]
 
 
-def _local(policy, pf, b, tp):
-    layers = range(b.layers)
-    mask, s = policy.keep_layers(pf, layers, policy.stacked_scores(pf, layers), tp.own(_slots(policy, pf, b)))
+def _whole(select: Callable) -> Callable:
+    """A plan that needs every layer at once (its policy does not stream): selecting fewer is an error."""
+    def whole(policy, pf, b, tp, layers):
+        if list(layers) != list(range(b.layers)):
+            raise ValueError(f"{policy.name} selects every layer at once (streams = False), not layers "
+                             f"{list(layers)}: allowed layer by layer are the streaming policies")
+        return select(policy, pf, b, tp, layers)
+
+    return whole
+
+
+def _local(policy, pf, b, tp, layers):
+    mask, s = policy.keep_layers(pf, layers, policy.stacked_scores(pf, layers), tp.own(_slots(policy, pf, b, layers)))
     return mask, s, None
 
 
-def _tova(policy, pf, b, tp):
+def _tova(policy, pf, b, tp, layers):
     g = tp.local_kv_heads
 
     def scores(li):  # the unsharded formula on every query head's last row, gathered in head order
         return tp.gather_heads(pf.attn(li)[:, -1]).mean(dim=0).expand(g, -1).contiguous()
 
-    S = pf.memo_layers(range(b.layers), ("sharded_tova", tp.world_size), scores)
-    mask, s = policy.keep_layers(None, range(b.layers), S, tp.own(_slots(policy, pf, b)))
+    S = pf.memo_layers(layers, ("sharded_tova", tp.world_size), scores)
+    mask, s = policy.keep_layers(None, layers, S, tp.own(_slots(policy, pf, b, layers)))
     return mask, s, None
 
 
-def _layer(policy, pf, b, tp):
-    S = policy.stacked_scores(pf, range(b.layers))
-    return layer_topk(S, _slots(policy, pf, b).sum(-1), tp), S, None
+def _layer(policy, pf, b, tp, layers):
+    S = policy.stacked_scores(pf, layers)
+    return layer_topk(S, _slots(policy, pf, b, layers).sum(-1), tp), S, None
 
 
-def _smoothevict(policy, pf, b, tp):
-    mask, S, _ = _layer(policy, pf, b, tp)
+def _smoothevict(policy, pf, b, tp, layers):
+    mask, S, _ = _layer(policy, pf, b, tp, layers)
     return mask, S, policy.merged_values(pf, with_window(mask, policy.kept_window))
 
 
@@ -165,14 +232,13 @@ def _adakv_mask(policy, S: torch.Tensor, slots: torch.Tensor, tp) -> torch.Tenso
     return keep | layer_topk(masked(S, keep), totals - tp.kv_heads * floors, tp)
 
 
-def _adakv(policy, pf, b, tp):
-    S = policy.stacked_scores(pf, range(b.layers))
-    return _adakv_mask(policy, S, _slots(policy, pf, b), tp), S, None
+def _adakv(policy, pf, b, tp, layers):
+    S = policy.stacked_scores(pf, layers)
+    return _adakv_mask(policy, S, _slots(policy, pf, b, layers), tp), S, None
 
 
-def _critical_adakv(policy, pf, b, tp):
-    layers = range(b.layers)
-    S, slots = policy.stacked_scores(pf, layers), _slots(policy, pf, b)
+def _critical_adakv(policy, pf, b, tp, layers):
+    S, slots = policy.stacked_scores(pf, layers), _slots(policy, pf, b, layers)
     heads = _adakv_mask(policy, S, slots, tp).sum(-1)  # (L, G/N): AdaKV's budgets of the rank's heads
     k1 = first_stage_counts(heads, policy.first_stage, policy.window, policy.shares)
     if policy.shares == "kept":
@@ -207,21 +273,24 @@ def _defensive_first_stage(policy, pf, tp, layers, S: torch.Tensor, caps) -> tor
     return torch.where(first, top, S)
 
 
-def _defensive(policy, pf, b, tp):
-    layers = range(b.layers)
+def _defensive(policy, pf, b, tp, layers):
     S = torch.stack([_defensive_scores(policy, pf, tp, li) for li in layers])
-    slots = _slots(policy, pf, b)
+    slots = _slots(policy, pf, b, layers)
     s = _defensive_first_stage(policy, pf, tp, layers, S, slots.amin(-1))
     return layer_topk(s, slots.sum(-1), tp), s, None
 
 
-def _model(scores: Callable[[int], torch.Tensor]):
-    """A model-wide plan: the rank's (L, G/N, m) scores from scores(ℓ), each head's floor, one distributed top-k."""
-    def select(policy, pf, b, tp):
-        s = torch.stack([scores(policy, pf, b, tp, li) for li in range(b.layers)])
+def _model(scores: Callable, exchanges: str) -> Plan:
+    """A model-wide plan: the rank's (L, G/N, m) scores from scores(policy, pf, b, tp, ℓ), each head's floor, one
+    distributed top-k over every layer (layer by layer: the same scores into a `ShardedCascade`)."""
+    def select(policy, pf, b, tp, layers):
+        if list(layers) != list(range(b.layers)):
+            raise ValueError(f"{policy.name} (model-wide) selects every layer at once; layer by layer it runs "
+                             "through ShardedCascade (LayerwiseCompressor(tp=...))")
+        s = torch.stack([scores(policy, pf, b, tp, li) for li in layers])
         return model_topk(floor_first(s, policy.model_floor(b)), policy.selectable(b), tp), s, None
 
-    return select
+    return Plan(select, exchanges, scores)
 
 
 def _flowkv_global_scores(policy, pf, b, tp, li):
@@ -244,7 +313,7 @@ def _layer_defensive_scores(policy, pf, b, tp, li):
     return _defensive_first_stage(policy, pf, tp, [li], S, [cap])[0]
 
 
-def _cake(policy, pf, b, tp):
+def _cake(policy, pf, b, tp, layers):
     m = pf.n - policy.window
 
     def prefs(li):
@@ -270,7 +339,7 @@ def _lava_sparsity(policy, pf, tp, li: int) -> float:
     return float(-ent / math.log(count))
 
 
-def _lava(policy, pf, b, tp):
+def _lava(policy, pf, b, tp, layers):
     layers = range(b.layers)
     m = pf.n - policy.window
     sig = [pf.memo(li, ("sharded_lava_sparsity", repr(policy), tp.world_size),
@@ -286,7 +355,7 @@ def _lava(policy, pf, b, tp):
 FULL = Plan(None, "nothing")  # keeps everything: no selection at all
 LOCAL = Plan(_local, "nothing")
 LAYER = Plan(_layer, "the layer's top-k candidates (value, index)")
-MODEL = Plan(_model(_flowkv_global_scores), "the model's top-k candidates; N3: the layers' score sums")
+MODEL = _model(_flowkv_global_scores, "the model's top-k candidates; N3: the layers' score sums")
 
 PLANS: dict[str, Plan] = {  # every registered policy, in registry order
     "fullkv": FULL,
@@ -301,10 +370,10 @@ PLANS: dict[str, Plan] = {  # every registered policy, in registry order
     "criticaladakv": Plan(_critical_adakv, "the layer's top-k candidates after the per-head safeguard"),
     "defensivekv": Plan(_defensive, "projected-value norm rows, stage-1 bias rows, layer maxima, the layer's "
                                     "top-k candidates"),
-    "layer_defensivekv": Plan(_model(_layer_defensive_scores), "projected-value norm rows, stage-1 bias rows, "
-                                                               "layer maxima, the model's top-k candidates"),
-    "lava": Plan(_lava, "the layers' score and entropy sums, the layer's top-k candidates, head counts"),
-    "cake": Plan(_cake, "the layers' preference sums (dispersion, shift)"),
+    "layer_defensivekv": _model(_layer_defensive_scores, "projected-value norm rows, stage-1 bias rows, layer "
+                                                         "maxima, the model's top-k candidates"),
+    "lava": Plan(_whole(_lava), "the layers' score and entropy sums, the layer's top-k candidates, head counts"),
+    "cake": Plan(_whole(_cake), "the layers' preference sums (dispersion, shift)"),
     "flowkv": LAYER,
     "flowkv_global": MODEL,
     "flowkv_pool7": LAYER,
@@ -316,7 +385,7 @@ PLANS: dict[str, Plan] = {  # every registered policy, in registry order
     "flowkv_global_n1": MODEL,
     "flowkv_global_n3": MODEL,
     "flowkv_global_floor4": MODEL,
-    "smoothevict": Plan(_smoothevict, "the layer's top-k candidates"),
+    "smoothevict": Plan(_whole(_smoothevict), "the layer's top-k candidates"),
 }
 
 
@@ -363,7 +432,7 @@ class ShardedPolicy:
         if self.plan is FULL or b.full:
             keep = torch.ones(s.layers, s.kv_heads, pf.n, dtype=torch.bool, device=dev)
             return PolicyResult(p.name, b, keep, info={"full": True, "rank": tp.rank, "world_size": tp.world_size})
-        mask, scores, values = self.plan.select(p, pf, b, tp)
+        mask, scores, values = self.plan.select(p, pf, b, tp, range(b.layers))
         w = p.kept_window
         keep = with_window(mask, w)
         got = int(gathered_sum(keep.sum().view(1), tp))
@@ -371,3 +440,22 @@ class ShardedPolicy:
             raise RuntimeError(f"{p.name} on {tp.world_size} ranks kept {got} entries, budget total is {b.total}")
         sc = None if scores is None else pad_scores(shown(scores), w)
         return PolicyResult(p.name, b, keep, sc, values, {"rank": tp.rank, "world_size": tp.world_size})
+
+    # -- layer by layer, while prefilling (`layerwise.LayerwiseCompressor(tp=...)`); collective, like __call__ ------
+    def layer_keep(self, pf: Prefill, li: int, b: Budget) -> torch.Tensor:
+        """(G/N, m) kept prefix of layer li of a layer-scope policy (window not appended), b the model's budget
+        (`Policy.budget_for` over all G KV heads); pf needs only layer li captured."""
+        if self.policy.scope == "model":
+            raise ValueError(f"{self.policy.name} is model-wide: layer by layer, add its model_scores to a cascade")
+        return self.plan.select(self.policy, pf, b, self.tp, [li])[0][0]
+
+    def model_scores(self, pf: Prefill, li: int, b: Budget) -> torch.Tensor:
+        """A model-wide policy's (G/N, m) scores of layer li on this rank (what the unsharded `model_scores` gives
+        for the rank's heads)."""
+        if self.plan.model_scores is None:
+            raise ValueError(f"{self.policy.name} is not model-wide (scope {self.policy.scope!r}): use layer_keep")
+        return self.plan.model_scores(self.policy, pf, b, self.tp, li)
+
+    def cascade(self, b: Budget) -> ShardedCascade:
+        """The rank's `ShardedCascade` of a model-wide policy at budget b."""
+        return ShardedCascade(self.policy.selectable(b), self.tp)

@@ -18,14 +18,19 @@ down_proj replaced by `RowParallelLinear`; so the project's own decoder path run
 `capture.prefill` captures the rank's heads (a `Prefill` of G/N KV heads whose `attn_out` and `resid` are the whole
 layer's, after the all_reduce), `sharded_policies.ShardedPolicy` selects their keep-set (together exactly the
 unsharded keep-set; how the ranks agree is said there), and `fastdecode.FastDecoder` (fuse=False, no CUDA graph)
-decodes over the rank's own ragged cache. Nothing of the cache ever leaves its rank.
+decodes over the rank's own ragged cache. Nothing of the cache ever leaves its rank. For long prompts
+`layerwise.LayerwiseCompressor(model, ids, policy, budget, tp=tp)` as `capture.prefill`'s `on_layer` hook compresses
+each layer's heads as soon as the layer is produced (the same keep-set; model-wide policies through
+`sharded_policies.ShardedCascade`), so a rank holds ≈ weights + its kept budget + one layer (the command's
+`--layerwise`; streaming policies only).
 
 - `TensorParallel`: rank r of N over a model of H heads and G KV heads (N must divide G), and the collectives.
 - `shard_model(model, tp)`: the rank's shard of a given model (same weights: tests compare it with the model).
 - `random_shard(shape, tp, ...)`: a rank's shard of a random-weight model of `bench.shapes.SHAPES`, built directly at
   the local size (benchmarks of shapes too large for one device).
-- `python -m flowkv_utils.tensor_parallel ...` (under `torchrun --nproc-per-node N`): prefill with a policy, timed
-  decode, one row per rank and a total (`main`).
+- `python -m flowkv_utils.tensor_parallel ...` (under `torchrun --nproc-per-node N`): prefill with a policy
+  (selection after it, or layer by layer inside it: `--layerwise`), timed decode, one row per rank and a total
+  (`main`).
 """
 
 from __future__ import annotations
@@ -255,6 +260,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--policy", default="flowkv", choices=list(REGISTRY))
     ap.add_argument("--window", type=int, default=None,
                     help="observation window (default 32, or half the smallest per-head budget when that is less)")
+    ap.add_argument("--layerwise", action="store_true",
+                    help="compress each layer as the prefill produces it (layerwise.LayerwiseCompressor(tp=...)): "
+                         "the rank never holds its whole dense cache; streaming policies only")
+    ap.add_argument("--chunk", type=int, default=None,
+                    help="prefill queries / MLP rows in chunks of this many tokens (long prompts; default all at once)")
     ap.add_argument("--steps", type=int, default=8, help="timed decode steps")
     ap.add_argument("--warmup", type=int, default=2, help="untimed decode steps first")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -271,18 +281,20 @@ def _sync(device: torch.device) -> None:
 
 
 def run(args: argparse.Namespace, tp: TensorParallel, device: torch.device) -> dict:
-    """One rank: prefill its shard, select with the sharded policy, decode `steps` greedy tokens; its row."""
+    """One rank: prefill its shard, select with the sharded policy (after the prefill, or layer by layer inside it:
+    --layerwise), decode `steps` greedy tokens; its row."""
     import torch.distributed as dist
 
     from .bench.shapes import prompt_ids
     from .budgets import resolve_budget
     from .capture import prefill
     from .fastdecode import FastDecoder, StaticRaggedCache
+    from .layerwise import LayerwiseCompressor
     from .policies import get_policy, prefill_options
     from .sharded_policies import ShardedPolicy
 
-    for name in ("context", "steps"):
-        if getattr(args, name) < 1:
+    for name in ("context", "steps", "chunk"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name} {getattr(args, name)}: must be ≥ 1")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     model = random_shard(args.shape, tp, dtype, device, args.context + args.warmup + args.steps, args.seed,
@@ -293,13 +305,22 @@ def run(args: argparse.Namespace, tp: TensorParallel, device: torch.device) -> d
     sharded = ShardedPolicy(get_policy(args.policy, window=window), tp)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    capacity = args.warmup + args.steps
     t0 = time.perf_counter()
-    pf = prefill(model, ids, window=window, **prefill_options([sharded.policy]))
-    result = sharded(pf, args.budget)
-    values = None if result.values is None else [result.values]
-    cache = StaticRaggedCache.from_keeps(pf, result.keep.unsqueeze(0), values, args.warmup + args.steps)
+    if args.layerwise:  # each layer's rank heads compressed as soon as it is produced: its dense K/V dropped
+        comp = LayerwiseCompressor(model, ids, args.policy, args.budget, window=window, tp=tp)
+        pf = prefill(model, ids, window=window, chunk=args.chunk, on_layer=comp, keep_kv=False,
+                     **comp.prefill_options)
+        cache = StaticRaggedCache.from_ragged([comp.cache(0)], capacity)
+        del comp
+    else:
+        pf = prefill(model, ids, window=window, chunk=args.chunk, **prefill_options([sharded.policy]))
+        result = sharded(pf, args.budget)
+        values = None if result.values is None else [result.values]
+        cache = StaticRaggedCache.from_keeps(pf, result.keep.unsqueeze(0), values, capacity)
+        del result, values
     first = pf.logits.argmax().view(1)
-    del pf, result, values  # only the rank's compressed cache stays
+    del pf  # only the rank's compressed cache stays
     _sync(device)
     prefill_s = time.perf_counter() - t0
     dec = FastDecoder(model, cache, impl="auto", fuse=False, compile=False)  # o_proj/MLP all_reduce: not fusable
@@ -330,8 +351,10 @@ def table(rows: list[dict], args: argparse.Namespace, backend: str) -> str:
     peak = lambda p: "-" if p is None else f"{p / mib:.1f}"
     ranks = f"{len(rows)} rank{'s' if len(rows) > 1 else ''}"
     lines = [f"tensor-parallel decode: {r0['model']}, {ranks} ({backend}), context {args.context}, "
-             f"budget {args.budget}, policy {args.policy} (window {r0['window']}; ranks exchange: {r0['exchanges']}), "
-             f"{args.steps} steps",
+             f"budget {args.budget}, policy {args.policy} (window {r0['window']}; ranks exchange: {r0['exchanges']}"
+             f"{', layer by layer' if args.layerwise else ''}), "
+             f"{'layer-wise' if args.layerwise else 'one-shot'} compression{f', chunk {args.chunk}' if args.chunk else ''}"
+             f", {args.steps} steps",
              f"{'':8}{'kv heads':>10}{'kept entries':>14}{'kept MiB':>10}{'ms/token':>10}{'prefill s':>11}"
              f"{'peak MiB':>10}"]
     for r in rows:

@@ -1,7 +1,10 @@
 """Tensor parallelism over KV heads (`tensor_parallel`, `sharded_policies`) on the CPU with gloo: for every registered
 policy the ranks' keep-sets, concatenated over heads, equal the unsharded keep-set exactly (a fraction and a token
 budget); sharded decode logits equal the unsharded ones; N not dividing the KV heads is a clear error; the exact
-distributed top-k's merge equals one top-k (ties to the earlier index); and the command runs under torchrun.
+distributed top-k's merge equals one top-k (ties to the earlier index); compressing layer by layer while prefilling
+the shard (`LayerwiseCompressor(tp=...)`) keeps exactly the unsharded compressor's keep-set for every streaming policy
+(model-wide ones through `ShardedCascade`, also on tied scores) and decodes the same logits; and the command runs
+under torchrun (one-shot and --layerwise).
 
 The 2- and 4-process checks run in one `torch.multiprocessing.spawn` per world size (every check inside it), on a
 random-weight Llama of 2 layers, 8 heads, 4 KV heads, head_dim 8."""
@@ -23,10 +26,11 @@ from hypothesis import strategies as st
 from flowkv_utils import sharded_policies as sp
 from flowkv_utils.capture import prefill
 from flowkv_utils.fastdecode import FastDecoder, StaticRaggedCache
+from flowkv_utils.layerwise import LayerwiseCompressor, streaming_policies
 from flowkv_utils.models import random_model
 from flowkv_utils.policies import KVPRESS, REGISTRY, FlowKV, get_policy
 from flowkv_utils.results import REPO
-from flowkv_utils.selection import rank_desc
+from flowkv_utils.selection import GlobalCascade, rank_desc
 from flowkv_utils.tensor_parallel import TensorParallel, random_shard, shard_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -107,7 +111,65 @@ def test_one_process_is_the_unsharded_policy():
         assert torch.equal(ref.keep, got.keep), name
 
 
+def test_layerwise_under_tensor_parallelism_refuses_what_it_cannot_do():
+    """A compressor of rank 1 of 2 needs the rank's shard, and no keep_scores (no re-selection across ranks); a
+    policy that does not stream has no layer-by-layer plan."""
+    model, ids = _tiny()
+    tp = TensorParallel.for_model(model, 1, 2)
+    with pytest.raises(ValueError, match="the model has 4 KV heads, rank 1 of 2 holds 2: pass the rank's shard"):
+        LayerwiseCompressor(model, ids, "flowkv", 0.33, window=WINDOW, tp=tp)
+    local = shard_model(model, tp)
+    with pytest.raises(ValueError, match="keep_scores=True under tensor parallelism"):
+        LayerwiseCompressor(local, ids, "flowkv", 0.33, window=WINDOW, keep_scores=True, tp=tp)
+    with pytest.raises(ValueError, match="policy 'cake' cannot compress layer by layer: allowed are"):
+        LayerwiseCompressor(local, ids, "cake", 0.33, window=WINDOW, tp=tp)
+    one = TensorParallel.for_model(model)
+    pf = prefill(model, ids, window=WINDOW)
+    cake = get_policy("cake", window=WINDOW)
+    b = cake.budget_for(pf.n, 2, 4, 0.33)
+    with pytest.raises(ValueError, match=r"cake selects every layer at once \(streams = False\)"):
+        sp.PLANS["cake"].select(cake, pf, b, one, [0])
+
+
 # --------------------------------------------------------------------------- 2 and 4 processes (gloo, spawn)
+
+
+def _layerwise_checks(model, local, ids, tp, gathered) -> tuple[dict, list]:
+    """Compression layer by layer while prefilling the shard (`LayerwiseCompressor(tp=...)`, chunked prefill) for every
+    streaming policy: {policy: entries differing from the unsharded compressor's keep-set (whose equality with the
+    one-shot selection test_layerwise checks)}, also the counts of policies computed alongside; and the decode
+    logits' differences after four of them."""
+    wrong, steps = {}, []
+    for k in (5, 37, 500):  # the cascade itself, on scores of few values (ties go to the earlier (layer, head, token))
+        full = torch.randint(0, 4, (3, tp.kv_heads, 20), generator=torch.Generator().manual_seed(k)).float()
+        one, mine = GlobalCascade(k), sp.ShardedCascade(k, tp)
+        for li, s in enumerate(full):
+            one.add(li, s)
+            mine.add(li, s[tp.kv_start: tp.kv_start + tp.local_kv_heads])
+        got = torch.stack([mine.keep_mask(li) for li in range(3)])
+        wrong[f"cascade k={k}"] = int((gathered(got) != torch.stack([one.keep_mask(li) for li in range(3)])).sum())
+    for name in streaming_policies():
+        also = ("flowkv", "flowkv_global") if name == "snapkv" else ()
+        ref = LayerwiseCompressor(model, ids, name, BUDGETS[0], window=WINDOW, also=also)
+        ref_pf = prefill(model, ids, window=WINDOW, chunk=32, on_layer=ref, keep_kv=False, **ref.prefill_options)
+        got = LayerwiseCompressor(local, ids, name, BUDGETS[0], window=WINDOW, also=also, tp=tp)
+        prefill(local, ids, window=WINDOW, chunk=32, on_layer=got, keep_kv=False, **got.prefill_options)
+        ref.finish_counts()
+        got.finish_counts()
+        wrong[name] = int((gathered(got.keep_mask()) != ref.keep_mask()).sum())
+        for other in also:
+            wrong[f"{name}+{other}"] = int((gathered(got.counts[other]) != ref.counts[other]).sum())
+        if name in ("snapkv", "adakv", "flowkv", "flowkv_global"):
+            dec_ref = FastDecoder(model, StaticRaggedCache.from_ragged([ref.cache(STEPS)], STEPS), impl="torch",
+                                  fuse=False, compile=False)
+            dec = FastDecoder(local, StaticRaggedCache.from_ragged([got.cache(STEPS)], STEPS), impl="torch",
+                              fuse=False, compile=False)
+            tok = ref_pf.logits.argmax().view(1)
+            for _ in range(STEPS):
+                a, b = dec_ref.step(tok), dec.step(tok)
+                steps.append(float((a - b).abs().max()))
+                tok = a.argmax(-1)
+    return wrong, steps
 
 
 def _worker(rank: int, world: int, out: str) -> None:
@@ -156,6 +218,7 @@ def _worker(rank: int, world: int, out: str) -> None:
             steps.append(float((a - b).abs().max()))
             tok = a.argmax(-1)
     found["decode_logits"] = steps
+    found["layerwise"], found["layerwise_decode"] = _layerwise_checks(model, local, ids, tp, gathered)
     found["kept_bytes"] = StaticRaggedCache.from_keeps(lpf, kept["flowkv", BUDGETS[0]][1].keep[None], None,
                                                        1).kept_bytes()
     Path(out, f"rank{rank}.json").write_text(json.dumps(found))
@@ -174,6 +237,10 @@ def test_sharded_keep_sets_and_decode_equal_the_unsharded_model(world, tmp_path)
         assert not wrong, f"rank {r}/{world}: entries differing from the unsharded keep-set: {wrong}"
         assert found["values"] and max(found["values"].values()) < 1e-5, found["values"]  # SmoothEvict's merge
         assert max(found["decode_logits"]) < 1e-4, found["decode_logits"]
+        lw = found["layerwise"]
+        assert set(lw) >= {"snapkv", "adakv", "flowkv", "flowkv_global", "snapkv+flowkv_global", "cascade k=37"}, lw
+        assert not any(lw.values()), f"rank {r}/{world}: layer-wise keep-sets differing: {lw}"
+        assert len(found["layerwise_decode"]) == 4 * STEPS and max(found["layerwise_decode"]) < 1e-4
     assert ranks[0]["keep"] == ranks[-1]["keep"]
     entries = round(N_TOKENS * BUDGETS[0] * TINY["layers"] * TINY["kv_heads"])  # the budget's model total
     kept = [found["kept_bytes"] for found in ranks]
@@ -184,14 +251,16 @@ def test_sharded_keep_sets_and_decode_equal_the_unsharded_model(world, tmp_path)
 # ------------------------------------------------------------------------------------------ the command line
 
 
-def test_command_under_torchrun_two_processes():
+@pytest.mark.parametrize("extra", [("--policy", "flowkv"), ("--policy", "flowkv_global", "--layerwise", "--chunk", "48")])
+def test_command_under_torchrun_two_processes(extra):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           "-m", "flowkv_utils.tensor_parallel", "--shape", "tiny", "--context", "128", "--budget",
-                          "0.25", "--policy", "flowkv", "--steps", "3", "--device", "cpu"],
+                          "0.25", *extra, "--steps", "3", "--device", "cpu"],
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.strip().split("\n")
+    assert ("layer-wise compression, chunk 48" in lines[0]) == ("--layerwise" in extra), lines[0]
     assert any(line.startswith("rank 0 ") for line in lines) and any(line.startswith("rank 1 ") for line in lines)
     total = [line for line in lines if line.startswith("total")]
     assert len(total) == 1 and "2 ranks" in total[0], run.stdout
