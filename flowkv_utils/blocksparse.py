@@ -25,6 +25,10 @@ Shapes: q (H, d) one decode query per query head, k/v (G, n, d) one sequence's c
   (`kernels.split_kv_torch` / `split_kv_triton`) then reads only those pages of the resident packed cache.
 - `update_page_tables(tables, items, d)`: the Triton kernel's tables, built once by `kernels.triton_tables` from a
   first step's page items, rewritten in place on the device for each later step (what a captured graph replays).
+- `PageAttend(budget, page)`: `generate.decode(..., attend=PageAttend(0.05))` — the method itself over a resident
+  full cache (`cache.RaggedCache.from_prefill(pf)`, nothing evicted): every decode step and layer, each KV head reads
+  ⌈B/page⌉ pages of its prompt (B: the budget's tokens per head) plus every decoded token, through the split-KV
+  kernel. So block-sparse answers can be scored like an eviction policy's at the same bytes read per step.
 - `blocksparse_attention(q, k, v, k_pages, page, scaling)`: the decode output (H, d) from the kept pages only
   (gathered: what a step reads), and the kept page indices. A torch reference of the semantics; the H200 kernel and
   its timings are issue 14's.
@@ -33,10 +37,20 @@ Shapes: q (H, d) one decode query per query head, k/v (G, n, d) one sequence's c
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 
-from .kernels import TritonTables, WorkItems
+from .budgets import parse_budget
+from .kernels import (
+    TritonTables,
+    WorkItems,
+    make_workspace,
+    split_kv_torch,
+    split_kv_triton,
+    triton_tables,
+    use_triton,
+)
 
 
 def _check_page(page: int) -> None:
@@ -164,3 +178,60 @@ def update_page_tables(tables: TritonTables, items: WorkItems, d: int) -> Triton
     tables.tab[2, pos] = start * d
     tables.tab[3, pos] = items.end.to(tables.tab.device, torch.long) - start
     return tables
+
+
+@dataclass
+class PageAttend:
+    """`generate.decode(model, cache, ids, attend=PageAttend(budget=0.05, page=16))`: Quest-style block-sparse
+    attention for one new token (T = 1) over a cache whose prompt part is whole (every KV head holds all n prompt
+    tokens: `RaggedCache.from_prefill(pf)` with no policy). Per layer and step: the page bounds of the prompt (computed
+    once per layer), the ⌈B/page⌉ pages of largest bound per KV head (B = the budget's tokens per head, a token count
+    or a fraction of the prompt as everywhere; the prompt's last page always), and the decoded tokens of the tail,
+    all of them (the newest page); the split-KV kernel reads only those. T > 1 (teacher forcing) falls back to the
+    reference `cache.attend` over the whole cache. Use one instance per cache."""
+
+    budget: int | float = 0.05
+    page: int = 16
+    impl: str = "auto"
+    _cache: object = field(default=None, repr=False)
+    _bounds: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        b = parse_budget(self.budget)
+        if not isinstance(b, (int, float)) or isinstance(b, bool):
+            raise ValueError(f"budget={self.budget!r}: block-sparse attention reads a part of the cache: give tokens "
+                             "per KV head (int) or a fraction of the prompt (float); 'full' is plain attention")
+        _check_page(self.page)
+
+    def k_pages(self, n: int) -> int:
+        """Pages read per KV head for a prompt of n tokens: ⌈B/page⌉, at least 1, at most every page."""
+        b = parse_budget(self.budget)
+        tokens = b if isinstance(b, int) else b * n
+        return max(1, min(n_pages(n, self.page), math.ceil(tokens / self.page)))
+
+    def __call__(self, cache, layer: int, q: torch.Tensor, T: int, scaling: float) -> torch.Tensor:
+        if T != 1:
+            return cache.attend(layer, q, T, scaling)
+        if self._cache is not cache:
+            self._cache, self._bounds = cache, {}
+        lay = cache.layers[layer]
+        lengths = lay.lengths
+        G, (H, _, d) = lengths.numel(), q.shape
+        n = int(lengths[0])
+        if layer not in self._bounds:
+            prompt = cache.next_pos - cache.used  # the prompt's tokens (positions 0 … prompt − 1)
+            if not bool((lengths == prompt).all()) or prompt == 0:
+                raise ValueError(f"layer {layer}: KV heads hold {sorted(set(lengths.tolist()))} of the prompt's "
+                                 f"{prompt} tokens; block-sparse attention runs over the whole resident prompt (a "
+                                 "cache built with no policy: RaggedCache.from_prefill(pf))")
+            self._bounds[layer] = page_bounds(lay.k.view(G, n, d), self.page)
+        pages = select_pages(page_scores(q.reshape(H, d), *self._bounds[layer]), self.k_pages(n))
+        items = page_work_items(lay.offsets, pages, self.page, check=False)
+        qg = q.reshape(G, H // G, d).contiguous()
+        if not use_triton(self.impl, q):
+            return split_kv_torch(qg, lay.k, lay.v, items, lay.tail_k, lay.tail_v, cache.used + 1,
+                                  scaling).reshape(H, 1, d)
+        tables = triton_tables(items, lay.k, lay.v, lay.tail_k, lay.tail_v)  # eager path: rebuilt every step
+        ws = make_workspace(items, G, H // G, d, q.dtype, q.device)
+        nt = torch.full((1,), cache.used + 1, dtype=torch.long, device=q.device)
+        return split_kv_triton(qg, tables, nt, scaling, ws).reshape(H, 1, d).clone()

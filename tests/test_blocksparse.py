@@ -107,3 +107,68 @@ def test_bad_input_is_named():
         bs.page_work_items(torch.tensor([0, 10, 20]), torch.tensor([[0, 3], [1, 2]]), 4)
     with pytest.raises(ValueError, match="expected the same shape"):
         bs.blocksparse_attention(q, k, v[:, :-1], 2, 4, 1.0)
+
+
+# ------------------------------------------------------------------- the method in decode: PageAttend over a cache
+@pytest.fixture(scope="module")
+def tiny():
+    from flowkv_utils import capture, models, policies
+
+    m = models.random_model("llama", layers=2, heads=8, kv_heads=2, head_dim=16, hidden=64, vocab=100)
+    ids = torch.randint(0, 100, (1, 90), generator=torch.Generator().manual_seed(0))
+    pf = capture.prefill(m, ids, window=8)
+    return m, pf, policies.get_policy("snapkv", window=8)(pf, 24)
+
+
+def _rel(a, b) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_page_attend_reading_every_page_is_the_full_cache_decode(tiny):
+    from flowkv_utils import generate
+    from flowkv_utils.cache import RaggedCache
+
+    m, pf, _ = tiny
+    c_ref, c_bs = RaggedCache.from_prefill(pf, capacity=8), RaggedCache.from_prefill(pf, capacity=8)
+    attend = bs.PageAttend(budget=1.0, page=16)
+    assert attend.k_pages(90) == 6
+    for t in (5, 17, 42):
+        a = generate.decode(m, c_ref, torch.tensor([[t]]))[-1]
+        b = generate.decode(m, c_bs, torch.tensor([[t]]), attend=attend)[-1]
+        assert _rel(b, a) < 1e-5
+
+
+def test_page_attend_reads_the_top_pages_and_every_decoded_token(tiny):
+    """One layer's call equals dense attention over the kept pages' tokens and the tail's decoded tokens."""
+    from flowkv_utils.cache import RaggedCache
+
+    _, pf, _ = tiny
+    cache = RaggedCache.from_prefill(pf, capacity=8)
+    lay = cache.layers[0]
+    G, n, d = 2, 90, 16
+    g = torch.Generator().manual_seed(1)
+    lay.tail_k[:, :3], lay.tail_v[:, :3] = torch.randn(G, 3, d, generator=g), torch.randn(G, 3, d, generator=g)
+    cache.used, cache.next_pos = 2, 92  # two decoded tokens before this one: the call sees 3 tail tokens
+    q = torch.randn(8, 1, d, generator=g)
+    attend = bs.PageAttend(budget=20, page=8)  # ⌈20 / 8⌉ = 3 pages of 8 tokens per KV head
+    out = attend(cache, 0, q, 1, 0.25)
+    k, v = lay.k.view(G, n, d), lay.v.view(G, n, d)
+    pages = bs.select_pages(bs.page_scores(q.view(8, d), *bs.page_bounds(k, 8)), 3)
+    mask = torch.cat([bs.page_mask(pages, n, 8), torch.ones(G, 3, dtype=torch.bool)], 1)
+    ref = _dense(q.view(8, d), torch.cat([k, lay.tail_k[:, :3]], 1), torch.cat([v, lay.tail_v[:, :3]], 1), 0.25, mask)
+    assert (pages[:, -1] == 11).all()  # the prompt's last page (2 tokens of 90 = 11·8 + 2) is always read
+    assert int(bs.page_mask(pages, n, 8).sum()) == G * (2 * 8 + 2)
+    torch.testing.assert_close(out.view(8, d), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_page_attend_refuses_what_it_cannot_do(tiny):
+    from flowkv_utils.cache import RaggedCache
+
+    m, pf, res = tiny
+    with pytest.raises(ValueError, match="'full' is plain attention"):
+        bs.PageAttend(budget="full")
+    with pytest.raises(ValueError, match="page=0"):
+        bs.PageAttend(budget=0.1, page=0)
+    compressed = RaggedCache.from_prefill(pf, res, capacity=8)  # SnapKV kept 24 of 90 per head
+    with pytest.raises(ValueError, match="whole resident prompt"):
+        bs.PageAttend(budget=0.1)(compressed, 0, torch.randn(8, 1, 16), 1, 0.25)
