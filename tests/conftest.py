@@ -1,7 +1,9 @@
 """Shared fixtures: the embedded model (loaded once per session) and one real-prompt prefill on it.
 
 `embedded` → (model, tok) from `load_model()` in float32; `small_prefill` → `prefill()` of PROMPT (a real
-English paragraph of ~300 tokens with a question at the end, chat template applied) with window 32.
+English paragraph of ~300 tokens with a question at the end, chat template applied) with window 32. `tiny` →
+(random-weight model of 3 layers, 8 heads, 2 KV heads, d 16; its prefill of 90 random tokens, window 8; FlowKV's
+ragged keep-set at 24 tokens per head) for decode-path tests.
 """
 
 from __future__ import annotations
@@ -54,3 +56,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from flowkv_utils import capture, models, policies
+
+    m = models.random_model("llama", layers=3, heads=8, kv_heads=2, head_dim=16, hidden=64, vocab=100)
+    ids = torch.randint(0, 100, (1, 90), generator=torch.Generator().manual_seed(0))
+    pf = capture.prefill(m, ids, window=8)
+    return m, pf, policies.get_policy("flowkv", window=8)(pf, 24)

@@ -110,16 +110,6 @@ def test_bad_input_is_named():
 
 
 # ------------------------------------------------------------------- the method in decode: PageAttend over a cache
-@pytest.fixture(scope="module")
-def tiny():
-    from flowkv_utils import capture, models, policies
-
-    m = models.random_model("llama", layers=2, heads=8, kv_heads=2, head_dim=16, hidden=64, vocab=100)
-    ids = torch.randint(0, 100, (1, 90), generator=torch.Generator().manual_seed(0))
-    pf = capture.prefill(m, ids, window=8)
-    return m, pf, policies.get_policy("snapkv", window=8)(pf, 24)
-
-
 def _rel(a, b) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
@@ -169,6 +159,6 @@ def test_page_attend_refuses_what_it_cannot_do(tiny):
         bs.PageAttend(budget="full")
     with pytest.raises(ValueError, match="page=0"):
         bs.PageAttend(budget=0.1, page=0)
-    compressed = RaggedCache.from_prefill(pf, res, capacity=8)  # SnapKV kept 24 of 90 per head
+    compressed = RaggedCache.from_prefill(pf, res, capacity=8)  # FlowKV kept 24 of 90 per head on average
     with pytest.raises(ValueError, match="whole resident prompt"):
         bs.PageAttend(budget=0.1)(compressed, 0, torch.randn(8, 1, 16), 1, 0.25)

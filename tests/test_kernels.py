@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flowkv_utils import capture, fastdecode, generate, kernels, models, policies
+from flowkv_utils import capture, fastdecode, generate, kernels, policies
 from flowkv_utils.cache import RaggedCache, RaggedLayer
 
 
@@ -159,14 +159,6 @@ def test_flowkv_score_kernel_on_gpu():  # pragma: no cover - CPU CI
     from flowkv_utils import bench
     rec = bench.recorder(None, "pytest", echo=False)
     assert bench.score_checks(rec, "cuda")
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    m = models.random_model("llama", layers=3, heads=8, kv_heads=2, head_dim=16, hidden=64, vocab=100)
-    ids = torch.randint(0, 100, (1, 90), generator=torch.Generator().manual_seed(0))
-    pf = capture.prefill(m, ids, window=8)
-    return m, pf, policies.get_policy("flowkv", window=8)(pf, 24)
 
 
 def test_ragged_attend_plugs_into_generate_decode(tiny):
