@@ -103,6 +103,9 @@ def test_best_baseline_is_the_highest_mean_over_finite_budgets():
     assert analysis.best_baseline(df, baselines=["adakv"]) == "adakv"
     with pytest.raises(ValueError, match="no rows of a baseline"):
         analysis.best_baseline(df, baselines=["h2o"])
+    tie = _table({("t", "fullkv", "full"): [1], ("t", "snapkv", "0.1"): [1], ("t", "adakv", "0.1"): [1]})
+    assert analysis.best_baseline(tie, ["snapkv", "adakv"]) == "snapkv"  # a tie: the earlier in `baselines`
+    assert analysis.best_baseline(tie, ["adakv", "snapkv"]) == "adakv"
 
 
 def test_kv_layout_from_fullkv_rows():
