@@ -275,17 +275,13 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run(args: argparse.Namespace, tp: TensorParallel, device: torch.device) -> dict:
     """One rank: prefill its shard, select with the sharded policy (after the prefill, or layer by layer inside it:
     --layerwise), decode `steps` greedy tokens; its row."""
     import torch.distributed as dist
 
     from .bench.shapes import prompt_ids
+    from .bench.timing import peak, reset_peak, sync
     from .budgets import resolve_budget
     from .capture import prefill
     from .fastdecode import FastDecoder, StaticRaggedCache
@@ -303,8 +299,7 @@ def run(args: argparse.Namespace, tp: TensorParallel, device: torch.device) -> d
     b = resolve_budget(args.budget, args.context, model.config.num_hidden_layers, tp.kv_heads)
     window = args.window or min(32, max(1, int(b.per_slot().min()) // 2))
     sharded = ShardedPolicy(get_policy(args.policy, window=window), tp)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak(device)
     capacity = args.warmup + args.steps
     t0 = time.perf_counter()
     if args.layerwise:  # each layer's rank heads compressed as soon as it is produced: its dense K/V dropped
@@ -321,25 +316,25 @@ def run(args: argparse.Namespace, tp: TensorParallel, device: torch.device) -> d
         del result, values
     first = pf.logits.argmax().view(1)
     del pf  # only the rank's compressed cache stays
-    _sync(device)
+    sync(device)
     prefill_s = time.perf_counter() - t0
     dec = FastDecoder(model, cache, impl="auto", fuse=False, compile=False)  # o_proj/MLP all_reduce: not fusable
     tok = first
     for _ in range(args.warmup):
         tok = dec.step(tok).argmax(-1)
     cache.rewind()
-    _sync(device)
+    sync(device)
     if tp.world_size > 1:
         dist.barrier()
     t0 = time.perf_counter()
     tok = first
     for _ in range(args.steps):
         tok = dec.step(tok).argmax(-1)
-    _sync(device)
+    sync(device)
     ms = (time.perf_counter() - t0) / args.steps * 1e3
     return dict(rank=tp.rank, heads=f"{tp.kv_start}-{tp.kv_start + tp.local_kv_heads - 1}",
                 entries=sum(int(lay.offsets[-1]) for lay in cache.layers), kept_bytes=cache.kept_bytes(), ms=ms,
-                prefill_s=prefill_s, peak=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+                prefill_s=prefill_s, peak=peak(device)[0],
                 window=window, exchanges=sharded.plan.exchanges, model=model.config._name_or_path)
 
 
