@@ -197,7 +197,7 @@ class PageAttend:
     _bounds: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        b = parse_budget(self.budget)
+        b = self.budget = parse_budget(self.budget)  # canonical: int tokens per KV head or a float fraction
         if not isinstance(b, (int, float)) or isinstance(b, bool):
             raise ValueError(f"budget={self.budget!r}: block-sparse attention reads a part of the cache: give tokens "
                              "per KV head (int) or a fraction of the prompt (float); 'full' is plain attention")
@@ -205,8 +205,7 @@ class PageAttend:
 
     def k_pages(self, n: int) -> int:
         """Pages read per KV head for a prompt of n tokens: ⌈B/page⌉, at least 1, at most every page."""
-        b = parse_budget(self.budget)
-        tokens = b if isinstance(b, int) else b * n
+        tokens = self.budget if isinstance(self.budget, int) else self.budget * n
         return max(1, min(n_pages(n, self.page), math.ceil(tokens / self.page)))
 
     def __call__(self, cache, layer: int, q: torch.Tensor, T: int, scaling: float) -> torch.Tensor:

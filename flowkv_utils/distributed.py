@@ -107,8 +107,8 @@ def device_for(device: str | torch.device, shard: Shard) -> torch.device:
 def process_group(shard: Shard, device: torch.device,
                   timeout_s: float = BARRIER_TIMEOUT_S) -> Iterator[None]:
     """The torch.distributed process group of a sharded run (nccl on CUDA, gloo on the CPU): a sweep's barriers, or
-    the collectives of a tensor-parallel run; a single process sets nothing up. torchrun provides the rendezvous (MASTER_ADDR, MASTER_PORT). timeout_s: how
-    long a barrier waits for the slowest rank."""
+    the collectives of a tensor-parallel run; a single process sets nothing up. torchrun provides the rendezvous
+    (MASTER_ADDR, MASTER_PORT). timeout_s: how long a barrier waits for the slowest rank."""
     if shard.world_size == 1:
         yield
         return
