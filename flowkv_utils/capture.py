@@ -134,21 +134,48 @@ def rotary(model, h: torch.Tensor, positions: torch.Tensor):
     return model.model.rotary_emb(h, positions)
 
 
-def run_layer(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend, chunk: int | None = None):
+def run_layer(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend, chunk: int | None = None,
+              out_rows: int | None = None):
     """One decoder layer: h + attn(norm(h)), then + mlp(norm(·)). `attend(q, k, v) → (B, H, T, d)` is where
-    prefill (causal SDPA) and decode (cache) differ. Returns (h_out, q, k, v, o) with o the attention output."""
+    prefill (causal SDPA) and decode (cache) differ. Returns (h_out, q, k, v, o) with o the attention output of the
+    last `out_rows` rows (None: every row).
+
+    chunk: norms, projections, o_proj and MLP run on `chunk` rows at a time, writing q/k/v into preallocated
+    tensors and the residual updates into h in place (h is then h_out; callers that need the layer's input keep a
+    copy of the rows they need), so a long prompt's working set is h, q, k, v and the attention output, never
+    several full-width temporaries (a Llama-3-70B layer at 500K tokens: ≈ 27 GB instead of ≈ 60)."""
     attn = layer.self_attn
     B, T, _ = h.shape
-    q, k, v = project_qkv(attn, layer.input_layernorm(h), cos, sin)
-    ctx = attend(q, k, v).transpose(1, 2).reshape(B, T, -1)
-    step = chunk or T
-    o = torch.empty_like(h)
-    for s in range(0, T, step):
-        o[:, s:s + step] = attn.o_proj(ctx[:, s:s + step])
+    if chunk is None or chunk >= T:
+        q, k, v = project_qkv(attn, layer.input_layernorm(h), cos, sin)
+        ctx = attend(q, k, v).transpose(1, 2).reshape(B, T, -1)
+        o = attn.o_proj(ctx)
+        del ctx
+        h = h + o
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return h, q, k, v, (o if out_rows is None else o[:, -out_rows:])
+    q = k = v = None
+    for s in range(0, T, chunk):
+        qc, kc, vc = project_qkv(attn, layer.input_layernorm(h[:, s:s + chunk]), cos[:, s:s + chunk],
+                                 sin[:, s:s + chunk])
+        if q is None:
+            q = qc.new_empty(B, qc.shape[1], T, qc.shape[-1])
+            k, v = kc.new_empty(B, kc.shape[1], T, kc.shape[-1]), vc.new_empty(B, vc.shape[1], T, vc.shape[-1])
+        q[:, :, s:s + chunk], k[:, :, s:s + chunk], v[:, :, s:s + chunk] = qc, kc, vc
+        del qc, kc, vc
+    ctx = attend(q, k, v)  # (B, H, T, d)
+    first = 0 if out_rows is None else max(0, T - out_rows)
+    o = h.new_empty(B, T - first, h.shape[-1])
+    for s in range(0, T, chunk):
+        e = min(T, s + chunk)
+        oc = attn.o_proj(ctx[:, :, s:e].transpose(1, 2).reshape(B, e - s, -1))
+        if e > first:
+            o[:, max(s, first) - first:e - first] = oc[:, max(s, first) - s:]
+        hc = h[:, s:e]
+        hc += oc
+        hc += layer.mlp(layer.post_attention_layernorm(hc))
+        del oc
     del ctx
-    h = h + o
-    for s in range(0, T, step):
-        h[:, s:s + step] = h[:, s:s + step] + layer.mlp(layer.post_attention_layernorm(h[:, s:s + step]))
     return h, q, k, v, o
 
 
@@ -204,8 +231,8 @@ def prefill(model, input_ids: torch.Tensor, window: int = 32, chunk: int | None 
     for li, layer in enumerate(inner.layers):
         resid_win = h[0, -window:].clone()
         attend = lambda q, k, v, a=layer.self_attn: causal_attention(q, k, v, scaling_of(a), chunk=chunk)
-        h, q, k, v, o = run_layer(layer, h, cos, sin, attend, chunk)
-        cap = LayerCapture(q=q[0, :, -window:].clone(), k=k[0], v=v[0], attn_out=o[0, -window:].clone(),
+        h, q, k, v, o = run_layer(layer, h, cos, sin, attend, chunk, out_rows=window)
+        cap = LayerCapture(q=q[0, :, -window:].clone(), k=k[0], v=v[0], attn_out=o[0].clone(),
                            resid=resid_win, scaling=scaling_of(layer.self_attn), queries=q[0] if all_queries else None)
         del q, o
         if on_layer is not None:
