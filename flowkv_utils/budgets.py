@@ -77,6 +77,11 @@ class Budget:
         """Uniform split over (layer, KV head) slots (L, G); entries differ by at most one token."""
         return split_evenly(self.total, self.layers * self.kv_heads).view(self.layers, self.kv_heads)
 
+    def default_window(self, longest: int = 32) -> int:
+        """The benchmarks' observation window: `longest` tokens, or half the smallest per-slot budget when that is
+        less (the window is part of every head's budget)."""
+        return min(longest, max(1, int(self.per_slot().min()) // 2))
+
 
 def resolve_budget(budget: int | float | str, n: int, layers: int, kv_heads: int) -> Budget:
     """Turn a user budget (tokens per KV head, a fraction of the prompt, or "full") into an exact model total."""

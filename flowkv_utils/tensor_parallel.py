@@ -297,7 +297,7 @@ def run(args: argparse.Namespace, tp: TensorParallel, device: torch.device) -> d
                          args.layers)
     ids = prompt_ids(args.context, model.config.vocab_size, seed=args.seed)
     b = resolve_budget(args.budget, args.context, model.config.num_hidden_layers, tp.kv_heads)
-    window = args.window or min(32, max(1, int(b.per_slot().min()) // 2))
+    window = args.window or b.default_window()
     sharded = ShardedPolicy(get_policy(args.policy, window=window), tp)
     reset_peak(device)
     capacity = args.warmup + args.steps

@@ -18,12 +18,13 @@ from .checks import score_checks
 from .cpu import context_sweep, load_times, notebook_times, policies_overhead
 from .evaluation import BUDGETS, eval_rate
 from .gpu import TUNE, gpu_sweep
+from .scale import scale_sweep
 from .scoring import scoring_parts, scoring_prefills
-from .shapes import SHAPES
+from .shapes import SHAPES, WEIGHT_FORMATS
 from .tables import recorder
 from .timing import copy_bandwidth
 
-COMMANDS = ("load", "notebooks", "policies", "decode", "gpu", "scoring", "eval", "all")
+COMMANDS = ("load", "notebooks", "policies", "decode", "gpu", "scoring", "eval", "scale", "all")
 CPU_COMMANDS = ["load", "policies", "decode", "notebooks"]  # what `all` runs
 
 
@@ -72,6 +73,24 @@ def parser() -> argparse.ArgumentParser:
                            help="policies to time (default: every study policy)")
             p.add_argument("--question", choices=("aware", "agnostic"), default="aware",
                            help="compress the question with the context (aware) or the context before it")
+        if name == "scale":
+            p.add_argument("--shape", default="llama3-70b", choices=sorted(SHAPES))
+            p.add_argument("--weights", nargs="+", default=["fp8", "bf16"], choices=list(WEIGHT_FORMATS),
+                           help="one model per format in turn: fp8 = the layers' projections in FP8 e4m3")
+            p.add_argument("--contexts", type=int, nargs="+", default=[131072, 262144, 524288])
+            p.add_argument("--budgets", type=float, nargs="+", default=[0.01, 0.05, 0.1])
+            p.add_argument("--policy", default="flowkv", choices=list(REGISTRY))
+            p.add_argument("--batch-budget", type=float, default=0.05,
+                           help="budget of the largest-batch search and of the prefill rows")
+            p.add_argument("--prefill-contexts", type=int, nargs="*", default=[131072, 524288])
+            p.add_argument("--prefill-layers", type=int, default=2,
+                           help="layers the prefill runs (all weights resident), extrapolated to the model")
+            p.add_argument("--chunk", type=int, default=8192, help="prefill rows per chunk")
+            p.add_argument("--steps", type=int, default=10)
+            p.add_argument("--frontier-start", type=int, default=8192)
+            p.add_argument("--frontier-resolution", type=int, default=4096)
+            p.add_argument("--max-batch", type=int, default=1024)
+            p.add_argument("--device", default="cuda", help="cuda, or cpu (a dry run on --shape tiny)")
         if name == "gpu":
             p.add_argument("--slack", type=float, default=0.25, help="FlowKV global re-packing slack (layerwise)")
             p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
@@ -110,6 +129,12 @@ def _run(cmd: str, a: argparse.Namespace, rec: Recorder) -> None:
         gpu_sweep(rec.out, shape=a.shape, contexts=tuple(a.contexts), steps=a.steps, budgets=tuple(a.budgets),
                   fullkv_prefill=not a.quick, batch_search=not a.quick, checks=not a.no_checks, device=a.device,
                   max_batch=a.max_batch, kernel_variants=TUNE if a.tune else None, slack=a.slack, rec=rec)
+    elif cmd == "scale":
+        scale_sweep(rec.out, shape=a.shape, weights=tuple(a.weights), contexts=tuple(a.contexts),
+                    budgets=tuple(a.budgets), policy=a.policy, batch_budget=a.batch_budget,
+                    prefill_contexts=tuple(a.prefill_contexts), prefill_layers=a.prefill_layers, chunk=a.chunk,
+                    steps=a.steps, frontier_start=a.frontier_start, frontier_resolution=a.frontier_resolution,
+                    max_batch=a.max_batch, device=a.device, rec=rec)
     elif cmd == "eval":
         eval_rate(rec, a.model_path, a.device, a.dtype, a.context, a.instances, a.budgets, not a.no_reference,
                   a.table, a.policies, a.question)

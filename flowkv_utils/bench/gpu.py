@@ -7,6 +7,7 @@ Tuning returns launch settings as values (`kernel_speed` → `SplitKVConfig`, `s
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -118,10 +119,39 @@ def kernel_speed(rec: Recorder, bw: dict, device="cuda", n: int = 204800, budget
     return cfgs[best]
 
 
+def largest_that_fits(fits: Callable[[int], bool], start: int, limit: int, resolution: int = 1) -> int:
+    """The largest x ≤ limit, a multiple of `resolution` from `start` on, with fits(x) True, for a monotone fits:
+    doubling from start until one fails (or limit is passed), then bisection down to `resolution`. 0 when start
+    itself does not fit. Each fits(x) runs (and records) one attempt."""
+    if start < 1 or resolution < 1 or limit < start:
+        raise ValueError(f"start={start}, limit={limit}, resolution={resolution}: need 1 ≤ start ≤ limit and "
+                         "resolution ≥ 1")
+    lo, hi, x = 0, None, start
+    while hi is None and x <= limit:
+        if fits(x):
+            lo, x = x, x * 2
+        else:
+            hi = x
+    if hi is None:  # everything up to the limit fitted
+        if lo < limit and fits(limit):
+            return limit
+        hi = limit if lo < limit else None
+    while hi is not None and lo >= 1 and hi - lo > resolution:
+        mid = lo + max(resolution, (hi - lo) // 2 // resolution * resolution)
+        if mid >= hi:
+            break
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
 def largest_batch(rec: Recorder, model, counts: torch.Tensor, policy: str, budget, n: int, bw: dict, cap: int,
-                  steps: int, warmup: int, max_batch: int = 4096, config: SplitKVConfig = DEFAULT_CONFIG) -> int:
+                  steps: int, warmup: int, max_batch: int = 4096, config: SplitKVConfig = DEFAULT_CONFIG,
+                  weights: str = RANDOM_WEIGHTS) -> int:
     """Decode at growing batch sizes until memory runs out (doubling, then bisection); the largest that fits is
-    recorded with sweep='maxbatch', the others with sweep='batch'."""
+    recorded with sweep='maxbatch', the others with sweep='batch'. weights: the rows' weights label."""
     s = shape_of(model)
     dev = next(model.parameters()).device
 
@@ -129,37 +159,24 @@ def largest_batch(rec: Recorder, model, counts: torch.Tensor, policy: str, budge
         free_memory()
         reset_peak(dev)
         try:
-            sc = synthetic_cache(counts, B, s, n, cap, torch.bfloat16, dev, config=config)
-            decode_row(rec, model, sc, weights=RANDOM_WEIGHTS, bw=bw, policy=policy,
+            sc = synthetic_cache(counts, B, s, n, cap, model.get_input_embeddings().weight.dtype, dev,
+                                 config=config)
+            decode_row(rec, model, sc, weights=weights, bw=bw, policy=policy,
                        budget=None if policy == "fullkv" else budget, context=n, sweep="batch", steps=steps,
                        warmup=warmup, config=config)
             del sc
             return True
         except torch.OutOfMemoryError:
-            rec.add("decode", **model_cols(model, RANDOM_WEIGHTS), sweep="batch", policy=policy, budget=budget,
+            rec.add("decode", **model_cols(model, weights), sweep="batch", policy=policy, budget=budget,
                     context=n, batch=B, status="oom")
             return False
         finally:
             free_memory()
 
-    lo, hi = 0, None
-    B = 1
-    while hi is None:
-        if attempt(B):
-            lo, B = B, B * 2
-        else:
-            hi = B
-        if B > max_batch:
-            break
-    while hi is not None and hi - lo > 1 and lo >= 1:
-        mid = (lo + hi) // 2
-        if attempt(mid):
-            lo = mid
-        else:
-            hi = mid
+    lo = largest_that_fits(attempt, 1, max_batch)
     if lo >= 1:  # mark the largest with a copy of its row
         rows = [r for r in rec.rows["decode"] if r["sweep"] == "batch" and r["policy"] == policy
-                and r["batch"] == lo and r["status"] == "ok"]
+                and r["batch"] == lo and r["context"] == n and r["status"] == "ok"]
         if rows:
             r = dict(rows[-1])
             r["sweep"], r["note"] = "maxbatch", "largest batch that fits (doubling, then bisection)"

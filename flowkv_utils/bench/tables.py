@@ -38,6 +38,13 @@ SCHEMAS: dict[str, list[str]] = {
     "prefill": MODEL_COLS + ["policy", "budget", "context", "chunk", "slack", "prefill_s", "scoring_total_s",
                              "peak_alloc_bytes", "peak_reserved_bytes", "kept_bytes", "allocated_bytes",
                              "full_kv_bytes", "weight_bytes", "status", "note"],
+    # a compressing prefill of a large shape run on its first `layers_run` layers (every layer's weights resident)
+    # and extrapolated to all of them (`bench.scale`): time × L/k, kept × L/k, peak + (L − k) layers' kept bytes
+    "scale_prefill": MODEL_COLS + ["policy", "budget", "context", "chunk", "layers_run", "seconds",
+                                   "seconds_per_layer", "seconds_extrapolated", "kept_bytes", "kept_bytes_extrapolated",
+                                   "peak_alloc_bytes", "peak_reserved_bytes", "peak_extrapolated_bytes",
+                                   "device_bytes", "fits_extrapolated", "weight_bytes", "full_kv_bytes", "status",
+                                   "note"],
     # scoring + selection of one policy during one prefill, against that prefill's time
     "scoring": MODEL_COLS + ["policy", "budget", "context", "slack", "scoring_s", "prefill_s", "fraction",
                              "kept_bytes", "allocated_bytes", "alloc_over_kept"],
@@ -62,8 +69,8 @@ SCHEMAS: dict[str, list[str]] = {
 TEXT = set(results.META) | {"model", "weights", "dtype", "sweep", "policy", "layout", "impl", "decoder", "attention",
                             "status", "note", "shape", "part", "kind", "what", "config", "ok", "lengths", "notebook",
                             "param_set"}
-BOOL = {"fused", "graph", "variant", "best", "on_path"}
-INTEGER = {"layers", "heads", "kv_heads", "head_dim", "hidden", "context", "batch"}  # never missing
+BOOL = {"fused", "graph", "variant", "best", "on_path", "fits_extrapolated"}
+INTEGER = {"layers", "heads", "kv_heads", "head_dim", "hidden", "context", "batch", "layers_run"}  # never missing
 
 
 def recorder(out: Path | str | None, command: str | None = None, echo: bool = True) -> results.Recorder:
