@@ -32,7 +32,16 @@ from ..results import Recorder
 from .gpu import largest_batch, largest_that_fits
 from .shapes import SHAPES, WEIGHT_FORMATS, prompt_ids, shape_model, synthetic_cache
 from .tables import RANDOM_WEIGHTS, model_cols, recorder
-from .timing import copy_bandwidth, decode_row, free_memory, full_kv_bytes, peak, reset_peak, sync, weight_bytes
+from .timing import (
+    copy_bandwidth,
+    decode_row,
+    free_memory,
+    full_kv_bytes,
+    peak,
+    reset_peak,
+    sync,
+    weight_bytes,
+)
 
 
 def weights_label(fmt: str) -> str:
