@@ -265,6 +265,8 @@ def parser() -> argparse.ArgumentParser:
                          "the rank never holds its whole dense cache; streaming policies only")
     ap.add_argument("--chunk", type=int, default=None,
                     help="prefill queries / MLP rows in chunks of this many tokens (long prompts; default all at once)")
+    ap.add_argument("--graph", action=argparse.BooleanOptionalAction, default=None,
+                    help="capture the decode step as one CUDA graph, all_reduces included (default: on CUDA)")
     ap.add_argument("--steps", type=int, default=8, help="timed decode steps")
     ap.add_argument("--warmup", type=int, default=2, help="untimed decode steps first")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -319,6 +321,11 @@ def run(args: argparse.Namespace, tp: TensorParallel, device: torch.device) -> d
     sync(device)
     prefill_s = time.perf_counter() - t0
     dec = FastDecoder(model, cache, impl="auto", fuse=False, compile=False)  # o_proj/MLP all_reduce: not fusable
+    graph = device.type == "cuda" if args.graph is None else args.graph
+    if graph:
+        if device.type != "cuda":
+            raise ValueError(f"--graph on {device.type}: CUDA graphs need --device cuda")
+        dec.capture()
     tok = first
     for _ in range(args.warmup):
         tok = dec.step(tok).argmax(-1)
@@ -335,7 +342,7 @@ def run(args: argparse.Namespace, tp: TensorParallel, device: torch.device) -> d
     return dict(rank=tp.rank, heads=f"{tp.kv_start}-{tp.kv_start + tp.local_kv_heads - 1}",
                 entries=sum(int(lay.offsets[-1]) for lay in cache.layers), kept_bytes=cache.kept_bytes(), ms=ms,
                 prefill_s=prefill_s, peak=peak(device)[0],
-                window=window, exchanges=sharded.plan.exchanges, model=model.config._name_or_path)
+                window=window, exchanges=sharded.plan.exchanges, model=model.config._name_or_path, graph=graph)
 
 
 def table(rows: list[dict], args: argparse.Namespace, backend: str) -> str:
@@ -349,7 +356,7 @@ def table(rows: list[dict], args: argparse.Namespace, backend: str) -> str:
              f"budget {args.budget}, policy {args.policy} (window {r0['window']}; ranks exchange: {r0['exchanges']}"
              f"{', layer by layer' if args.layerwise else ''}), "
              f"{'layer-wise' if args.layerwise else 'one-shot'} compression{f', chunk {args.chunk}' if args.chunk else ''}"
-             f", {args.steps} steps",
+             f", {args.steps} steps{' (CUDA graph)' if r0['graph'] else ''}",
              f"{'':8}{'kv heads':>10}{'kept entries':>14}{'kept MiB':>10}{'ms/token':>10}{'prefill s':>11}"
              f"{'peak MiB':>10}"]
     for r in rows:

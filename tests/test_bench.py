@@ -185,3 +185,16 @@ def test_greedy_margins_are_the_reference_answers_top2_gaps(embedded):
     (m, i), = greedy_margins(model, tok, inst, [("snapkv", "0.5")])
     assert m >= 0 and 0 <= i <= inst.max_new_tokens
     assert greedy_margins(model, tok, inst, []) == []
+
+
+def test_gpu_dry_run_decodes_the_chosen_policies_at_equal_bytes(tmp_path):
+    """`bench gpu --policies`: each chosen policy gets decode rows, and at one budget every compressing policy
+    keeps exactly the same bytes (only which entries differ)."""
+    pol = ["fullkv", "streamingllm", "adakv", "flowkv_global"]
+    assert bench.main(["gpu", "--device", "cpu", "--shape", "tiny", "--contexts", "1024", "--budgets", "0.05",
+                       "--steps", "2", "--quick", "--no-checks", "--policies", *pol, "--out", str(tmp_path)]) == 0
+    d = bench.load_results(tmp_path)["decode"]
+    ctx = d[(d.sweep == "context") & (d.status == "ok")]
+    assert set(ctx.policy) == set(pol)
+    kept = ctx[ctx.policy != "fullkv"].kept_bytes
+    assert kept.nunique() == 1 and kept.iloc[0] < ctx[ctx.policy == "fullkv"].kept_bytes.iloc[0]

@@ -12,6 +12,7 @@ import torch
 
 from ..budgets import BUDGET_HELP, parse_budget
 from ..kernels import triton_available
+from ..layerwise import streaming_policies
 from ..policies import REGISTRY, STUDY
 from ..results import REPO, Recorder
 from .checks import score_checks
@@ -103,6 +104,10 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--max-batch", type=int, default=4096)
             p.add_argument("--tune", action="store_true", help="time several kernel block/warps/stages variants")
             p.add_argument("--budgets", type=float, nargs="+", default=[0.01, 0.02, 0.05, 0.1, 0.2])
+            p.add_argument("--policies", nargs="+", default=["fullkv", "snapkv", "flowkv", "flowkv_global"],
+                           choices=["fullkv", *(n for n in streaming_policies() if n != "fullkv")], metavar="POLICY",
+                           help="decoded at every context (synthetic caches of their real per-head lengths); the "
+                                "prefill applies FlowKV global and scores the others on the same layers")
     return ap
 
 
@@ -128,7 +133,8 @@ def _run(cmd: str, a: argparse.Namespace, rec: Recorder) -> None:
     if cmd == "gpu":
         gpu_sweep(rec.out, shape=a.shape, contexts=tuple(a.contexts), steps=a.steps, budgets=tuple(a.budgets),
                   fullkv_prefill=not a.quick, batch_search=not a.quick, checks=not a.no_checks, device=a.device,
-                  max_batch=a.max_batch, kernel_variants=TUNE if a.tune else None, slack=a.slack, rec=rec)
+                  max_batch=a.max_batch, kernel_variants=TUNE if a.tune else None, slack=a.slack,
+                  policies=tuple(a.policies), rec=rec)
     elif cmd == "scale":
         scale_sweep(rec.out, shape=a.shape, weights=tuple(a.weights), contexts=tuple(a.contexts),
                     budgets=tuple(a.budgets), policy=a.policy, batch_budget=a.batch_budget,

@@ -291,7 +291,8 @@ def _prefills(rec: Recorder, model, contexts, budgets, policies, budget: float, 
     wl = RANDOM_WEIGHTS
     for n in bar(contexts, desc="prefill + decode per context", unit="context"):
         comp = _prefill_or_oom(rec, model, n, policy="flowkv_global", budget=budget, chunk=chunk,
-                               also=("snapkv", "flowkv"), slack=slack, score_config=score_config)
+                               also=tuple(q for q in policies if q not in ("fullkv", "flowkv_global")), slack=slack,
+                               score_config=score_config)
         if comp is None:
             continue
         for p in policies:
