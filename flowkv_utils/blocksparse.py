@@ -29,6 +29,12 @@ Shapes: q (H, d) one decode query per query head, k/v (G, n, d) one sequence's c
   full cache (`cache.RaggedCache.from_prefill(pf)`, nothing evicted): every decode step and layer, each KV head reads
   ⌈B/page⌉ pages of its prompt (B: the budget's tokens per head) plus every decoded token, through the split-KV
   kernel. So block-sparse answers can be scored like an eviction policy's at the same bytes read per step.
+- `PageDecode(cache, budget, page)`: the same method inside `fastdecode.FastDecoder(..., sparse=PageDecode(...))`
+  over a `fastdecode.StaticRaggedCache` of B whole prompts: page bounds stored once per layer in the cache's dtype
+  (the min and max of bf16 keys are bf16 numbers: exact), per step the bound of every page as two batched matrix
+  products (max(q_i m_i, q_i M_i) = q_i⁺ M_i + q_i⁻ m_i), a top-k of pages, the work items and Triton tables
+  rewritten in place: fixed shapes and no host round trip, so the whole step is one CUDA graph. `read_bytes()`: the
+  bytes a step reads from the cache (kept pages, bounds, tail) — the floor of a block-sparse row.
 - `blocksparse_attention(q, k, v, k_pages, page, scaling)`: the decode output (H, d) from the kept pages only
   (gathered: what a step reads), and the kept page indices. A torch reference of the semantics; the H200 kernel and
   its timings are issue 14's.
@@ -43,6 +49,8 @@ import torch
 
 from .budgets import parse_budget
 from .kernels import (
+    DEFAULT_CONFIG,
+    SplitKVConfig,
     TritonTables,
     WorkItems,
     make_workspace,
@@ -204,9 +212,8 @@ class PageAttend:
         _check_page(self.page)
 
     def k_pages(self, n: int) -> int:
-        """Pages read per KV head for a prompt of n tokens: ⌈B/page⌉, at least 1, at most every page."""
-        tokens = self.budget if isinstance(self.budget, int) else self.budget * n
-        return max(1, min(n_pages(n, self.page), math.ceil(tokens / self.page)))
+        """Pages read per KV head for a prompt of n tokens (`pages_for`)."""
+        return pages_for(self.budget, n, self.page)
 
     def __call__(self, cache, layer: int, q: torch.Tensor, T: int, scaling: float) -> torch.Tensor:
         if T != 1:
@@ -234,3 +241,78 @@ class PageAttend:
         ws = make_workspace(items, G, H // G, d, q.dtype, q.device)
         nt = torch.full((1,), cache.used + 1, dtype=torch.long, device=q.device)
         return split_kv_triton(qg, tables, nt, scaling, ws).reshape(H, 1, d).clone()
+
+
+def pages_for(budget: int | float, n: int, page: int) -> int:
+    """Pages read per KV head for a prompt of n tokens at a budget (tokens per KV head, or a fraction of the prompt):
+    ⌈B/page⌉, at least 1, at most every page."""
+    tokens = budget if isinstance(budget, int) else budget * n
+    return max(1, min(n_pages(n, page), math.ceil(tokens / page)))
+
+
+class PageDecode:
+    """Quest-style block-sparse attention for `fastdecode.FastDecoder(model, cache, sparse=PageDecode(cache, 0.05))`:
+    every segment (sequence, KV head) of the `StaticRaggedCache` holds its whole prompt of n tokens; each step and
+    layer it reads ⌈B/page⌉ pages of the prompt per segment (the last page always) and every decoded token of the
+    tail (see the module docstring). Bounds are kept in the cache's dtype; page bounds u are computed as
+    q⁺·M + q⁻·m in that dtype's matrix products (float32 on the CPU), so near-equal bounds may rank differently
+    from the float32 reference `page_scores` on a bf16 cache. One instance per cache."""
+
+    def __init__(self, cache, budget: int | float = 0.05, page: int = 16, impl: str = "auto",
+                 config: SplitKVConfig = DEFAULT_CONFIG):
+        b = parse_budget(budget)
+        if not isinstance(b, (int, float)) or isinstance(b, bool):
+            raise ValueError(f"budget={budget!r}: block-sparse attention reads a part of the cache: give tokens per "
+                             "KV head (int) or a fraction of the prompt (float)")
+        _check_page(page)
+        self.budget, self.page, self.config = b, page, config
+        self.cache = cache
+        lay0 = cache.layers[0]
+        self.triton = use_triton(impl, lay0.k)
+        self.layers = []
+        for li, lay in enumerate(cache.layers):
+            lengths = (lay.offsets[1:] - lay.offsets[:-1]).tolist()
+            if len(set(lengths)) != 1 or lengths[0] == 0:
+                raise ValueError(f"layer {li}: segments hold {sorted(set(lengths))} tokens; block-sparse attention "
+                                 "runs over whole resident prompts (every segment the same n tokens, nothing evicted)")
+            S, n, d = len(lengths), lengths[0], lay.k.shape[1]
+            kmin, kmax = page_bounds(lay.k.view(S, n, d), page)
+            kp = pages_for(b, n, page)
+            first = torch.arange(kp, device=lay.k.device).expand(S, kp)
+            items = page_work_items(lay.offsets.to(lay.k.device), first, page)
+            plan = dict(kmin=kmin.to(lay.k.dtype), kmax=kmax.to(lay.k.dtype), k_pages=kp, n=n,
+                        offsets=lay.offsets.to(lay.k.device), items=items)
+            if self.triton:
+                plan["tables"] = triton_tables(items, lay.k, lay.v, lay.tail_k, lay.tail_v)
+                plan["ws"] = None  # sized on the first call, when the group size r is known
+            self.layers.append(plan)
+
+    def select(self, li: int, qs: torch.Tensor) -> torch.Tensor:
+        """Kept pages (S, k_pages), ascending, of layer li for the queries qs (S, r, d): the last page always."""
+        p = self.layers[li]
+        q = qs.to(p["kmax"].dtype)
+        u = torch.bmm(q.clamp(min=0), p["kmax"].transpose(1, 2)) + torch.bmm(q.clamp(max=0), p["kmin"].transpose(1, 2))
+        u = u.float().amax(1)  # (S, pages): the group's largest bound
+        u[:, -1] = math.inf
+        return torch.topk(u, p["k_pages"], dim=-1, sorted=False).indices.sort(dim=-1).values
+
+    def attend(self, li: int, qs: torch.Tensor, n_tail: torch.Tensor, scaling: float) -> torch.Tensor:
+        """The step's attention output (S, r, d) of layer li (the new token already in the tail)."""
+        p, lay = self.layers[li], self.cache.layers[li]
+        items = page_work_items(p["offsets"], self.select(li, qs), self.page, check=False)
+        if not self.triton:
+            return split_kv_torch(qs, lay.k, lay.v, items, lay.tail_k, lay.tail_v, n_tail, scaling)
+        if p["ws"] is None:
+            p["ws"] = make_workspace(items, qs.shape[0], qs.shape[1], qs.shape[2], qs.dtype, qs.device)
+        update_page_tables(p["tables"], items, qs.shape[2])
+        return split_kv_triton(qs, p["tables"], n_tail, scaling, p["ws"], self.config)
+
+    def read_bytes(self) -> int:
+        """Bytes a step reads from the cache: the kept pages' keys and values, both page bounds of every page, and
+        the tail (the decoded tokens, counted at its full capacity: an upper bound)."""
+        total = 0
+        for p, lay in zip(self.layers, self.cache.layers, strict=True):
+            S, d, esz = p["kmin"].shape[0], lay.k.shape[1], lay.k.element_size()
+            tokens = min(p["k_pages"] * self.page, p["n"])
+            total += S * d * esz * (2 * tokens + 2 * p["kmin"].shape[1] + 2 * lay.tail_k.shape[1])
+        return total

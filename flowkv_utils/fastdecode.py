@@ -273,10 +273,12 @@ class FastDecoder:
     fuse: per layer one q/k/v product and one gate/up product (`fuse_projections`) and the elementwise work
     (norms, RoPE, SiLU, residuals) compiled into few kernels (`fused_pre_attention` / `fused_post_attention`,
     torch.compile'd when compile=True); default on CUDA for Llama-style models. fuse=False runs the model's own
-    modules through `capture.forward_layers`. config: the split-KV kernels' launch settings."""
+    modules through `capture.forward_layers`. config: the split-KV kernels' launch settings. sparse: an attention that
+    replaces the split-KV one, `sparse.attend(li, q, n_tail, scaling)` (`blocksparse.PageDecode`: Quest-style pages
+    over a whole resident cache)."""
 
     def __init__(self, model, cache: StaticRaggedCache, impl: str = "auto", fuse: bool | None = None,
-                 compile: bool | None = None, config: SplitKVConfig = DEFAULT_CONFIG):
+                 compile: bool | None = None, config: SplitKVConfig = DEFAULT_CONFIG, sparse=None):
         self.model = model
         self.cache = cache
         self.impl = impl
@@ -302,12 +304,16 @@ class FastDecoder:
             self.fused = fuse_projections(model)
             self.pre = _compiled(fused_pre_attention) if self.compile else fused_pre_attention
             self.post = _compiled(fused_post_attention) if self.compile else fused_post_attention
-        self.label = self.impl_used + ("+fused" if self.fuse else "") + ("+compiled" if self.fuse and self.compile
-                                                                        else "")
+        self.sparse = sparse
+        self.label = (self.impl_used + ("+fused" if self.fuse else "") + ("+compiled" if self.fuse and self.compile
+                                                                         else "")
+                      + (f"+pages{sparse.page}" if sparse is not None else ""))
 
     def _attend(self, li: int, qs: torch.Tensor) -> torch.Tensor:
         """Split-KV attention of layer li for q (B·G, r, d) (the new k, v are already in the tail)."""
         c, lay = self.cache, self.cache.layers[li]
+        if self.sparse is not None:
+            return self.sparse.attend(li, qs, c.used + 1, self.scalings[li])
         if self.impl_used == "triton":
             return split_kv_triton(qs, lay.tables, c.used + 1, self.scalings[li], lay.ws, self.config)
         return split_kv_torch(qs, lay.k, lay.v, lay.items, lay.tail_k, lay.tail_v, c.used + 1, self.scalings[li])

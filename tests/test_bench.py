@@ -195,6 +195,10 @@ def test_gpu_dry_run_decodes_the_chosen_policies_at_equal_bytes(tmp_path):
                        "--steps", "2", "--quick", "--no-checks", "--policies", *pol, "--out", str(tmp_path)]) == 0
     d = bench.load_results(tmp_path)["decode"]
     ctx = d[(d.sweep == "context") & (d.status == "ok")]
-    assert set(ctx.policy) == set(pol)
-    kept = ctx[ctx.policy != "fullkv"].kept_bytes
-    assert kept.nunique() == 1 and kept.iloc[0] < ctx[ctx.policy == "fullkv"].kept_bytes.iloc[0]
+    assert set(ctx.policy) == {*pol, "quest"}
+    kept = ctx[~ctx.policy.isin(["fullkv", "quest"])].kept_bytes
+    full, quest = (ctx[ctx.policy == p].iloc[0] for p in ("fullkv", "quest"))
+    assert kept.nunique() == 1 and kept.iloc[0] < full.kept_bytes
+    # block-sparse holds the whole cache but reads less of it: its floor is below FullKV's, its memory is not
+    assert quest.kept_bytes == full.kept_bytes and quest.floor_ms < full.floor_ms
+    assert quest.layout == "pages16" and quest.impl.endswith("+pages16")

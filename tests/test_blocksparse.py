@@ -162,3 +162,67 @@ def test_page_attend_refuses_what_it_cannot_do(tiny):
     compressed = RaggedCache.from_prefill(pf, res, capacity=8)  # FlowKV kept 24 of 90 per head on average
     with pytest.raises(ValueError, match="whole resident prompt"):
         bs.PageAttend(budget=0.1)(compressed, 0, torch.randn(8, 1, 16), 1, 0.25)
+
+
+# ------------------------------------------------------ the method in the fast decoder: PageDecode in FastDecoder
+def _whole(pf, batch: int = 1, capacity: int = 8):
+    from flowkv_utils.fastdecode import StaticRaggedCache
+
+    L, G = len(pf.layers), pf.layers[0].k.shape[0]
+    return StaticRaggedCache.from_keeps(pf, torch.ones(batch, L, G, pf.n, dtype=torch.bool), None, capacity)
+
+
+def test_page_decode_selects_the_reference_pages(tiny):
+    """q⁺·M + q⁻·m is Quest's bound: the same pages as page_scores + select_pages (float32, no ties)."""
+    _, pf, _ = tiny
+    cache = _whole(pf, batch=2)
+    dec = bs.PageDecode(cache, budget=20, page=8)
+    g = torch.Generator().manual_seed(3)
+    for li in range(len(pf.layers)):
+        qs = torch.randn(4, 4, 16, generator=g)  # (B·G, r, d)
+        got = dec.select(li, qs)
+        k = pf.layers[li].k  # (G, n, d), the same prompt in both sequences
+        for s in range(4):
+            want = bs.select_pages(bs.page_scores(qs[s], *bs.page_bounds(k[s % 2: s % 2 + 1], 8)), 3)
+            assert torch.equal(got[s], want[0])
+
+
+def test_page_decode_in_the_fast_decoder_is_page_attend_in_generate_decode(tiny):
+    from flowkv_utils import generate
+    from flowkv_utils.cache import RaggedCache
+    from flowkv_utils.fastdecode import FastDecoder
+
+    m, pf, _ = tiny
+    ref_cache = RaggedCache.from_prefill(pf, capacity=8)
+    attend = bs.PageAttend(budget=0.2, page=8)
+    cache = _whole(pf)
+    dec = FastDecoder(m, cache, sparse=bs.PageDecode(cache, budget=0.2, page=8))
+    assert dec.label.endswith("+pages8")
+    for t in (5, 17, 42):
+        a = generate.decode(m, ref_cache, torch.tensor([[t]]), attend=attend)[-1]
+        b = dec.step(torch.tensor([t]))[0]
+        assert _rel(b, a) < 1e-5
+    full = FastDecoder(m, _whole(pf)).step(torch.tensor([5]))[0]
+    assert _rel(FastDecoder(m, c := _whole(pf), sparse=bs.PageDecode(c, 0.2, 8)).step(torch.tensor([5]))[0], full) > 1e-4
+
+
+def test_page_decode_reads_its_pages_bounds_and_tail():
+    from flowkv_utils.fastdecode import StaticRaggedCache
+
+    L, B, G, n, d = 2, 1, 2, 100, 16
+    cache = StaticRaggedCache.from_lengths(torch.full((L, B, G), n), d, capacity=4, next_pos=n, dtype=torch.float32)
+    dec = bs.PageDecode(cache, budget=0.1, page=8)  # ⌈10 / 8⌉ = 2 pages; 13 pages of bounds
+    assert dec.layers[0]["k_pages"] == 2
+    assert dec.read_bytes() == L * G * d * 4 * (2 * 16 + 2 * 13 + 2 * 4)
+    assert dec.read_bytes() < cache.kept_bytes()  # reads less than it holds: bandwidth saved, memory not
+
+
+def test_page_decode_refuses_evicted_caches(tiny):
+    from flowkv_utils.fastdecode import StaticRaggedCache
+
+    _, pf, res = tiny
+    keep = res.keep.unsqueeze(0)
+    with pytest.raises(ValueError, match="whole resident prompts"):
+        bs.PageDecode(StaticRaggedCache.from_keeps(pf, keep, None, 4), 0.1)
+    with pytest.raises(ValueError, match="'full'"):
+        bs.PageDecode(_whole(pf), "full")

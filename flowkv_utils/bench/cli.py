@@ -108,6 +108,8 @@ def parser() -> argparse.ArgumentParser:
                            choices=["fullkv", *(n for n in streaming_policies() if n != "fullkv")], metavar="POLICY",
                            help="decoded at every context (synthetic caches of their real per-head lengths); the "
                                 "prefill applies FlowKV global and scores the others on the same layers")
+            p.add_argument("--pages", type=int, nargs="*", default=[16],
+                           help="page sizes of the block-sparse (Quest-style) rows over the whole cache (none: skip)")
     return ap
 
 
@@ -134,7 +136,7 @@ def _run(cmd: str, a: argparse.Namespace, rec: Recorder) -> None:
         gpu_sweep(rec.out, shape=a.shape, contexts=tuple(a.contexts), steps=a.steps, budgets=tuple(a.budgets),
                   fullkv_prefill=not a.quick, batch_search=not a.quick, checks=not a.no_checks, device=a.device,
                   max_batch=a.max_batch, kernel_variants=TUNE if a.tune else None, slack=a.slack,
-                  policies=tuple(a.policies), rec=rec)
+                  policies=tuple(a.policies), pages=tuple(a.pages), rec=rec)
     elif cmd == "scale":
         scale_sweep(rec.out, shape=a.shape, weights=tuple(a.weights), contexts=tuple(a.contexts),
                     budgets=tuple(a.budgets), policy=a.policy, batch_budget=a.batch_budget,

@@ -149,9 +149,10 @@ def largest_that_fits(fits: Callable[[int], bool], start: int, limit: int, resol
 
 def largest_batch(rec: Recorder, model, counts: torch.Tensor, policy: str, budget, n: int, bw: dict, cap: int,
                   steps: int, warmup: int, max_batch: int = 4096, config: SplitKVConfig = DEFAULT_CONFIG,
-                  weights: str = RANDOM_WEIGHTS) -> int:
+                  weights: str = RANDOM_WEIGHTS, sparse=None, layout: str = "ragged", note: str | None = None) -> int:
     """Decode at growing batch sizes until memory runs out (doubling, then bisection); the largest that fits is
-    recorded with sweep='maxbatch', the others with sweep='batch'. weights: the rows' weights label."""
+    recorded with sweep='maxbatch', the others with sweep='batch'. weights: the rows' weights label; sparse, layout,
+    note: as `timing.decode_row`'s (block-sparse rows)."""
     s = shape_of(model)
     dev = next(model.parameters()).device
 
@@ -163,12 +164,12 @@ def largest_batch(rec: Recorder, model, counts: torch.Tensor, policy: str, budge
                                  config=config)
             decode_row(rec, model, sc, weights=weights, bw=bw, policy=policy,
                        budget=None if policy == "fullkv" else budget, context=n, sweep="batch", steps=steps,
-                       warmup=warmup, config=config)
+                       warmup=warmup, config=config, sparse=sparse, layout=layout, note=note)
             del sc
             return True
         except torch.OutOfMemoryError:
             rec.add("decode", **model_cols(model, weights), sweep="batch", policy=policy, budget=budget,
-                    context=n, batch=B, status="oom")
+                    context=n, batch=B, layout=layout, status="oom")
             return False
         finally:
             free_memory()
@@ -176,7 +177,7 @@ def largest_batch(rec: Recorder, model, counts: torch.Tensor, policy: str, budge
     lo = largest_that_fits(attempt, 1, max_batch)
     if lo >= 1:  # mark the largest with a copy of its row
         rows = [r for r in rec.rows["decode"] if r["sweep"] == "batch" and r["policy"] == policy
-                and r["batch"] == lo and r["context"] == n and r["status"] == "ok"]
+                and r["batch"] == lo and r["context"] == n and r["layout"] == layout and r["status"] == "ok"]
         if rows:
             r = dict(rows[-1])
             r["sweep"], r["note"] = "maxbatch", "largest batch that fits (doubling, then bisection)"
@@ -190,12 +191,13 @@ def gpu_sweep(out: Path | str, *, shape: str = "llama3-8b", contexts: tuple[int,
               steps: int = 30, warmup: int = 5, fullkv_prefill: bool = True, batch_search: bool = True,
               checks: bool = True, chunk: int = 8192, command: str | None = None,
               device: str = "cuda", max_batch: int = 4096, kernel_variants: list[dict] | None = None,
-              slack: float = 0.25, rec: Recorder | None = None) -> Recorder:
+              slack: float = 0.25, pages: tuple[int, ...] = (16,), rec: Recorder | None = None) -> Recorder:
     """The GPU sweep (see the package docstring): kernel timing (fastest of `kernel_variants`) and score-kernel
     tuning, checks, prefill with layer-wise compression per context (scoring overhead per policy, peak memory),
     FullKV prefill peaks, decode vs context / budget / batch / layout / implementation, and the largest batch that
     fits at the longest context. Writes CSVs + meta.json to out (through `rec` when given, else its own
-    recorder)."""
+    recorder). pages: page sizes of the block-sparse (Quest-style) rows at `budget` over the whole resident cache
+    (policy 'quest', layout 'pages<P>'), at every context and in the batch search."""
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench gpu needs a CUDA device (torch.cuda.is_available() is False); "
@@ -232,6 +234,7 @@ def gpu_sweep(out: Path | str, *, shape: str = "llama3-8b", contexts: tuple[int,
     kw = dict(bw=bw, cap=cap, steps=steps, warmup=warmup, config=config)
     counts = _prefills(rec, model, contexts, budgets, policies, budget, chunk, slack, score_config, log, **kw)
     _decode_sweeps(rec, model, counts, budget, max(contexts), **kw)
+    _blocksparse_rows(rec, model, counts, budget, pages, **kw)
     log("decode sweeps done")
     longest = max(contexts)
     if batch_search:
@@ -239,6 +242,10 @@ def gpu_sweep(out: Path | str, *, shape: str = "llama3-8b", contexts: tuple[int,
             if (longest, p, budget) in counts:
                 largest_batch(rec, model, counts[(longest, p, budget)], p, budget, longest, bw, cap, steps, warmup,
                               max_batch, config)
+        if (longest, "fullkv", budget) in counts:
+            for P in pages:
+                largest_batch(rec, model, counts[(longest, "fullkv", budget)], "quest", budget, longest, bw, cap, steps,
+                              warmup, max_batch, config, **_quest(budget, P, config))
         log("batch search done")
     if fullkv_prefill:
         for n in contexts:
@@ -318,6 +325,36 @@ def _prefills(rec: Recorder, model, contexts, budgets, policies, budget: float, 
         free_memory()
         log(f"context {n} done")
     return counts
+
+
+def _quest(budget: float, page: int, config: SplitKVConfig) -> dict:
+    """decode_row / largest_batch arguments of a block-sparse (Quest-style) row."""
+    from ..blocksparse import PageDecode
+
+    return dict(sparse=lambda c: PageDecode(c, budget, page, config=config), layout=f"pages{page}",
+                note=f"block-sparse (Quest-style, page {page}): the whole cache resident, each step reads the "
+                     f"top ⌈B/{page}⌉ pages per KV head, their bounds and the tail; floor: weights + those bytes")
+
+
+def _blocksparse_rows(rec: Recorder, model, counts: dict[tuple, torch.Tensor], budget: float,
+                      pages: tuple[int, ...], *, bw: dict, cap: int, steps: int, warmup: int,
+                      config: SplitKVConfig) -> None:
+    """Block-sparse decode at every context with a FullKV count (its whole cache resident), batch 1, per page size."""
+    s = shape_of(model)
+    dev = next(model.parameters()).device
+    for (n, p, b), c in sorted(counts.items()):
+        if p != "fullkv" or b != budget:
+            continue
+        for P in pages:
+            try:
+                sc = synthetic_cache(c, 1, s, n, cap, torch.bfloat16, dev, config=config)
+                decode_row(rec, model, sc, weights=RANDOM_WEIGHTS, bw=bw, policy="quest", budget=budget, context=n,
+                           sweep="context", steps=steps, warmup=warmup, config=config, **_quest(budget, P, config))
+                del sc
+            except torch.OutOfMemoryError as e:
+                rec.add("decode", **model_cols(model, RANDOM_WEIGHTS), sweep="context", policy="quest",
+                        budget=budget, context=n, batch=1, layout=f"pages{P}", status="oom", note=str(e)[:200])
+            free_memory()
 
 
 def _decode_sweeps(rec: Recorder, model, counts: dict[tuple, torch.Tensor], budget: float, longest: int, *,

@@ -97,11 +97,13 @@ def median_ms(fn, device, reps: int = 5, warmup: int = 1) -> float:
 
 
 def time_fast_decode(model, cache: StaticRaggedCache, steps: int = 20, warmup: int = 3, graph: bool = True,
-                     impl: str = "auto", fuse: bool | None = None,
-                     config: SplitKVConfig = DEFAULT_CONFIG) -> tuple[list[float], FastDecoder]:
-    """Per-step times (ms) of FastDecoder after warm-up; on CUDA each replay is timed with CUDA events."""
+                     impl: str = "auto", fuse: bool | None = None, config: SplitKVConfig = DEFAULT_CONFIG,
+                     sparse=None) -> tuple[list[float], FastDecoder]:
+    """Per-step times (ms) of FastDecoder after warm-up; on CUDA each replay is timed with CUDA events.
+    sparse: None, or a function of the cache giving FastDecoder's `sparse` attention (`blocksparse.PageDecode`)."""
     cache.rewind()
-    dec = FastDecoder(model, cache, impl=impl, fuse=fuse, config=config)
+    dec = FastDecoder(model, cache, impl=impl, fuse=fuse, config=config,
+                      sparse=None if sparse is None else sparse(cache))
     cuda = cache.device.type == "cuda"
     if graph and cuda:
         dec.capture()
@@ -156,25 +158,30 @@ def eager_path(attention: str) -> dict:
 def decode_row(rec: Recorder, model, cache: StaticRaggedCache, *, weights: str, bw: dict, policy: str,
                budget, context: int, sweep: str, layout: str = "ragged", steps: int = 20, warmup: int = 3,
                graph: bool = True, impl: str = "auto", config: SplitKVConfig = DEFAULT_CONFIG,
-               ms: list[float] | None = None, path: dict | None = None, note: str | None = None) -> dict:
+               ms: list[float] | None = None, path: dict | None = None, note: str | None = None,
+               sparse=None) -> dict:
     """Time FastDecoder on `cache` (unless ms is given, timed by the caller along `path`: `fast_path` /
-    `eager_path`) and record one decode row with its floor."""
+    `eager_path`) and record one decode row with its floor. sparse: as `time_fast_decode`'s; the floor then counts
+    the bytes its attention reads (`read_bytes()`), not the cache's (which it holds whole)."""
     dev = cache.device
+    read = None
     if ms is None:
-        ms, dec = time_fast_decode(model, cache, steps, warmup, graph, impl, config=config)
+        ms, dec = time_fast_decode(model, cache, steps, warmup, graph, impl, config=config, sparse=sparse)
         path = fast_path(dec)
+        read = None if dec.sparse is None else dec.sparse.read_bytes()
         del dec
     med, p10, p90 = quantiles(ms)
     W = weight_bytes(model)
     kept = cache.kept_bytes()
     esz = cache.layers[0].k.element_size()
     full = full_kv_bytes(shape_of(model), context, esz) * cache.batch
-    floor = 1e3 * (W + kept) / (bw["GBps"] * 1e9)
+    kv_read = kept if read is None else read  # bytes of KV a step reads
+    floor = 1e3 * (W + kv_read) / (bw["GBps"] * 1e9)
     pa, pr = peak(dev)
     return rec.add("decode", **model_cols(model, weights), sweep=sweep, policy=policy, budget=budget,
                    context=context, batch=cache.batch, layout=layout, **path, steps=len(ms), decode_ms=med,
                    decode_ms_p10=p10, decode_ms_p90=p90, tokens_per_s=1e3 * cache.batch / med, kept_bytes=kept,
                    allocated_bytes=cache.allocated_bytes(), full_kv_bytes=full, weight_bytes=W,
                    bandwidth_GBps=bw["GBps"], floor_ms=floor, floor_ratio=med / floor,
-                   bound_speedup=(W + full) / (W + kept), peak_alloc_bytes=pa, peak_reserved_bytes=pr,
+                   bound_speedup=(W + full) / (W + kv_read), peak_alloc_bytes=pa, peak_reserved_bytes=pr,
                    status="ok", note=note)
