@@ -1,6 +1,6 @@
 """quant: FP8 e4m3 per-channel weights. The rounding against a nearest-value search over every e4m3 number, its
 error bound, the module against a dense transcription, and a quantised model through every decoder path
-(prefill, FlowKV, generate.decode, FastDecoder). The torch._scaled_mm path is in
+(prefill, FlowKV, generate.decode, FastDecoder, a tensor-parallel shard). The torch._scaled_mm path is in
 tests/test_gpu.py (CUDA, compute capability ≥ 8.9).
 
 The bound: e4m3fn has 3 mantissa bits and exponent bias 7, so its smallest normal is 2^-6 and its subnormals are
@@ -23,6 +23,7 @@ from flowkv_utils import capture, fastdecode, generate, models, policies, quant
 from flowkv_utils.bench.timing import weight_bytes
 from flowkv_utils.cache import RaggedCache
 from flowkv_utils.decomposition import attention_output, head_contributions
+from flowkv_utils.tensor_parallel import RowParallelLinear, TensorParallel, shard_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -262,3 +263,39 @@ def test_fast_decoder_on_the_fp8_model_equals_generate_decode(dense_and_fp8):
         assert rel(dec.step(torch.tensor([t]))[0], a) < 1e-5
     with pytest.raises(ValueError, match="fuse=True"):
         fastdecode.FastDecoder(q, fastdecode.StaticRaggedCache.from_keeps(pf, res.keep[None], None, 8), fuse=True)
+
+
+def test_tensor_parallel_shard_quantised_equals_the_quantised_model(dense_and_fp8):
+    m, q, ids = dense_and_fp8
+    local = shard_model(m, TensorParallel.for_model(m))
+    flowkv = policies.get_policy("flowkv", window=8)
+    flowkv(capture.prefill(local, ids, window=8), 16)  # caches the dense shard's Gram blocks of W_O
+    assert quant.quantize_model_(local) is local
+    for layer, ql in zip(local.model.layers, q.model.layers, strict=True):
+        for rp, qp in ((layer.self_attn.o_proj, ql.self_attn.o_proj), (layer.mlp.down_proj, ql.mlp.down_proj)):
+            assert type(rp) is RowParallelLinear and rp.weight.dtype == quant.FP8  # same name and layout
+            assert torch.equal(quant.dense_weight(rp), quant.dense_weight(qp))
+    assert quant.weight_format(local) == quant.WEIGHT_FORMAT
+    pf, lpf = capture.prefill(q, ids, window=8), capture.prefill(local, ids, window=8)
+    assert rel(lpf.logits, pf.logits) < 1e-6
+    res, got = flowkv(pf, 16), flowkv(lpf, 16)  # the Gram blocks of the quantised W_O, not the cached dense ones
+    ok = torch.isfinite(res.scores)
+    assert torch.equal(got.keep, res.keep) and rel(got.scores[ok], res.scores[ok]) < 1e-5
+    with pytest.raises(ValueError, match="FP8 weights; shard the dense model"):
+        shard_model(q, TensorParallel.for_model(q))
+
+
+def test_flowkv_gram_cache_follows_a_replaced_weight(dense_and_fp8):
+    """The Gram blocks of W_O are cached per o_proj module: a new weight tensor (as `RowParallelLinear.quantize_`
+    installs) must not be mistaken for the old one, even at the same in-place version."""
+    from flowkv_utils.policies.flowkv import cached_gram
+
+    m, _, ids = dense_and_fp8
+    local = shard_model(m, TensorParallel.for_model(m))
+    pf = capture.prefill(local, ids, window=8)
+    g0 = cached_gram(pf, 0)
+    o = local.model.layers[0].self_attn.o_proj
+    old = o.weight._version
+    o.weight = torch.nn.Parameter(o.weight.detach() * 2, requires_grad=False)
+    assert o.weight._version == old
+    assert torch.allclose(cached_gram(pf, 0), 4 * g0)
