@@ -118,7 +118,7 @@ def _scaled_mm_linear(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor,
     N, K = wq.shape
     x2 = x.reshape(-1, K)  # (M, K)
     scale_a = (x2.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp_min(MIN_SCALE)  # (M, 1)
-    xq = (x2 / scale_a).clamp(-FP8_MAX, FP8_MAX).to(FP8)  # (M, K) row-major
+    xq = (x2 / scale_a).clamp(-FP8_MAX, FP8_MAX).to(FP8).contiguous()  # (M, K) row-major, as _scaled_mm needs
     # mat2 = wq.t() (K, N) is column-major, as _scaled_mm needs; scale_b (1, N) is the weight's per-row scale
     y = torch._scaled_mm(xq, wq.t(), scale_a=scale_a, scale_b=scale.view(1, N), out_dtype=torch.bfloat16)
     if bias is not None:
