@@ -20,6 +20,7 @@ import torch
 
 from .attention import attention_column_sums, causal_attention, project_qkv, scaling_of, window_attention
 from .models import ModelShape, shape_of
+from .quant import dense_weight
 
 
 @dataclass
@@ -124,8 +125,9 @@ def stacked_values(pf: Prefill, layer: int, values: list) -> torch.Tensor:
 
 
 def head_wo(attn, shape: ModelShape) -> torch.Tensor:
-    """o_proj.weight is (D, H·d); W_O^h = weight[:, h·d:(h+1)·d]ᵀ → stacked (H, d, D)."""
-    W = attn.o_proj.weight  # (D, H*d)
+    """o_proj.weight is (D, H·d); W_O^h = weight[:, h·d:(h+1)·d]ᵀ → stacked (H, d, D). An FP8 o_proj (`quant`) is
+    dequantised to its activations' dtype, the W_O its reference path multiplies; a dense one is read in place."""
+    W = dense_weight(attn.o_proj)  # (D, H*d)
     return W.T.reshape(shape.heads, shape.head_dim, shape.hidden)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .capture import Prefill
+from .quant import dense_weight
 
 
 @torch.no_grad()
@@ -35,7 +36,7 @@ def attention_output(pf: Prefill, layer: int) -> torch.Tensor:
     s = pf.shape
     v = pf.layers[layer].v.float().repeat_interleave(s.group, dim=0)
     ctx = torch.einsum("hwn,hnd->whd", pf.attn(layer), v).reshape(pf.attn(layer).shape[1], -1)
-    W = pf.model.model.layers[layer].self_attn.o_proj.weight.float()
+    W = dense_weight(pf.model.model.layers[layer].self_attn.o_proj).float()  # as head_wo reads it (FP8: dequantised)
     b = pf.b_o(layer)
     return ctx @ W.T + (0 if b is None else b.float())
 

@@ -28,6 +28,8 @@ each layer's heads as soon as the layer is produced (the same keep-set; model-wi
 - `shard_model(model, tp)`: the rank's shard of a given model (same weights: tests compare it with the model).
 - `random_shard(shape, tp, ...)`: a rank's shard of a random-weight model of `bench.shapes.SHAPES`, built directly at
   the local size (benchmarks of shapes too large for one device).
+- `quant.quantize_model_(shard)`: FP8 weights for a shard (its `RowParallelLinear`s quantise themselves in place,
+  `quantize_`, keeping `weight`'s name and layout); shard a dense model, then quantise.
 - `python -m flowkv_utils.tensor_parallel ...` (under `torchrun --nproc-per-node N`): prefill with a policy
   (selection after it, or layer by layer inside it: `--layerwise`), timed decode, one row per rank and a total
   (`main`).
@@ -45,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from .models import shape_of
+from .quant import FP8, check_impl, fp8_linear, quantize_rows
 
 
 def divisors(n: int) -> list[int]:
@@ -138,13 +141,17 @@ class TensorParallel:
 class RowParallelLinear(torch.nn.Module):
     """The row-sharded half of a linear layer: y = all_reduce(x W_rᵀ) + b, x holding the rank's input features.
     `weight` (out, in/N) keeps nn.Linear's name and layout (so `capture.head_wo` reads W_O^h of the rank's heads);
-    not an nn.Linear subclass, so `fastdecode.fusable` never fuses it away."""
+    not an nn.Linear subclass, so `fastdecode.fusable` never fuses it away. `quantize_()` turns `weight` into FP8
+    codes with a per-row `weight_scale` (`quant`), the same name and layout; the product is then `quant.fp8_linear`."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, tp: TensorParallel):
         super().__init__()
         self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.register_parameter("weight_scale", None)  # (out,) float32 once quantised
         self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
         self.tp = tp
+        self.dtype_out = weight.dtype  # the activations' dtype (quant.dense_weight dequantises to it)
+        self.impl = "auto"
 
     @classmethod
     def of(cls, linear: torch.nn.Linear, start: int, end: int, tp: TensorParallel) -> RowParallelLinear:
@@ -160,8 +167,24 @@ class RowParallelLinear(torch.nn.Module):
     def out_features(self) -> int:
         return self.weight.shape[0]
 
+    def quantize_(self, impl: str = "auto") -> RowParallelLinear:
+        """The shard's weight to FP8 e4m3 with per-output-row scales over its own columns (`quant.quantize_rows`),
+        in place; the bias stays dense. impl: `quant.fp8_linear`'s. Returns self."""
+        check_impl(impl)
+        if self.weight_scale is None:
+            q, scale = quantize_rows(self.weight.detach())
+            self.dtype_out = self.weight.dtype
+            self.weight = torch.nn.Parameter(q, requires_grad=False)
+            self.weight_scale = torch.nn.Parameter(scale, requires_grad=False)
+        self.impl = impl
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.all_reduce_(F.linear(x, self.weight))
+        if self.weight_scale is None:
+            y = F.linear(x, self.weight)
+        else:
+            y = fp8_linear(x, self.weight, self.weight_scale, impl=self.impl)
+        y = self.tp.all_reduce_(y)
         return y if self.bias is None else y + self.bias
 
 
@@ -190,11 +213,15 @@ def check_mlp_width(intermediate: int, tp: TensorParallel) -> None:
 
 def shard_model(model, tp: TensorParallel):
     """Rank tp.rank's shard of `model` (see the module docstring): a copy holding the rank's heads and MLP columns,
-    with o_proj and down_proj as `RowParallelLinear`. The model itself is unchanged."""
+    with o_proj and down_proj as `RowParallelLinear`. The model itself is unchanged. A dense model only: quantise
+    the shard (`quant.quantize_model_`), not the model before sharding."""
     s = shape_of(model)
     if (s.heads, s.kv_heads) != (tp.heads, tp.kv_heads):
         raise ValueError(f"model of {s.heads} heads / {s.kv_heads} KV heads, but tp is for {tp.heads} / "
                          f"{tp.kv_heads}: build it with TensorParallel.for_model(model, rank, world_size)")
+    if any(p.dtype == FP8 for p in model.parameters()):
+        raise ValueError("shard_model: the model has FP8 weights; shard the dense model, then quant.quantize_model_ "
+                         "the shard (its row-parallel scales are then over the rank's own columns)")
     intermediate = model.config.intermediate_size
     check_mlp_width(intermediate, tp)
     local = copy.deepcopy(model)

@@ -88,3 +88,68 @@ def test_small_sweep_on_cuda(tmp_path):
                          tmp_path / "gpu.csv", window=16, progress=False)
     assert len(df) and df.value.notna().all()
     assert set(df.policy) == set(REGISTRY)
+
+
+FP8_GPU = CUDA and torch.cuda.get_device_capability() >= (8, 9)
+fp8_gpu = pytest.mark.skipif(not FP8_GPU, reason="needs CUDA with FP8 tensor cores (compute capability ≥ 8.9)")
+
+
+@fp8_gpu
+@pytest.mark.parametrize("M, N, K", [(1, 28672, 8192), (4096, 1024, 8192)])
+def test_fp8_scaled_mm_against_the_exact_product(M, N, K):
+    """quant.fp8_linear's torch._scaled_mm path also rounds x to e4m3 per token (s_a = row amax / 448), so each
+    output moves from the exact product x (q·s)ᵀ by ≤ Σ_j (2^-4 |x_j| + 2^-10 s_a) |W_ij| (the e4m3 rounding bound
+    of tests/test_quant.py), plus the bf16 output's half ulp 2^-8 |y| and float32 accumulation (≤ K·2^-24 Σ|x||W|).
+    Its Frobenius relative error is about that of the rounding, ≤ 2^-4 for incoherent operands (measured ≈ 2.5 %)."""
+    from flowkv_utils import quant
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    f = quant.Fp8Linear.random(N, K, std=0.02, device="cuda", generator=gen)
+    x = torch.randn(M, K, device="cuda", generator=gen).to(torch.bfloat16)
+    fast = quant.fp8_linear(x, f.weight, f.weight_scale, impl="scaled_mm")
+    ref = quant.fp8_linear(x, f.weight, f.weight_scale, impl="reference")
+    assert fast.dtype == ref.dtype == torch.bfloat16 and fast.shape == ref.shape == (M, N)
+    W = quant.dequantize_rows(f.weight, f.weight_scale, torch.float64)
+    xd = x.double()
+    exact = xd @ W.T
+    s_a = xd.abs().amax(1, keepdim=True) / 448.0
+    absw = W.abs().T
+    rounding = (2.0 ** -4 * xd.abs() + 2.0 ** -10 * s_a) @ absw  # e4m3 rounding of x
+    bound = rounding * (1 + 2.0 ** -8) + 2.0 ** -8 * exact.abs() + K * 2.0 ** -24 * (xd.abs() @ absw)
+    err = (fast.double() - exact).abs()
+    assert (err <= bound).all(), float((err / bound).max())
+    rel = lambda a, b: float((a.double() - b).norm() / b.norm())
+    assert rel(fast, exact) <= 2.0 ** -4, rel(fast, exact)
+    assert rel(ref, exact) <= 2.0 ** -8  # the reference only rounds the weight (2^-9) and the output (2^-8) to bf16
+    assert rel(fast, ref.double()) <= 2.0 ** -4 + 2.0 ** -8
+
+
+@fp8_gpu
+def test_fp8_fast_decoder_captures_a_cuda_graph(monkeypatch):
+    """A 2-layer FP8 model of hidden 1024 decodes through torch._scaled_mm (7 projections per layer) inside one CUDA
+    graph, giving the logits of the same decoder run eagerly."""
+    from flowkv_utils import quant
+    from flowkv_utils.fastdecode import FastDecoder, StaticRaggedCache
+
+    m = random_model("llama", layers=2, heads=8, kv_heads=2, head_dim=128, hidden=1024, vocab=256,
+                     dtype=torch.bfloat16, device="cuda")
+    quant.quantize_model_(m)
+    assert quant.scaled_mm_supported(torch.zeros(1, 1024, device="cuda", dtype=torch.bfloat16),
+                                     m.model.layers[0].self_attn.q_proj.weight)
+    lengths = torch.tensor([[[40, 7], [300, 1]], [[0, 64], [128, 129]]])  # (L=2, B=2, G=2)
+    make = lambda: StaticRaggedCache.from_lengths(lengths, head_dim=128, capacity=8, next_pos=400,
+                                                  dtype=torch.bfloat16, device="cuda")
+    eager, graph = FastDecoder(m, make()), FastDecoder(m, make())
+    assert not eager.fuse and not graph.fuse  # FP8 projections are not fusable: the modules run
+    calls = []
+    scaled_mm = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **kw: calls.append(1) or scaled_mm(*a, **kw))
+    graph.capture()
+    ids = torch.tensor([3, 200], device="cuda")
+    for _ in range(4):
+        calls.clear()
+        a = eager.step(ids)
+        assert len(calls) == 2 * 7  # every projection of every layer through torch._scaled_mm
+        b = graph.step(ids)
+        assert torch.isfinite(a).all() and torch.allclose(b.float(), a.float(), rtol=1e-2, atol=1e-2)
+        ids = a.argmax(-1)

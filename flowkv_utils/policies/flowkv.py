@@ -44,12 +44,25 @@ def gram_blocks(w_o: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return torch.einsum("gadD,gbeD->gabde", wg, wg)
 
 
+def _weight_state(o_proj) -> list[tuple[weakref.ref, int]]:
+    """What W_O is read from: the weight (and an FP8 weight's scale) tensors, by identity (a module may be given new
+    ones: `quant.quantize_model_` quantises a tensor-parallel o_proj in place), and their in-place versions."""
+    return [(weakref.ref(t), t._version) for t in (o_proj.weight, getattr(o_proj, "weight_scale", None))
+            if t is not None]
+
+
+def _same_state(a: list[tuple[weakref.ref, int]], b: list[tuple[weakref.ref, int]]) -> bool:
+    return len(a) == len(b) and all(ra() is not None and ra() is rb() and va == vb
+                                    for (ra, va), (rb, vb) in zip(a, b, strict=True))
+
+
 def cached_gram(pf: Prefill, layer: int) -> torch.Tensor:
-    """Gram blocks of a layer, computed once per weight tensor (and recomputed if it changes)."""
+    """Gram blocks of a layer, computed once per weight tensor (and recomputed if it changes or is replaced)."""
     o_proj = pf.model.model.layers[layer].self_attn.o_proj
+    state = _weight_state(o_proj)
     hit = _GRAMS.get(o_proj)
-    if hit is None or hit[0] != o_proj.weight._version:
-        hit = (o_proj.weight._version, gram_blocks(pf.w_o(layer).detach(), pf.shape.kv_heads))
+    if hit is None or not _same_state(hit[0], state):
+        hit = (state, gram_blocks(pf.w_o(layer).detach(), pf.shape.kv_heads))
         _GRAMS[o_proj] = hit
     return hit[1]
 
