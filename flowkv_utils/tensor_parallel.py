@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from .models import shape_of
-from .quant import FP8, check_impl, fp8_linear, quantize_rows
+from .quant import FP8, Fp8Linear, check_impl, fp8_linear, quantize_rows, weight_format
 
 
 def divisors(n: int) -> list[int]:
@@ -159,6 +159,19 @@ class RowParallelLinear(torch.nn.Module):
         bias = None if linear.bias is None else linear.bias.data.clone()
         return cls(linear.weight.data[:, start:end].clone(), bias, tp)
 
+    @classmethod
+    def whole(cls, module, tp: TensorParallel) -> RowParallelLinear:
+        """A module that already holds only this rank's input columns (a shard built at its local size), as a
+        RowParallelLinear: an nn.Linear, or a `quant.Fp8Linear` (its FP8 codes and row scales taken over as they
+        are)."""
+        if isinstance(module, Fp8Linear):
+            bias = None if module.bias is None else module.bias.data
+            out = cls(module.weight.data, bias, tp)
+            out.weight_scale = torch.nn.Parameter(module.weight_scale.data, requires_grad=False)
+            out.dtype_out, out.impl = module.dtype_out, module.impl
+            return out
+        return cls.of(module, 0, module.in_features, tp)
+
     @property
     def in_features(self) -> int:
         return self.weight.shape[1]
@@ -243,11 +256,13 @@ def shard_model(model, tp: TensorParallel):
 
 
 def random_shard(shape: str, tp: TensorParallel, dtype=torch.float32, device="cpu", longest: int = 4096,
-                 seed: int = 0, layers: int | None = None):
+                 seed: int = 0, layers: int | None = None, weights: str = "bf16"):
     """Rank tp.rank's shard of a random-weight model of `bench.shapes.SHAPES[shape]` (optionally with fewer layers),
-    built at the local size (the full model is never held). Every rank draws from the same seed, so the replicated parts (embeddings, norms,
-    lm_head) agree, as they must; speed and memory do not depend on the weight values."""
-    from .bench.shapes import SHAPES
+    built at the local size (the full model is never held). Every rank draws from the same seed, so the replicated
+    parts (embeddings, norms, lm_head) agree, as they must; speed and memory do not depend on the weight values.
+    weights: "bf16" (every weight in `dtype`) or "fp8" (the layers' projections in FP8, `bench.shapes.random_fp8_model`:
+    a Llama-3-70B shard on one GPU)."""
+    from .bench.shapes import SHAPES, WEIGHT_FORMATS, random_fp8_model
     from .bench.tables import RANDOM_WEIGHTS
     from .models import random_model
 
@@ -258,13 +273,16 @@ def random_shard(shape: str, tp: TensorParallel, dtype=torch.float32, device="cp
         raise ValueError(f"shape {shape} has {cfg['heads']} heads / {cfg['kv_heads']} KV heads, tp is for "
                          f"{tp.heads} / {tp.kv_heads}")
     check_mlp_width(cfg["intermediate"], tp)
-    model = random_model(cfg["family"], layers or cfg["layers"], tp.local_heads, tp.local_kv_heads, cfg["head_dim"],
-                         cfg["hidden"], vocab=cfg["vocab"], intermediate=cfg["intermediate"] // tp.world_size,
-                         seed=seed, dtype=dtype, device=str(device), max_positions=longest + 4096)
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights={weights!r}: allowed are {', '.join(WEIGHT_FORMATS)}")
+    build = random_fp8_model if weights == "fp8" else random_model
+    model = build(cfg["family"], layers or cfg["layers"], tp.local_heads, tp.local_kv_heads, cfg["head_dim"],
+                  cfg["hidden"], vocab=cfg["vocab"], intermediate=cfg["intermediate"] // tp.world_size, seed=seed,
+                  dtype=dtype, device=str(device), max_positions=longest + 4096)
     for layer in model.model.layers:
         a, m = layer.self_attn, layer.mlp
-        a.o_proj = RowParallelLinear.of(a.o_proj, 0, a.o_proj.in_features, tp)
-        m.down_proj = RowParallelLinear.of(m.down_proj, 0, m.down_proj.in_features, tp)
+        a.o_proj = RowParallelLinear.whole(a.o_proj, tp)
+        m.down_proj = RowParallelLinear.whole(m.down_proj, tp)
     _local_config(model, tp, cfg["intermediate"])
     model.config._name_or_path = f"{shape}{f' {layers} layers' if layers else ''} ({RANDOM_WEIGHTS})"
     return model
@@ -300,6 +318,9 @@ def parser() -> argparse.ArgumentParser:
                     help="'cuda' (each rank its cuda:LOCAL_RANK, nccl) or 'cpu' (gloo)")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="default bfloat16 on CUDA, float32 on the CPU")
+    ap.add_argument("--weights", default="bf16", choices=["bf16", "fp8"],
+                    help="fp8: the layers' projections in FP8 e4m3 with per-row scales (quant.Fp8Linear; activations "
+                         "in --dtype): what lets a Llama-3-70B shape fit one GPU")
     ap.add_argument("--seed", type=int, default=0)
     return ap
 
@@ -323,7 +344,7 @@ def run(args: argparse.Namespace, tp: TensorParallel, device: torch.device) -> d
             raise ValueError(f"--{name} {getattr(args, name)}: must be ≥ 1")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     model = random_shard(args.shape, tp, dtype, device, args.context + args.warmup + args.steps, args.seed,
-                         args.layers)
+                         args.layers, args.weights)
     ids = prompt_ids(args.context, model.config.vocab_size, seed=args.seed)
     b = resolve_budget(args.budget, args.context, model.config.num_hidden_layers, tp.kv_heads)
     window = args.window or b.default_window()
@@ -369,7 +390,8 @@ def run(args: argparse.Namespace, tp: TensorParallel, device: torch.device) -> d
     return dict(rank=tp.rank, heads=f"{tp.kv_start}-{tp.kv_start + tp.local_kv_heads - 1}",
                 entries=sum(int(lay.offsets[-1]) for lay in cache.layers), kept_bytes=cache.kept_bytes(), ms=ms,
                 prefill_s=prefill_s, peak=peak(device)[0],
-                window=window, exchanges=sharded.plan.exchanges, model=model.config._name_or_path, graph=graph)
+                window=window, exchanges=sharded.plan.exchanges, model=model.config._name_or_path, graph=graph,
+                weights=weight_format(model))
 
 
 def table(rows: list[dict], args: argparse.Namespace, backend: str) -> str:
@@ -379,7 +401,7 @@ def table(rows: list[dict], args: argparse.Namespace, backend: str) -> str:
     r0 = rows[0]
     peak = lambda p: "-" if p is None else f"{p / mib:.1f}"
     ranks = f"{len(rows)} rank{'s' if len(rows) > 1 else ''}"
-    lines = [f"tensor-parallel decode: {r0['model']}, {ranks} ({backend}), context {args.context}, "
+    lines = [f"tensor-parallel decode: {r0['model']}, layers {r0['weights']}, {ranks} ({backend}), context {args.context}, "
              f"budget {args.budget}, policy {args.policy} (window {r0['window']}; ranks exchange: {r0['exchanges']}"
              f"{', layer by layer' if args.layerwise else ''}), "
              f"{'layer-wise' if args.layerwise else 'one-shot'} compression{f', chunk {args.chunk}' if args.chunk else ''}"

@@ -68,16 +68,17 @@ def test_scale_sweep_rejects_unknown_weight_formats(tmp_path):
         scale.scale_sweep(tmp_path, weights=("int4",), device="cpu")
 
 
-def test_scale_dry_run_on_cpu(tmp_path):
+@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
+def test_scale_dry_run_on_cpu(tmp_path, fmt):
     """Every row a real measurement of the tiny shape: kept bytes exact, extrapolations × L / k."""
-    rec = scale.scale_sweep(tmp_path, shape="tiny", weights=("bf16",), contexts=(256, 512), budgets=(0.05,),
+    rec = scale.scale_sweep(tmp_path, shape="tiny", weights=(fmt,), contexts=(256, 512), budgets=(0.05,),
                             prefill_contexts=(512,), prefill_layers=1, chunk=128, steps=2, warmup=1,
                             frontier_start=256, frontier_resolution=256, max_batch=2, device="cpu")
     rec.close()
     t = load_results(tmp_path)
     d, p = t["decode"], t["scale_prefill"]
     assert set(d["sweep"]) == {"scale", "batch", "maxbatch", "frontier"} and (d["status"] == "ok").all()
-    assert d["weights"].str.contains("random weights").all()
+    assert d["weights"].str.contains("random weights").all() and d["weights"].str.contains(fmt).all()
     s = gpu.SHAPES["tiny"]
     per_token_entry = s["head_dim"] * 2 * 4  # K and V of one (layer, head, token), float32
     for _, r in d[d["sweep"] == "scale"].iterrows():
@@ -97,3 +98,22 @@ def test_scale_dry_run_on_cpu(tmp_path):
 
 def pd_na(x) -> bool:
     return x is None or x != x
+
+
+def test_fp8_shape_model_holds_fp8_layers_and_decodes():
+    from flowkv_utils.bench.timing import weight_bytes
+    from flowkv_utils.quant import Fp8Linear, weight_format
+
+    dense = shape_model("tiny", "cpu", 256, dtype=torch.float32, layers=3)
+    fp8 = shape_model("tiny", "cpu", 256, dtype=torch.float32, layers=3, weights="fp8")
+    assert weight_format(fp8) == "fp8-e4m3 per-channel" and len(fp8.model.layers) == 3
+    for layer in fp8.model.layers:
+        assert isinstance(layer.self_attn.q_proj, Fp8Linear) and isinstance(layer.mlp.down_proj, Fp8Linear)
+    # each projection entry: 4 bytes → 1, plus one float32 scale per output row
+    cfg = gpu.SHAPES["tiny"]
+    d, D, H, G, inter = cfg["head_dim"], cfg["hidden"], cfg["heads"], cfg["kv_heads"], cfg["intermediate"]
+    entries = D * H * d * 2 + D * G * d * 2 + 3 * D * inter
+    rows = H * d + 2 * G * d + D + 2 * inter + D
+    assert weight_bytes(dense) - weight_bytes(fp8) == 3 * (entries * 3 - rows * 4)
+    with pytest.raises(ValueError, match="weights='int4'"):
+        shape_model("tiny", "cpu", 256, weights="int4")

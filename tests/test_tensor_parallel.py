@@ -251,7 +251,8 @@ def test_sharded_keep_sets_and_decode_equal_the_unsharded_model(world, tmp_path)
 # ------------------------------------------------------------------------------------------ the command line
 
 
-@pytest.mark.parametrize("extra", [("--policy", "flowkv"), ("--policy", "flowkv_global", "--layerwise", "--chunk", "48")])
+@pytest.mark.parametrize("extra", [("--policy", "flowkv"),
+                                   ("--policy", "flowkv_global", "--layerwise", "--chunk", "48", "--weights", "fp8")])
 def test_command_under_torchrun_two_processes(extra):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -261,6 +262,7 @@ def test_command_under_torchrun_two_processes(extra):
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.strip().split("\n")
     assert ("layer-wise compression, chunk 48" in lines[0]) == ("--layerwise" in extra), lines[0]
+    assert ("layers fp8-e4m3" in lines[0]) == ("fp8" in extra), lines[0]
     assert any(line.startswith("rank 0 ") for line in lines) and any(line.startswith("rank 1 ") for line in lines)
     total = [line for line in lines if line.startswith("total")]
     assert len(total) == 1 and "2 ranks" in total[0], run.stdout
