@@ -7,6 +7,7 @@
     python -m flowkv_utils.bench gpu --out results/gpu   # the GPU sweep (Llama-3-8B shape, random weights) to 200K
     python -m flowkv_utils.bench scoring     # FlowKV scoring step by step at 128K (GPU), + whole prefills per slack
     python -m flowkv_utils.bench scale --out results/scale_h200   # what one GPU holds: Llama-3-70B shape, fp8/bf16
+    python -m flowkv_utils.bench peers --out results/peers_h200   # HF eager/compiled, SDPA, FlexAttention, FlashInfer
     python -m flowkv_utils.bench all         # load, notebooks, policies, decode (the CPU ones)
 
 Every table is tidy CSV (`results.TableFile`), one measurement per row, and every row carries the device, torch /
@@ -25,13 +26,14 @@ stored runs (bars, OOM frontier) is `analysis.py`'s.
 Modules, one job each: `tables` (schemas, recorder, loading stored runs), `timing` (bandwidth, bytes, step timings,
 the decode row), `shapes` (model shapes, prompts, synthetic caches), `prefill` (one compressing prefill), `cpu`
 (the CPU benchmarks), `scoring` (scoring step by step, score-kernel tuning), `checks` (fast paths vs references),
-`gpu` (the GPU sweep, split-KV kernel timing), `scale` (what one GPU holds of a large shape), `cli` (the subcommands).
+`gpu` (the GPU sweep, split-KV kernel timing), `scale` (what one GPU holds of a large shape), `peers` (what users would run instead), `cli` (the subcommands).
 """
 
 from .checks import chunked_prefill_check, decode_parity, kernel_checks, score_checks
 from .cli import main, summary
 from .cpu import context_sweep, load_times, notebook_times, policies_overhead
 from .gpu import TUNE, gpu_sweep, kernel_speed, largest_batch, largest_that_fits
+from .peers import PEERS, peers_sweep
 from .prefill import prefill_context
 from .scale import scale_sweep
 from .scoring import SCORE_TUNE, scoring_parts, scoring_prefills, tune_score_kernel
@@ -46,9 +48,9 @@ from .timing import (
     weight_bytes,
 )
 
-__all__ = ["EMBEDDED_WEIGHTS", "MODEL_COLS", "RANDOM_WEIGHTS", "SCHEMAS", "SCORE_TUNE", "SHAPES", "TUNE",
+__all__ = ["EMBEDDED_WEIGHTS", "MODEL_COLS", "PEERS", "RANDOM_WEIGHTS", "SCHEMAS", "SCORE_TUNE", "SHAPES", "TUNE",
            "chunked_prefill_check", "context_sweep", "copy_bandwidth", "decode_parity", "decode_row", "gpu_sweep",
            "kernel_checks", "kernel_speed", "largest_batch", "largest_that_fits", "load_results", "load_times", "main", "median_ms",
-           "model_cols", "notebook_times", "policies_overhead", "prefill_context", "prompt_ids", "recorder", "scale_sweep",
+           "model_cols", "notebook_times", "peers_sweep", "policies_overhead", "prefill_context", "prompt_ids", "recorder", "scale_sweep",
            "score_checks", "scoring_parts", "scoring_prefills", "shape_model", "summary", "synthetic_cache",
            "time_fast_decode", "time_generate_decode", "tune_score_kernel", "weight_bytes"]

@@ -19,13 +19,14 @@ from .checks import score_checks
 from .cpu import context_sweep, load_times, notebook_times, policies_overhead
 from .evaluation import BUDGETS, eval_rate
 from .gpu import TUNE, gpu_sweep
+from .peers import PEERS, peers_sweep
 from .scale import scale_sweep
 from .scoring import scoring_parts, scoring_prefills
 from .shapes import SHAPES, WEIGHT_FORMATS
 from .tables import recorder
 from .timing import copy_bandwidth
 
-COMMANDS = ("load", "notebooks", "policies", "decode", "gpu", "scoring", "eval", "scale", "all")
+COMMANDS = ("load", "notebooks", "policies", "decode", "gpu", "scoring", "eval", "scale", "peers", "all")
 CPU_COMMANDS = ["load", "policies", "decode", "notebooks"]  # what `all` runs
 
 
@@ -74,6 +75,13 @@ def parser() -> argparse.ArgumentParser:
                            help="policies to time (default: every study policy)")
             p.add_argument("--question", choices=("aware", "agnostic"), default="aware",
                            help="compress the question with the context (aware) or the context before it")
+        if name == "peers":
+            p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
+            p.add_argument("--contexts", type=int, nargs="+", default=[131072, 204800])
+            p.add_argument("--budget", type=float, default=0.05, help="kept fraction of the sparse/gathered rows")
+            p.add_argument("--peers", nargs="+", default=list(PEERS), choices=list(PEERS))
+            p.add_argument("--steps", type=int, default=10)
+            p.add_argument("--device", default="cuda")
         if name == "scale":
             p.add_argument("--shape", default="llama3-70b", choices=sorted(SHAPES))
             p.add_argument("--weights", nargs="+", default=["fp8", "bf16"], choices=list(WEIGHT_FORMATS),
@@ -137,6 +145,9 @@ def _run(cmd: str, a: argparse.Namespace, rec: Recorder) -> None:
                   fullkv_prefill=not a.quick, batch_search=not a.quick, checks=not a.no_checks, device=a.device,
                   max_batch=a.max_batch, kernel_variants=TUNE if a.tune else None, slack=a.slack,
                   policies=tuple(a.policies), pages=tuple(a.pages), rec=rec)
+    elif cmd == "peers":
+        peers_sweep(rec.out, shape=a.shape, contexts=tuple(a.contexts), budget=a.budget, peers=tuple(a.peers),
+                    steps=a.steps, device=a.device, rec=rec)
     elif cmd == "scale":
         scale_sweep(rec.out, shape=a.shape, weights=tuple(a.weights), contexts=tuple(a.contexts),
                     budgets=tuple(a.budgets), policy=a.policy, batch_budget=a.batch_budget,

@@ -45,6 +45,10 @@ SCHEMAS: dict[str, list[str]] = {
                                    "peak_alloc_bytes", "peak_reserved_bytes", "peak_extrapolated_bytes",
                                    "device_bytes", "fits_extrapolated", "weight_bytes", "full_kv_bytes", "status",
                                    "note"],
+    # what users would run instead (`bench.peers`): one row per peer and context; what: hf_eager | hf_compiled |
+    # sdpa | flex | flashinfer; status ok | oom | failed | unavailable (note: why); setup_s: cache fill + compile
+    "peers": ["what", "context", "batch", "ms", "tokens_per_s", "kv_read_bytes", "weight_bytes", "GBps",
+              "frac_of_copy", "floor_ms", "floor_ratio", "setup_s", "peak_alloc_bytes", "status", "note"],
     # scoring + selection of one policy during one prefill, against that prefill's time
     "scoring": MODEL_COLS + ["policy", "budget", "context", "slack", "scoring_s", "prefill_s", "fraction",
                              "kept_bytes", "allocated_bytes", "alloc_over_kept"],
