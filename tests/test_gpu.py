@@ -177,5 +177,5 @@ def test_page_decode_triton_graph_equals_the_torch_path(batch):
         return [dec.step(ids).clone() for _ in range(4)]
 
     ref, fast = run("torch", False), run("triton", True)
-    for a, b in zip(ref, fast, strict=True):
-        assert float((a - b).norm() / a.norm()) < 1e-4
+    for a, b in zip(ref, fast, strict=True):  # the Triton dots run in TF32 on float32 (bench's kernel check: 1e-2)
+        assert float((a - b).norm() / a.norm()) < 5e-3

@@ -20,6 +20,7 @@ from .cpu import context_sweep, load_times, notebook_times, policies_overhead
 from .evaluation import BUDGETS, eval_rate
 from .gpu import TUNE, gpu_sweep
 from .peers import PEERS, peers_sweep
+from .scale import PARTS as SCALE_PARTS
 from .scale import scale_sweep
 from .scoring import scoring_parts, scoring_prefills
 from .shapes import SHAPES, WEIGHT_FORMATS
@@ -99,6 +100,7 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--frontier-start", type=int, default=8192)
             p.add_argument("--frontier-resolution", type=int, default=4096)
             p.add_argument("--max-batch", type=int, default=1024)
+            p.add_argument("--parts", nargs="+", default=list(SCALE_PARTS), choices=list(SCALE_PARTS))
             p.add_argument("--device", default="cuda", help="cuda, or cpu (a dry run on --shape tiny)")
         if name == "gpu":
             p.add_argument("--slack", type=float, default=0.25, help="FlowKV global re-packing slack (layerwise)")
@@ -153,7 +155,7 @@ def _run(cmd: str, a: argparse.Namespace, rec: Recorder) -> None:
                     budgets=tuple(a.budgets), policy=a.policy, batch_budget=a.batch_budget,
                     prefill_contexts=tuple(a.prefill_contexts), prefill_layers=a.prefill_layers, chunk=a.chunk,
                     steps=a.steps, frontier_start=a.frontier_start, frontier_resolution=a.frontier_resolution,
-                    max_batch=a.max_batch, device=a.device, rec=rec)
+                    max_batch=a.max_batch, parts=tuple(a.parts), device=a.device, rec=rec)
     elif cmd == "eval":
         eval_rate(rec, a.model_path, a.device, a.dtype, a.context, a.instances, a.budgets, not a.no_reference,
                   a.table, a.policies, a.question)

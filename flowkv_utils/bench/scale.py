@@ -43,6 +43,8 @@ from .timing import (
     weight_bytes,
 )
 
+PARTS = ("decode", "batch", "frontier", "prefill")  # what a scale sweep runs (all by default)
+
 
 def weights_label(fmt: str) -> str:
     """The `weights` column of a row: random weights, and in which format the layers' projections are."""
@@ -76,12 +78,16 @@ def scale_sweep(out: Path | str | None, *, shape: str = "llama3-70b", weights: t
                 policy: str = "flowkv", batch_budget: float = 0.05, prefill_contexts: tuple[int, ...] = (131072,
                 524288), prefill_layers: int = 2, chunk: int = 8192, steps: int = 10, warmup: int = 3,
                 frontier_start: int = 8192, frontier_resolution: int = 4096, max_batch: int = 1024,
-                device: str = "cuda", command: str | None = None, rec: Recorder | None = None) -> Recorder:
+                parts: tuple[str, ...] = PARTS, device: str = "cuda", command: str | None = None,
+                rec: Recorder | None = None) -> Recorder:
     """The scale sweep (module docstring), one model per weight format in turn: decode rows (sweep 'scale') for
     FullKV and `policy` at every budget and context, OOM rows where they do not fit; the largest batch of `policy`
     at `batch_budget` at the longest context; FullKV's frontier (sweep 'frontier', largest context of batch 1);
     prefill rows of `policy` and FullKV at `prefill_contexts` on `prefill_layers` layers, measured and
-    extrapolated (table 'scale_prefill')."""
+    extrapolated (table 'scale_prefill'). parts: which of `PARTS` to run."""
+    bad = [p for p in parts if p not in PARTS]
+    if bad:
+        raise ValueError(f"parts {bad}: allowed are {', '.join(PARTS)}")
     for fmt in weights:
         if fmt not in WEIGHT_FORMATS:
             raise ValueError(f"weights {fmt!r}: allowed are {', '.join(WEIGHT_FORMATS)}")
@@ -114,21 +120,25 @@ def scale_sweep(out: Path | str | None, *, shape: str = "llama3-70b", weights: t
         rec.save_meta(**meta)
         log(f"{shape} with {fmt} layers: {weight_bytes(model) / 1e9:.1f} GB of weights read per step")
         kw = dict(weights=label, bw=bw, cap=cap, steps=steps, warmup=warmup)
-        for n in contexts:
-            for b in (None, *budgets):
-                _decode_or_oom(rec, model, "fullkv" if b is None else policy, b, n, **kw)
-        log(f"{fmt}: decode rows done")
-        s = shape_of(model)
-        n = max(contexts)
-        largest_batch(rec, model, uniform_counts(batch_budget, n, s.layers, s.kv_heads), policy, batch_budget, n,
-                      bw, cap, steps, warmup, max_batch, weights=label)
-        log(f"{fmt}: largest batch done")
-        fullkv_frontier(rec, model, start=frontier_start, limit=longest * 4, resolution=frontier_resolution, **kw)
-        log(f"{fmt}: FullKV frontier done")
-        for n in prefill_contexts:
-            for p, b in ((policy, batch_budget), ("fullkv", None)):
-                layer_prefill(rec, model, n, p, b, prefill_layers, chunk, label, total_mem)
-        log(f"{fmt}: prefills done")
+        if "decode" in parts:
+            for n in contexts:
+                for b in (None, *budgets):
+                    _decode_or_oom(rec, model, "fullkv" if b is None else policy, b, n, **kw)
+            log(f"{fmt}: decode rows done")
+        if "batch" in parts:
+            s = shape_of(model)
+            n = max(contexts)
+            largest_batch(rec, model, uniform_counts(batch_budget, n, s.layers, s.kv_heads), policy, batch_budget,
+                          n, bw, cap, steps, warmup, max_batch, weights=label)
+            log(f"{fmt}: largest batch done")
+        if "frontier" in parts:
+            fullkv_frontier(rec, model, start=frontier_start, limit=longest * 4, resolution=frontier_resolution, **kw)
+            log(f"{fmt}: FullKV frontier done")
+        if "prefill" in parts:
+            for n in prefill_contexts:
+                for p, b in ((policy, batch_budget), ("fullkv", None)):
+                    layer_prefill(rec, model, n, p, b, prefill_layers, chunk, label, total_mem)
+            log(f"{fmt}: prefills done")
         del model
     free_memory()
     rec.save_meta(**meta, seconds=time.perf_counter() - t_start)
@@ -166,11 +176,12 @@ def fullkv_frontier(rec: Recorder, model, *, start: int, limit: int, resolution:
 
 
 def layer_prefill(rec: Recorder, model, n: int, policy: str, budget, layers_run: int, chunk: int, weights: str,
-                  device_bytes: int | None, window: int | None = None) -> None:
+                  device_bytes: int | None, window: int | None = None, warmup: int = 4096) -> None:
     """Prefill n tokens through the first `layers_run` layers (every layer's weights resident), compressing each
     layer as it is produced (`layerwise.LayerwiseCompressor`; FullKV keeps everything); one 'scale_prefill' row with
     the measured time and peak and their extrapolation to all L layers (module docstring), or an 'oom' row.
-    window: the observation window (default 32, or half the smallest per-head budget when that is less)."""
+    window: the observation window (default 32, or half the smallest per-head budget when that is less). warmup:
+    tokens of an untimed prefill of the same policy first (kernel compilation and autotuning are not prefill time)."""
     s = shape_of(model)
     L = s.layers
     window = window or resolve_budget("full" if budget is None else budget, n, L, s.kv_heads).default_window()
@@ -184,6 +195,15 @@ def layer_prefill(rec: Recorder, model, n: int, policy: str, budget, layers_run:
     reset_peak(dev)
     try:
         with first_layers(model, layers_run):
+            if warmup:
+                w_ids = ids[:, :min(n, warmup)]
+                w_comp = LayerwiseCompressor(model, w_ids, policy, 1.0 if budget is None else budget,
+                                             window=min(window, w_ids.shape[1] // 2))
+                prefill(model, w_ids, window=w_comp.window, chunk=chunk, on_layer=w_comp, keep_kv=False,
+                        **w_comp.prefill_options)
+                del w_comp
+                free_memory()
+                reset_peak(dev)
             comp = LayerwiseCompressor(model, ids, policy, 1.0 if budget is None else budget, window=window)
             sync(dev)
             t0 = time.perf_counter()
