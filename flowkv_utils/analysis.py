@@ -475,3 +475,105 @@ def targets_table(targets: ThroughputTargets = THROUGHPUT_TARGETS,
         sense = TARGET_SENSE[f.name]
         rows.append((f.name, sense, value, f"{sense} {value:g}", judged_on[f.name]))
     return pd.DataFrame(rows, columns=["name", "sense", "value", "target", "judged_on"])
+
+
+# ---- comparators and peers (issue 14) and scale (issue 15): tidy tables from stored bench runs ----
+def weight_format_of(weights_label: str) -> str:
+    """'fp8' or 'bf16' from a row's weights label (`bench.scale.weights_label`)."""
+    return "fp8" if "fp8" in str(weights_label) else "bf16"
+
+
+def config_label(policy: str, budget, layout: str = "ragged") -> str:
+    """How a decode configuration is named in tables and legends: 'FullKV', 'FlowKV 5 %', 'Quest P=16 5 %', ..."""
+    from .plots import policy_label
+
+    if policy == "fullkv":
+        return "FullKV"
+    b = "" if budget is None or budget != budget else f" {budget:.0%}"
+    if policy == "quest":
+        return f"block-sparse (Quest, P={str(layout).removeprefix('pages')}){b}"
+    return f"{policy_label(policy)}{b}"
+
+
+def comparison_table(res: dict, peers: dict | None = None, context: int | None = None) -> pd.DataFrame:
+    """One row per way of decoding at `context` (default: the longest of the stored run): every policy's batch-1
+    step and its largest batch (decode rows; block-sparse rows included), and, from a stored `bench peers` run,
+    the whole-model peers (transformers eager and compiled). Columns: name, kind ('eviction' | 'block-sparse' |
+    'full' | 'peer'), batch_1_ms, tokens_per_s_1, floor_ratio_1, max_batch, tokens_per_s_max, kv_resident_gb (the
+    cache one sequence holds)."""
+    d = res["decode"][res["decode"].status == "ok"]
+    n = int(d.context.max()) if context is None else context
+    d = d[d.context == n]
+    rows = []
+    one = d[(d.sweep == "context") & (d.batch == 1) & (d.layout.isin(["ragged"]) | (d.policy == "quest"))]
+    for _, r in one.iterrows():
+        big = d[(d.sweep == "maxbatch") & (d.policy == r.policy) & (d.layout == r.layout)]
+        kind = "full" if r.policy == "fullkv" else "block-sparse" if r.policy == "quest" else "eviction"
+        rows.append(dict(name=config_label(r.policy, r.budget, r.layout), kind=kind, batch_1_ms=r.decode_ms,
+                         tokens_per_s_1=r.tokens_per_s, floor_ratio_1=r.floor_ratio,
+                         max_batch=int(big.batch.iloc[0]) if len(big) else None,
+                         tokens_per_s_max=float(big.tokens_per_s.iloc[0]) if len(big) else None,
+                         kv_resident_gb=r.kept_bytes / 1e9))
+    if peers is not None:
+        p = peers["peers"]
+        p = p[(p.context == n) & p.what.isin(["hf_eager", "hf_compiled"]) & (p.status == "ok")]
+        names = {"hf_eager": "transformers eager (DynamicCache)", "hf_compiled": "transformers StaticCache + compile"}
+        for _, r in p.iterrows():
+            rows.append(dict(name=names[r.what], kind="peer", batch_1_ms=r.ms, tokens_per_s_1=r.tokens_per_s,
+                             floor_ratio_1=r.floor_ratio, max_batch=None, tokens_per_s_max=None,
+                             kv_resident_gb=r.kv_read_bytes / 1e9))
+    order = {"full": 0, "eviction": 1, "block-sparse": 2, "peer": 3}
+    out = pd.DataFrame(rows)
+    return out.sort_values(["kind", "batch_1_ms"], key=lambda c: c.map(order) if c.name == "kind" else c,
+                           ignore_index=True)
+
+
+def attention_kernels(res: dict, peers: dict) -> pd.DataFrame:
+    """One layer's decode attention at the kernel table's context: the project's split-KV kernel (full cache,
+    uniform and ragged 5 % lengths) beside SDPA (full and pre-gathered), FlexAttention (page mask) and FlashInfer
+    (or why not) from a `bench peers` run. Columns: name, us, kv_mb, frac_of_copy, status, note."""
+    rows = []
+    for _, r in res["kernel"].iterrows():
+        rows.append(dict(name=f"split-KV (project), {r.lengths} lengths", us=r.us, kv_mb=r.kv_bytes / 1e6,
+                         frac_of_copy=r.frac_of_copy, status="ok", note=f"config {r.config}"))
+    for _, r in peers["peers"][peers["peers"].what.isin(["sdpa", "flex", "flashinfer"])].iterrows():
+        rows.append(dict(name={"sdpa": "torch SDPA", "flex": "FlexAttention", "flashinfer": "FlashInfer"}[r.what]
+                         + ("" if r.what != "sdpa" else (", full cache" if "full cache" in r.note else ", gathered 5 %")),
+                         us=None if r.ms != r.ms else 1e3 * r.ms, kv_mb=r.kv_read_bytes / 1e6,
+                         frac_of_copy=r.frac_of_copy, status=r.status, note=r.note))
+    return pd.DataFrame(rows)
+
+
+def scale_tables(res: dict) -> dict[str, pd.DataFrame]:
+    """From a stored `bench scale` run: 'decode' (weight format × configuration × context: fits, ms and tokens/s at
+    batch 1, floor ratio, peak and kept GB), 'frontier' (per format, FullKV's largest context that decoded and
+    the first that did not), 'batch' (the largest batch of the searched configuration), 'prefill' (measured on a
+    few layers and extrapolated, per format, policy and context), 'fullkv_curve' (every FullKV context the frontier
+    search decoded, with the 'decode' columns: FullKV's memory and speed against the context)."""
+    d = res["decode"].assign(format=lambda x: x.weights.map(weight_format_of))
+    d["config"] = [config_label(p, b) for p, b in zip(d.policy, d.budget, strict=True)]
+    grid = d[d.sweep == "scale"].assign(fits=lambda x: x.status == "ok", peak_gb=lambda x: x.peak_alloc_bytes / 1e9,
+                                        kept_gb=lambda x: x.kept_bytes / 1e9)
+    cols = ["format", "config", "policy", "budget", "context", "fits", "decode_ms", "tokens_per_s", "floor_ratio",
+            "peak_gb", "kept_gb"]
+    grid = grid[cols].reset_index(drop=True)
+    curve = d[(d.sweep == "frontier") & (d.status == "ok")].assign(fits=True, peak_gb=lambda x: x.peak_alloc_bytes / 1e9,
+                                                                   kept_gb=lambda x: x.kept_bytes / 1e9)
+    curve = curve[cols].sort_values(["format", "context"]).reset_index(drop=True)
+    fr = []
+    for fmt, g in d[d.sweep == "frontier"].groupby("format", sort=False):
+        ok, oom = g[g.status == "ok"].context, g[g.status == "oom"].context
+        largest = int(ok.max()) if len(ok) else 0
+        first_oom = oom[oom > largest]
+        fr.append(dict(format=fmt, largest_context=largest,
+                       first_oom=int(first_oom.min()) if len(first_oom) else None,
+                       attempts=len(g)))
+    batch = d[d.sweep == "maxbatch"][["format", "config", "context", "batch", "decode_ms", "tokens_per_s",
+                                      "floor_ratio"]].reset_index(drop=True)
+    p = res.get("scale_prefill")
+    if p is not None:
+        p = p.assign(format=p.weights.map(weight_format_of))
+        p["config"] = [config_label(a, b) for a, b in zip(p.policy, p.budget, strict=True)]
+        p = p[["format", "config", "context", "status", "layers_run", "seconds", "seconds_extrapolated",
+               "peak_alloc_bytes", "peak_extrapolated_bytes", "device_bytes", "fits_extrapolated"]]
+    return {"decode": grid, "frontier": pd.DataFrame(fr), "batch": batch, "prefill": p, "fullkv_curve": curve}

@@ -14,7 +14,7 @@ POLICY_STYLE = {
     "fullkv": ("black", "o"), "streamingllm": ("#8c8c8c", "v"), "snapkv": ("#1f77b4", "s"),
     "pyramidkv": ("#17becf", "^"), "adakv": ("#2ca02c", "D"), "criticalkv": ("#bcbd22", "P"),
     "criticaladakv": ("#9edae5", "p"), "cake": ("#9467bd", "X"), "flowkv": ("#d62728", "*"),
-    "flowkv_global": ("#ff7f0e", "h"), "smoothevict": ("#e377c2", "d"),
+    "flowkv_global": ("#ff7f0e", "h"), "smoothevict": ("#e377c2", "d"), "quest": ("#117a65", "X"),
     "h2o": ("#8c564b", "<"), "tova": ("#637939", ">"), "keydiff": ("#7b4173", "H"),
     "defensivekv": ("#e7969c", ">"), "layer_defensivekv": ("#c49c94", "<"), "lava": ("#393b79", "8"),
     # FlowKV's ablations (role "ablation", drawn dotted): muted reds for the layer-wise, browns for the global form
@@ -27,7 +27,7 @@ POLICY_LABEL = {
     "fullkv": "FullKV", "streamingllm": "StreamingLLM", "snapkv": "SnapKV", "pyramidkv": "PyramidKV",
     "adakv": "AdaKV", "criticalkv": "CriticalKV", "criticaladakv": "CriticalAdaKV", "cake": "CAKE",
     "flowkv": "FlowKV (derived, layer-wise)", "flowkv_global": "FlowKV (derived, global)",
-    "smoothevict": "SmoothEvict (project interpretation)",
+    "smoothevict": "SmoothEvict (project interpretation)", "quest": "block-sparse (Quest-style)",
     "h2o": "H2O", "tova": "TOVA", "keydiff": "KeyDiff",
     "defensivekv": "DefensiveKV", "layer_defensivekv": "Layer-DefensiveKV", "lava": "LAVa",
     "flowkv_pool7": "FlowKV ablation: max-pooled, k = 7", "flowkv_no_cross": "FlowKV ablation: no cross terms",

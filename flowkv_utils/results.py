@@ -36,7 +36,11 @@ META = ["device", "device_name", "torch", "transformers", "triton", "date", "com
 
 
 def git_describe() -> str:
-    """`git describe --always --dirty` of the repository ('-dirty': the run used uncommitted changes)."""
+    """`git describe --always --dirty` of the repository ('-dirty': the run used uncommitted changes), or
+    $FLOWKV_GIT where set: a copy of the working tree whose .git is not the tree's own (a lent device's checkout)
+    says the commit it runs that way."""
+    if os.environ.get("FLOWKV_GIT"):
+        return os.environ["FLOWKV_GIT"]
     try:
         return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True,
                               timeout=10).stdout.strip()

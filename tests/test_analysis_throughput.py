@@ -31,3 +31,33 @@ def test_targets_table_says_what_bars_compares():
                                        alloc_over_kept=1.01)  # distinct values: each string names one target
     used = set(analysis.bars(res, targets=other).target)
     assert used == set(analysis.targets_table(other).target)
+
+
+# ---- the stored H200 comparator, peer and scale runs (issues 14 and 15) ----
+def test_comparison_table_of_the_stored_h200_run():
+    res, peers = bench.load_results(results.REPO / "results/gpu_h200_cmp"), bench.load_results(results.REPO / "results/peers_h200")
+    t = analysis.comparison_table(res, peers)
+    kinds = t.groupby("kind").name.count()
+    assert kinds["full"] == 1 and kinds["eviction"] >= 5 and kinds["block-sparse"] == 2 and kinds["peer"] == 2
+    full = t[t.kind == "full"].kv_resident_gb.iloc[0]
+    evict = t[t.kind == "eviction"].kv_resident_gb
+    assert evict.nunique() == 1 and abs(evict.iloc[0] - 0.05 * full) < 1e-3 * full  # every policy keeps 5 %
+    assert (t[t.kind == "block-sparse"].kv_resident_gb == full).all()  # block-sparse holds everything
+    k = analysis.attention_kernels(res, peers)
+    assert {"torch SDPA, full cache", "FlexAttention", "FlashInfer"} <= set(k.name)
+
+
+def test_scale_tables_of_the_stored_h200_run():
+    res = bench.load_results(results.REPO / "results/scale_h200")
+    t = analysis.scale_tables(res)
+    cap = res["meta"]["gpu_total_bytes"] / 1e9
+    for _, f in t["frontier"].iterrows():
+        assert f.first_oom > f.largest_context > 0
+    g = t["decode"]
+    assert (g[g.fits].peak_gb <= cap).all()
+    per_token = 80 * 8 * 128 * 2 * 2  # bytes of KV per token of the Llama-3-70B shape, bf16
+    flow = g[g.fits & (g.policy == "flowkv")]
+    assert ((flow.kept_gb * 1e9 - flow.budget * flow.context * per_token).abs() <= 80 * 8 * 128 * 2 * 2).all()
+    p = t["prefill"][t["prefill"].status == "ok"]
+    assert ((p.seconds_extrapolated - p.seconds * 80 / p.layers_run).abs() < 1e-6 * p.seconds_extrapolated).all()
+    assert set(t["fullkv_curve"].format) == {"fp8", "bf16"}

@@ -202,3 +202,10 @@ def test_gpu_dry_run_decodes_the_chosen_policies_at_equal_bytes(tmp_path):
     # block-sparse holds the whole cache but reads less of it: its floor is below FullKV's, its memory is not
     assert quest.kept_bytes == full.kept_bytes and quest.floor_ms < full.floor_ms
     assert quest.layout == "pages16" and quest.impl.endswith("+pages16")
+
+
+def test_git_metadata_can_be_given_where_the_checkout_cannot_say(monkeypatch):
+    monkeypatch.setenv("FLOWKV_GIT", "abc1234")
+    assert results.environment("cmd")["git"] == "abc1234"
+    monkeypatch.delenv("FLOWKV_GIT")
+    assert results.environment("cmd")["git"] != "abc1234"
