@@ -145,7 +145,22 @@ def fp8_linear(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, bias: tor
 
 
 # --------------------------------------------------------------------------------------------------- the module
-class Fp8Linear(torch.nn.Module):
+class WeightShape:
+    """in_features / out_features of a module holding an nn.Linear-layout `weight` (out, in) that is not an
+    nn.Linear (Fp8Linear, tensor_parallel.RowParallelLinear)."""
+
+    weight: torch.Tensor
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+
+class Fp8Linear(WeightShape, torch.nn.Module):
     """A linear layer with FP8 e4m3 weights and per-output-channel float32 scales: y = fp8_linear(x, ...).
 
     `weight` (out, in) and `weight_scale` (out,) are parameters (requires_grad=False), so byte counts over
@@ -170,14 +185,6 @@ class Fp8Linear(torch.nn.Module):
             self.bias = torch.nn.Parameter(bias, requires_grad=False)
         self.dtype_out = dtype_out
         self.impl = impl
-
-    @property
-    def in_features(self) -> int:
-        return self.weight.shape[1]
-
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[0]
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Module, impl: str = "auto", chunk_rows: int = CHUNK_ROWS) -> Fp8Linear:

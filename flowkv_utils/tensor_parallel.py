@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from .models import shape_of
-from .quant import FP8, Fp8Linear, check_impl, fp8_linear, quantize_rows, weight_format
+from .quant import FP8, Fp8Linear, WeightShape, check_impl, fp8_linear, quantize_rows, weight_format
 
 
 def divisors(n: int) -> list[int]:
@@ -138,7 +138,7 @@ class TensorParallel:
         return self.all_gather(x).flatten(0, 1)
 
 
-class RowParallelLinear(torch.nn.Module):
+class RowParallelLinear(WeightShape, torch.nn.Module):
     """The row-sharded half of a linear layer: y = all_reduce(x W_rᵀ) + b, x holding the rank's input features.
     `weight` (out, in/N) keeps nn.Linear's name and layout (so `capture.head_wo` reads W_O^h of the rank's heads);
     not an nn.Linear subclass, so `fastdecode.fusable` never fuses it away. `quantize_()` turns `weight` into FP8
@@ -171,14 +171,6 @@ class RowParallelLinear(torch.nn.Module):
             out.dtype_out, out.impl = module.dtype_out, module.impl
             return out
         return cls.of(module, 0, module.in_features, tp)
-
-    @property
-    def in_features(self) -> int:
-        return self.weight.shape[1]
-
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[0]
 
     def quantize_(self, impl: str = "auto") -> RowParallelLinear:
         """The shard's weight to FP8 e4m3 with per-output-row scales over its own columns (`quant.quantize_rows`),

@@ -29,20 +29,20 @@ from ..kernels import (
     work_items,
 )
 from ..models import shape_of
-from ..progress import bar, note
+from ..progress import bar
 from ..results import Recorder
 from .checks import chunked_prefill_check, decode_parity, kernel_checks, score_checks
 from .prefill import kept_lengths, prefill_context
 from .scoring import scoring_parts
 from .shapes import SHAPES, shape_model, synthetic_cache
-from .tables import RANDOM_WEIGHTS, model_cols, recorder
+from .tables import RANDOM_WEIGHTS, model_cols
 from .timing import (
-    copy_bandwidth,
     decode_row,
     eager_path,
     fast_path,
     free_memory,
     reset_peak,
+    start_run,
     time_fast_decode,
     time_generate_decode,
     weight_bytes,
@@ -198,18 +198,10 @@ def gpu_sweep(out: Path | str, *, shape: str = "llama3-8b", contexts: tuple[int,
     fits at the longest context. Writes CSVs + meta.json to out (through `rec` when given, else its own
     recorder). pages: page sizes of the block-sparse (Quest-style) rows at `budget` over the whole resident cache
     (policy 'quest', layout 'pages<P>'), at every context and in the batch search."""
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench gpu needs a CUDA device (torch.cuda.is_available() is False); "
-                         "--device cpu runs the same sweep on the CPU (tiny shapes only)")
-    rec = rec or recorder(out, command)
     t_start = time.perf_counter()
-    log = lambda what: note(f"{what} ({time.perf_counter() - t_start:.0f} s)")
-    bw = copy_bandwidth(dev)
-    rec.add("bandwidth", **bw)
+    dev, rec, log, bw, total_mem = start_run("gpu", out, command, device, rec)
     model = shape_model(shape, dev, max(contexts))
     W = weight_bytes(model)
-    total_mem = torch.cuda.get_device_properties(0).total_memory if dev.type == "cuda" else None
     meta = dict(bandwidth=bw, shape=SHAPES[shape], weight_bytes=W, weights=RANDOM_WEIGHTS,
                 gpu_total_bytes=total_mem)
     rec.save_meta(**meta)

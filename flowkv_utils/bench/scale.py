@@ -27,18 +27,17 @@ from ..budgets import resolve_budget
 from ..capture import prefill
 from ..layerwise import LayerwiseCompressor
 from ..models import shape_of
-from ..progress import note
 from ..results import Recorder
 from .gpu import largest_batch, largest_that_fits
 from .shapes import SHAPES, WEIGHT_FORMATS, prompt_ids, shape_model, synthetic_cache
-from .tables import RANDOM_WEIGHTS, model_cols, recorder
+from .tables import RANDOM_WEIGHTS, model_cols
 from .timing import (
-    copy_bandwidth,
     decode_row,
     free_memory,
     full_kv_bytes,
     peak,
     reset_peak,
+    start_run,
     sync,
     weight_bytes,
 )
@@ -96,16 +95,8 @@ def scale_sweep(out: Path | str | None, *, shape: str = "llama3-70b", weights: t
     for name, vals in (("contexts", contexts), ("prefill_contexts", prefill_contexts)):
         if any(int(c) < 1 for c in vals):
             raise ValueError(f"{name}={vals}: every context must be ≥ 1 token")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench scale needs a CUDA device (torch.cuda.is_available() is False); --device cpu runs "
-                         "the same sweep on the CPU (tiny shapes only)")
-    rec = rec or recorder(out, command)
     t_start = time.perf_counter()
-    log = lambda what: note(f"{what} ({time.perf_counter() - t_start:.0f} s)")
-    bw = copy_bandwidth(dev)
-    rec.add("bandwidth", **bw)
-    total_mem = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else None
+    dev, rec, log, bw, total_mem = start_run("scale", out, command, device, rec)
     meta = dict(bandwidth=bw, shape=SHAPES[shape], weights=list(weights), gpu_total_bytes=total_mem,
                 prefill_layers=prefill_layers)
     rec.save_meta(**meta)

@@ -185,3 +185,23 @@ def decode_row(rec: Recorder, model, cache: StaticRaggedCache, *, weights: str, 
                    bandwidth_GBps=bw["GBps"], floor_ms=floor, floor_ratio=med / floor,
                    bound_speedup=(W + full) / (W + kv_read), peak_alloc_bytes=pa, peak_reserved_bytes=pr,
                    status="ok", note=note)
+
+
+def start_run(what: str, out, command: str | None, device: str, rec: Recorder | None):
+    """The start every GPU sweep shares: the device (a clear exit when CUDA is asked for and missing), its recorder,
+    a log function stamping seconds since the start, the measured copy bandwidth (recorded), and the device's
+    total memory (None on the CPU). Returns (device, rec, log, bw, total_mem)."""
+    from ..progress import note
+    from .tables import recorder
+
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"bench {what} needs a CUDA device (torch.cuda.is_available() is False); --device cpu runs "
+                         "the same sweep on the CPU (tiny shapes only)")
+    rec = rec or recorder(out, command)
+    t_start = time.perf_counter()
+    log = lambda msg: note(f"{msg} ({time.perf_counter() - t_start:.0f} s)")
+    bw = copy_bandwidth(dev)
+    rec.add("bandwidth", **bw)
+    total = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else None
+    return dev, rec, log, bw, total
