@@ -14,7 +14,7 @@ POLICY_STYLE = {
     "fullkv": ("black", "o"), "streamingllm": ("#8c8c8c", "v"), "snapkv": ("#1f77b4", "s"),
     "pyramidkv": ("#17becf", "^"), "adakv": ("#2ca02c", "D"), "criticalkv": ("#bcbd22", "P"),
     "criticaladakv": ("#9edae5", "p"), "cake": ("#9467bd", "X"), "flowkv": ("#d62728", "*"),
-    "flowkv_global": ("#ff7f0e", "h"), "smoothevict": ("#e377c2", "d"), "quest": ("#117a65", "X"),
+    "flowkv_global": ("#ff7f0e", "h"), "smoothevict": ("#e377c2", "d"),
     "h2o": ("#8c564b", "<"), "tova": ("#637939", ">"), "keydiff": ("#7b4173", "H"),
     "defensivekv": ("#e7969c", ">"), "layer_defensivekv": ("#c49c94", "<"), "lava": ("#393b79", "8"),
     # FlowKV's ablations (role "ablation", drawn dotted): muted reds for the layer-wise, browns for the global form
@@ -27,7 +27,7 @@ POLICY_LABEL = {
     "fullkv": "FullKV", "streamingllm": "StreamingLLM", "snapkv": "SnapKV", "pyramidkv": "PyramidKV",
     "adakv": "AdaKV", "criticalkv": "CriticalKV", "criticaladakv": "CriticalAdaKV", "cake": "CAKE",
     "flowkv": "FlowKV (derived, layer-wise)", "flowkv_global": "FlowKV (derived, global)",
-    "smoothevict": "SmoothEvict (project interpretation)", "quest": "block-sparse (Quest-style)",
+    "smoothevict": "SmoothEvict (project interpretation)",
     "h2o": "H2O", "tova": "TOVA", "keydiff": "KeyDiff",
     "defensivekv": "DefensiveKV", "layer_defensivekv": "Layer-DefensiveKV", "lava": "LAVa",
     "flowkv_pool7": "FlowKV ablation: max-pooled, k = 7", "flowkv_no_cross": "FlowKV ablation: no cross terms",
@@ -37,6 +37,12 @@ POLICY_LABEL = {
     "flowkv_global_n3": "FlowKV global ablation: N3, layer sum 1",
     "flowkv_global_floor4": "FlowKV global ablation: floor 4",
 }
+
+
+# methods that are not eviction policies (no registry entry) but are drawn beside them: block-sparse decode
+# (`blocksparse.PageDecode`, the rows of `bench gpu --pages`)
+COMPARATOR_STYLE = {"quest": ("#117a65", "X")}
+COMPARATOR_LABEL = {"quest": "block-sparse (Quest-style)"}
 
 
 def figures_dir() -> Path:
@@ -75,16 +81,20 @@ def save_figure(fig, notebook: str, name: str, formats: tuple[str, ...] = ("png"
     return out
 
 
+def _style(name: str) -> tuple[str, str]:
+    return POLICY_STYLE.get(name) or COMPARATOR_STYLE.get(name, ("#333333", "o"))
+
+
 def policy_color(name: str) -> str:
-    return POLICY_STYLE.get(name, ("#333333", "o"))[0]
+    return _style(name)[0]
 
 
 def policy_marker(name: str) -> str:
-    return POLICY_STYLE.get(name, ("#333333", "o"))[1]
+    return _style(name)[1]
 
 
 def policy_label(name: str) -> str:
-    return POLICY_LABEL.get(name, name)
+    return POLICY_LABEL.get(name) or COMPARATOR_LABEL.get(name, name)
 
 
 def policy_linestyle(name: str) -> str:

@@ -20,6 +20,9 @@ def test_every_policy_has_its_own_style_and_label():
     assert len(set(plots.POLICY_LABEL.values())) == len(REGISTRY)
     assert {p for p, (_, _, ls) in styles.items() if ls != "-"} == set(ABLATIONS)  # ablations drawn dotted
     assert plots.policy_linestyle("not_a_policy") == "-"
+    # comparators drawn beside the policies (block-sparse) have colours and labels of their own
+    comparators = {plots.policy_color(c) for c in plots.COMPARATOR_STYLE}
+    assert not comparators & {c for c, _, _ in styles.values()} and set(plots.COMPARATOR_LABEL) == set(plots.COMPARATOR_STYLE)
 
 
 def test_curves_draw_every_policy():
