@@ -209,3 +209,9 @@ def test_git_metadata_can_be_given_where_the_checkout_cannot_say(monkeypatch):
     assert results.environment("cmd")["git"] == "abc1234"
     monkeypatch.delenv("FLOWKV_GIT")
     assert results.environment("cmd")["git"] != "abc1234"
+
+
+def test_gpu_sweep_refuses_a_bad_page_size_before_measuring(tmp_path):
+    with pytest.raises(ValueError, match="page=0"):
+        bench.gpu_sweep(tmp_path, shape="tiny", contexts=(256,), device="cpu", pages=(16, 0))
+    assert not (tmp_path / "decode.csv").exists()

@@ -198,6 +198,10 @@ def gpu_sweep(out: Path | str, *, shape: str = "llama3-8b", contexts: tuple[int,
     fits at the longest context. Writes CSVs + meta.json to out (through `rec` when given, else its own
     recorder). pages: page sizes of the block-sparse (Quest-style) rows at `budget` over the whole resident cache
     (policy 'quest', layout 'pages<P>'), at every context and in the batch search."""
+    from ..blocksparse import n_pages
+
+    for P in pages:  # a bad page size fails here, before any measurement
+        n_pages(1, P)
     t_start = time.perf_counter()
     dev, rec, log, bw, total_mem = start_run("gpu", out, command, device, rec)
     model = shape_model(shape, dev, max(contexts))
