@@ -577,3 +577,34 @@ def scale_tables(res: dict) -> dict[str, pd.DataFrame]:
         p = p[["format", "config", "context", "status", "layers_run", "seconds", "seconds_extrapolated",
                "peak_alloc_bytes", "peak_extrapolated_bytes", "device_bytes", "fits_extrapolated"]]
     return {"decode": grid, "frontier": pd.DataFrame(fr), "batch": batch, "prefill": p, "fullkv_curve": curve}
+
+
+def prefill_flops(layers: int, heads: int, kv_heads: int, head_dim: int, hidden: int, intermediate: int, vocab: int,
+                  n: int) -> dict[str, float]:
+    """Matrix-multiply FLOPs of a Llama-style prefill of n tokens (2 per multiply-add), as the project's prefill runs
+    it: per layer the q/k/v, o and gate/up/down projections of every token, causal attention (query i reads its i
+    keys: QKᵀ and PV over n(n+1)/2 pairs per head), and the LM head of the last token only. Returns
+    {'linear', 'attention', 'total'}; `tests/test_analysis_throughput.py` checks 'linear' against torch's
+    FlopCounterMode on a real prefill."""
+    H, G, d, D, inter, L = heads, kv_heads, head_dim, hidden, intermediate, layers
+    linear = L * 2 * n * (D * H * d + 2 * D * G * d + H * d * D + 3 * D * inter) + 2 * D * vocab
+    attention = L * 2 * 2 * H * d * (n * (n + 1) / 2)
+    return {"linear": float(linear), "attention": float(attention), "total": float(linear + attention)}
+
+
+def prefill_rates(rows: pd.DataFrame, shape: dict, seconds: str = "prefill_s",
+                  layers_run: str | None = None) -> pd.DataFrame:
+    """Achieved TFLOP/s of stored prefill rows: `prefill_flops` of each row's context (over `layers_run` layers
+    where the rows were run on a few layers, `bench scale`) over its `seconds` column. shape: the run's
+    `meta['shape']` (intermediate and vocab are not row columns). Adds columns flops, attention_share, tflops."""
+    out = rows[rows.status == "ok"].copy()
+    flops, share = [], []
+    for _, r in out.iterrows():
+        L = int(r[layers_run]) if layers_run else int(r.layers)
+        f = prefill_flops(L, int(r.heads), int(r.kv_heads), int(r.head_dim), int(r.hidden), shape["intermediate"],
+                          shape["vocab"] if not layers_run else 0, int(r.context))
+        flops.append(f["total"])
+        share.append(f["attention"] / f["total"])
+    out["flops"], out["attention_share"] = flops, share
+    out["tflops"] = out.flops / out[seconds] / 1e12
+    return out

@@ -61,3 +61,32 @@ def test_scale_tables_of_the_stored_h200_run():
     p = t["prefill"][t["prefill"].status == "ok"]
     assert ((p.seconds_extrapolated - p.seconds * 80 / p.layers_run).abs() < 1e-6 * p.seconds_extrapolated).all()
     assert set(t["fullkv_curve"].format) == {"fp8", "bf16"}
+
+
+def test_prefill_flops_count_what_torch_counts():
+    """The linear part (projections + the last token's LM head) equals FlopCounterMode's matmul count of a real
+    chunked prefill; attention is the causal n(n+1)/2 pairs, quadratic in n."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from flowkv_utils.capture import prefill
+    from flowkv_utils.models import random_model
+
+    m = random_model("llama", layers=2, heads=4, kv_heads=2, head_dim=16, hidden=64, vocab=128, intermediate=96)
+    ids = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as fc:
+        prefill(m, ids, window=8, chunk=64)
+    counts = {str(k): v for k, v in fc.get_flop_counts()["Global"].items()}
+    f = analysis.prefill_flops(2, 4, 2, 16, 64, 96, 128, 200)
+    assert f["linear"] == counts["aten.mm"]
+    a1, a2 = (analysis.prefill_flops(2, 4, 2, 16, 64, 96, 128, n)["attention"] for n in (1000, 2000))
+    assert abs(a2 / a1 - 2000 * 2001 / (1000 * 1001)) < 1e-12
+
+
+def test_prefill_rates_of_the_stored_runs():
+    res = bench.load_results(results.REPO / "results/gpu_h200_cmp")
+    r = analysis.prefill_rates(res["prefill"], res["meta"]["shape"])
+    assert (r.tflops > 0).all() and (r.attention_share > 0.5).all()  # at 200K attention dominates
+    sc = bench.load_results(results.REPO / "results/scale_h200")
+    r = analysis.prefill_rates(sc["scale_prefill"], sc["meta"]["shape"], seconds="seconds", layers_run="layers_run")
+    assert len(r) == 6 and (r.tflops > 0).all()
