@@ -592,11 +592,12 @@ def prefill_flops(layers: int, heads: int, kv_heads: int, head_dim: int, hidden:
     return {"linear": float(linear), "attention": float(attention), "total": float(linear + attention)}
 
 
-def prefill_rates(rows: pd.DataFrame, shape: dict, seconds: str = "prefill_s",
-                  layers_run: str | None = None) -> pd.DataFrame:
+def prefill_rates(rows: pd.DataFrame, shape: dict, seconds: str = "prefill_s", layers_run: str | None = None,
+                  peak_tflops: float | None = None) -> pd.DataFrame:
     """Achieved TFLOP/s of stored prefill rows: `prefill_flops` of each row's context (over `layers_run` layers
     where the rows were run on a few layers, `bench scale`) over its `seconds` column. shape: the run's
-    `meta['shape']` (intermediate and vocab are not row columns). Adds columns flops, attention_share, tflops."""
+    `meta['shape']` (intermediate and vocab are not row columns). Adds columns flops, attention_share, tflops, and
+    mfu = tflops / peak_tflops when a measured matmul rate is given (the run's 'compute' table)."""
     out = rows[rows.status == "ok"].copy()
     flops, share = [], []
     for _, r in out.iterrows():
@@ -607,4 +608,5 @@ def prefill_rates(rows: pd.DataFrame, shape: dict, seconds: str = "prefill_s",
         share.append(f["attention"] / f["total"])
     out["flops"], out["attention_share"] = flops, share
     out["tflops"] = out.flops / out[seconds] / 1e12
+    out["mfu"] = out.tflops / peak_tflops if peak_tflops else float("nan")
     return out

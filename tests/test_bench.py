@@ -215,3 +215,13 @@ def test_gpu_sweep_refuses_a_bad_page_size_before_measuring(tmp_path):
     with pytest.raises(ValueError, match="page=0"):
         bench.gpu_sweep(tmp_path, shape="tiny", contexts=(256,), device="cpu", pages=(16, 0))
     assert not (tmp_path / "decode.csv").exists()
+
+
+def test_matmul_rate_is_positive_and_recorded_by_every_gpu_sweep(tmp_path):
+    r = bench.timing.matmul_rate("cpu", n=128)
+    assert r["TFLOPs"] > 0 and r["n"] == 128 and r["dtype"] == "float32"
+    bench.scale.scale_sweep(tmp_path, shape="tiny", weights=("bf16",), contexts=(256,), budgets=(0.1,),
+                            prefill_contexts=(), steps=1, warmup=1, frontier_start=256, max_batch=1,
+                            parts=("decode",), device="cpu").close()
+    c = bench.load_results(tmp_path)["compute"]
+    assert len(c) == 1 and c.TFLOPs.iloc[0] > 0

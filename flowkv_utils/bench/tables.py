@@ -61,6 +61,8 @@ SCHEMAS: dict[str, list[str]] = {
     # 'chunked_prefill'; ok: True, False, or 'info' (recorded, not judged: tol empty)
     "check": ["kind", "impl", "what", "config", "rel_err", "tol", "ok"],
     "bandwidth": ["bytes", "ms", "GBps"],
+    # the device's dense matmul rate (`timing.matmul_rate`): what prefill FLOPs utilisation is measured against
+    "compute": ["dtype", "n", "ms", "TFLOPs"],
     # the split-KV attention kernel alone, one layer, against the copy bandwidth; lengths: 'full' | 'uniform' |
     # 'ragged' per-head lengths; best: the variant (summed over lengths) the sweep then used
     "kernel": ["config", "lengths", "impl", "split", "block", "num_warps", "num_stages", "waves", "kv_bytes", "us",

@@ -41,6 +41,21 @@ def copy_bandwidth(device: str | torch.device = "cpu", nbytes: int | None = None
     return {"bytes": 2 * nbytes, "ms": 1e3 * t, "GBps": 2 * nbytes / t / 1e9}
 
 
+def matmul_rate(device: str | torch.device = "cpu", n: int | None = None, dtype: torch.dtype | None = None,
+                reps: int = 10) -> dict:
+    """Dense matrix-multiply rate of the device: the median time of an n × n by n × n product (2·n³ FLOPs) in `dtype`
+    (default bf16 with n = 8192 on CUDA, float32 with n = 1024 on the CPU) — the peak a prefill's model-FLOPs
+    utilisation is measured against."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    n = n or (8192 if cuda else 1024)
+    dtype = dtype or (torch.bfloat16 if cuda else torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = median_ms(lambda: a @ b, device, reps=reps, warmup=2)
+    return {"dtype": str(dtype).replace("torch.", ""), "n": n, "ms": ms, "TFLOPs": 2 * n ** 3 / (ms * 1e-3) / 1e12}
+
+
 def weight_bytes(model) -> int:
     """Bytes of weights a decode step reads: every parameter once, the input embedding table excluded (one row
     is read) unless it is tied to the LM head."""
@@ -189,8 +204,8 @@ def decode_row(rec: Recorder, model, cache: StaticRaggedCache, *, weights: str, 
 
 def start_run(what: str, out, command: str | None, device: str, rec: Recorder | None):
     """The start every GPU sweep shares: the device (a clear exit when CUDA is asked for and missing), its recorder,
-    a log function stamping seconds since the start, the measured copy bandwidth (recorded), and the device's
-    total memory (None on the CPU). Returns (device, rec, log, bw, total_mem)."""
+    a log function stamping seconds since the start, the measured copy bandwidth and matmul rate (both recorded:
+    tables 'bandwidth', 'compute'), and the device's total memory (None on the CPU). Returns (device, rec, log, bw, total_mem)."""
     from ..progress import note
     from .tables import recorder
 
@@ -203,5 +218,6 @@ def start_run(what: str, out, command: str | None, device: str, rec: Recorder | 
     log = lambda msg: note(f"{msg} ({time.perf_counter() - t_start:.0f} s)")
     bw = copy_bandwidth(dev)
     rec.add("bandwidth", **bw)
+    rec.add("compute", **matmul_rate(dev))
     total = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else None
     return dev, rec, log, bw, total
