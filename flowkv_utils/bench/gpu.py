@@ -147,33 +147,41 @@ def largest_that_fits(fits: Callable[[int], bool], start: int, limit: int, resol
     return lo
 
 
+def decode_or_oom(rec: Recorder, model, counts: torch.Tensor, policy: str, budget, n: int, *, bw: dict, cap: int,
+                  steps: int, warmup: int, sweep: str, batch: int = 1, weights: str = RANDOM_WEIGHTS,
+                  config: SplitKVConfig = DEFAULT_CONFIG, sparse=None, layout: str = "ragged",
+                  note: str | None = None) -> bool:
+    """One decode row over a synthetic cache of per-head lengths `counts` (L, G) for `batch` sequences
+    (`timing.decode_row`; sparse, layout, note as there), or an 'oom' row when it does not fit; True if it fitted.
+    The device's memory is freed before and after."""
+    s = shape_of(model)
+    dev = next(model.parameters()).device
+    free_memory()
+    reset_peak(dev)
+    try:
+        sc = synthetic_cache(counts, batch, s, n, cap, model.get_input_embeddings().weight.dtype, dev, config=config)
+        decode_row(rec, model, sc, weights=weights, bw=bw, policy=policy, budget=budget, context=n, sweep=sweep,
+                   steps=steps, warmup=warmup, config=config, sparse=sparse, layout=layout, note=note)
+        del sc
+        return True
+    except torch.OutOfMemoryError as e:
+        rec.add("decode", **model_cols(model, weights), sweep=sweep, policy=policy, budget=budget, context=n,
+                batch=batch, layout=layout, status="oom", note=str(e)[:200])
+        return False
+    finally:
+        free_memory()
+
+
 def largest_batch(rec: Recorder, model, counts: torch.Tensor, policy: str, budget, n: int, bw: dict, cap: int,
                   steps: int, warmup: int, max_batch: int = 4096, config: SplitKVConfig = DEFAULT_CONFIG,
                   weights: str = RANDOM_WEIGHTS, sparse=None, layout: str = "ragged", note: str | None = None) -> int:
     """Decode at growing batch sizes until memory runs out (doubling, then bisection); the largest that fits is
     recorded with sweep='maxbatch', the others with sweep='batch'. weights: the rows' weights label; sparse, layout,
     note: as `timing.decode_row`'s (block-sparse rows)."""
-    s = shape_of(model)
-    dev = next(model.parameters()).device
-
-    def attempt(B: int) -> bool:
-        free_memory()
-        reset_peak(dev)
-        try:
-            sc = synthetic_cache(counts, B, s, n, cap, model.get_input_embeddings().weight.dtype, dev,
-                                 config=config)
-            decode_row(rec, model, sc, weights=weights, bw=bw, policy=policy,
-                       budget=None if policy == "fullkv" else budget, context=n, sweep="batch", steps=steps,
-                       warmup=warmup, config=config, sparse=sparse, layout=layout, note=note)
-            del sc
-            return True
-        except torch.OutOfMemoryError:
-            rec.add("decode", **model_cols(model, weights), sweep="batch", policy=policy, budget=budget,
-                    context=n, batch=B, layout=layout, status="oom")
-            return False
-        finally:
-            free_memory()
-
+    kw = dict(bw=bw, cap=cap, steps=steps, warmup=warmup, sweep="batch", weights=weights, config=config,
+              sparse=sparse, layout=layout, note=note)
+    bb = None if policy == "fullkv" else budget
+    attempt = lambda B: decode_or_oom(rec, model, counts, policy, bb, n, batch=B, **kw)
     lo = largest_that_fits(attempt, 1, max_batch)
     if lo >= 1:  # mark the largest with a copy of its row
         rows = [r for r in rec.rows["decode"] if r["sweep"] == "batch" and r["policy"] == policy
@@ -336,21 +344,12 @@ def _blocksparse_rows(rec: Recorder, model, counts: dict[tuple, torch.Tensor], b
                       pages: tuple[int, ...], *, bw: dict, cap: int, steps: int, warmup: int,
                       config: SplitKVConfig) -> None:
     """Block-sparse decode at every context with a FullKV count (its whole cache resident), batch 1, per page size."""
-    s = shape_of(model)
-    dev = next(model.parameters()).device
     for (n, p, b), c in sorted(counts.items()):
         if p != "fullkv" or b != budget:
             continue
         for P in pages:
-            try:
-                sc = synthetic_cache(c, 1, s, n, cap, torch.bfloat16, dev, config=config)
-                decode_row(rec, model, sc, weights=RANDOM_WEIGHTS, bw=bw, policy="quest", budget=budget, context=n,
-                           sweep="context", steps=steps, warmup=warmup, config=config, **_quest(budget, P, config))
-                del sc
-            except torch.OutOfMemoryError as e:
-                rec.add("decode", **model_cols(model, RANDOM_WEIGHTS), sweep="context", policy="quest",
-                        budget=budget, context=n, batch=1, layout=f"pages{P}", status="oom", note=str(e)[:200])
-            free_memory()
+            decode_or_oom(rec, model, c, "quest", budget, n, bw=bw, cap=cap, steps=steps, warmup=warmup,
+                          sweep="context", config=config, **_quest(budget, P, config))
 
 
 def _decode_sweeps(rec: Recorder, model, counts: dict[tuple, torch.Tensor], budget: float, longest: int, *,

@@ -28,11 +28,10 @@ from ..capture import prefill
 from ..layerwise import LayerwiseCompressor
 from ..models import shape_of
 from ..results import Recorder
-from .gpu import largest_batch, largest_that_fits
-from .shapes import SHAPES, WEIGHT_FORMATS, prompt_ids, shape_model, synthetic_cache
+from .gpu import decode_or_oom, largest_batch, largest_that_fits
+from .shapes import SHAPES, WEIGHT_FORMATS, prompt_ids, shape_model
 from .tables import RANDOM_WEIGHTS, model_cols
 from .timing import (
-    decode_row,
     free_memory,
     full_kv_bytes,
     peak,
@@ -136,27 +135,11 @@ def scale_sweep(out: Path | str | None, *, shape: str = "llama3-70b", weights: t
     return rec
 
 
-def _decode_or_oom(rec: Recorder, model, policy: str, budget, n: int, *, weights: str, bw: dict, cap: int,
-                   steps: int, warmup: int, sweep: str = "scale") -> bool:
-    """One decode row of batch 1 over a synthetic cache of `uniform_counts`, or an 'oom' row; True if it fitted."""
+def _decode_or_oom(rec: Recorder, model, policy: str, budget, n: int, *, sweep: str = "scale", **kw) -> bool:
+    """`gpu.decode_or_oom` of batch 1 over a synthetic cache of `uniform_counts`; True if it fitted."""
     s = shape_of(model)
-    dev = next(model.parameters()).device
-    free_memory()
-    reset_peak(dev)
-    try:
-        sc = synthetic_cache(uniform_counts(budget, n, s.layers, s.kv_heads), 1, s, n, cap,
-                             model.get_input_embeddings().weight.dtype, dev)
-        decode_row(rec, model, sc, weights=weights, bw=bw, policy=policy, budget=budget, context=n, sweep=sweep,
-                   steps=steps, warmup=warmup,
-                   note="synthetic cache, budget spread uniformly over the (layer, KV head) slots")
-        del sc
-        return True
-    except torch.OutOfMemoryError as e:
-        rec.add("decode", **model_cols(model, weights), sweep=sweep, policy=policy, budget=budget, context=n,
-                batch=1, status="oom", note=str(e)[:200])
-        return False
-    finally:
-        free_memory()
+    return decode_or_oom(rec, model, uniform_counts(budget, n, s.layers, s.kv_heads), policy, budget, n, sweep=sweep,
+                         note="synthetic cache, budget spread uniformly over the (layer, KV head) slots", **kw)
 
 
 def fullkv_frontier(rec: Recorder, model, *, start: int, limit: int, resolution: int, **kw) -> int:
