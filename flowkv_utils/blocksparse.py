@@ -66,6 +66,15 @@ def _check_page(page: int) -> None:
         raise ValueError(f"page={page!r}: the page size must be a positive int (tokens per page, e.g. 16 or 64)")
 
 
+def _check_budget(budget) -> int | float:
+    """A block-sparse budget in canonical form (int tokens per KV head or a float fraction of the prompt)."""
+    b = parse_budget(budget)
+    if not isinstance(b, (int, float)) or isinstance(b, bool):
+        raise ValueError(f"budget={budget!r}: block-sparse attention reads a part of the cache: give tokens per KV "
+                         "head (int) or a fraction of the prompt (float); 'full' is plain attention")
+    return b
+
+
 def n_pages(n: int, page: int) -> int:
     """Pages of `page` tokens needed for n tokens (the last may be partial)."""
     _check_page(page)
@@ -205,10 +214,7 @@ class PageAttend:
     _bounds: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        b = self.budget = parse_budget(self.budget)  # canonical: int tokens per KV head or a float fraction
-        if not isinstance(b, (int, float)) or isinstance(b, bool):
-            raise ValueError(f"budget={self.budget!r}: block-sparse attention reads a part of the cache: give tokens "
-                             "per KV head (int) or a fraction of the prompt (float); 'full' is plain attention")
+        self.budget = _check_budget(self.budget)  # canonical: int tokens per KV head or a float fraction
         _check_page(self.page)
 
     def k_pages(self, n: int) -> int:
@@ -260,10 +266,7 @@ class PageDecode:
 
     def __init__(self, cache, budget: int | float = 0.05, page: int = 16, impl: str = "auto",
                  config: SplitKVConfig = DEFAULT_CONFIG):
-        b = parse_budget(budget)
-        if not isinstance(b, (int, float)) or isinstance(b, bool):
-            raise ValueError(f"budget={budget!r}: block-sparse attention reads a part of the cache: give tokens per "
-                             "KV head (int) or a fraction of the prompt (float)")
+        b = _check_budget(budget)
         _check_page(page)
         self.budget, self.page, self.config = b, page, config
         self.cache = cache

@@ -254,9 +254,8 @@ def random_shard(shape: str, tp: TensorParallel, dtype=torch.float32, device="cp
     parts (embeddings, norms, lm_head) agree, as they must; speed and memory do not depend on the weight values.
     weights: "bf16" (every weight in `dtype`) or "fp8" (the layers' projections in FP8, `bench.shapes.random_fp8_model`:
     a Llama-3-70B shard on one GPU)."""
-    from .bench.shapes import SHAPES, WEIGHT_FORMATS, random_fp8_model
+    from .bench.shapes import SHAPES, random_builder
     from .bench.tables import RANDOM_WEIGHTS
-    from .models import random_model
 
     if shape not in SHAPES:
         raise ValueError(f"shape={shape!r}: known are {', '.join(SHAPES)}")
@@ -265,9 +264,7 @@ def random_shard(shape: str, tp: TensorParallel, dtype=torch.float32, device="cp
         raise ValueError(f"shape {shape} has {cfg['heads']} heads / {cfg['kv_heads']} KV heads, tp is for "
                          f"{tp.heads} / {tp.kv_heads}")
     check_mlp_width(cfg["intermediate"], tp)
-    if weights not in WEIGHT_FORMATS:
-        raise ValueError(f"weights={weights!r}: allowed are {', '.join(WEIGHT_FORMATS)}")
-    build = random_fp8_model if weights == "fp8" else random_model
+    build = random_builder(weights)
     model = build(cfg["family"], layers or cfg["layers"], tp.local_heads, tp.local_kv_heads, cfg["head_dim"],
                   cfg["hidden"], vocab=cfg["vocab"], intermediate=cfg["intermediate"] // tp.world_size, seed=seed,
                   dtype=dtype, device=str(device), max_positions=longest + 4096)

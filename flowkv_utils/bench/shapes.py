@@ -28,6 +28,14 @@ SHAPES = {
 WEIGHT_FORMATS = ("bf16", "fp8")  # "fp8": the decoder layers' projections in FP8 e4m3 (`quant.Fp8Linear`)
 
 
+def random_builder(weights: str):
+    """The random-model builder of a weight format: `models.random_model` ("bf16": every weight in the model's
+    dtype) or `random_fp8_model` ("fp8"); a ValueError names any other format."""
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights={weights!r}: allowed are {', '.join(WEIGHT_FORMATS)}")
+    return random_fp8_model if weights == "fp8" else random_model
+
+
 def shape_model(shape: str, device, longest: int, dtype=torch.bfloat16, layers: int | None = None,
                 weights: str = "bf16"):
     """A random-weight model of one of SHAPES (optionally with fewer layers), positions for `longest` + 4096
@@ -37,13 +45,12 @@ def shape_model(shape: str, device, longest: int, dtype=torch.bfloat16, layers: 
     embeddings and the LM head are in `dtype` either way."""
     if shape not in SHAPES:
         raise ValueError(f"shape={shape!r}: known are {', '.join(SHAPES)}")
-    if weights not in WEIGHT_FORMATS:
-        raise ValueError(f"weights={weights!r}: allowed are {', '.join(WEIGHT_FORMATS)}")
+    build = random_builder(weights)
     cfg = SHAPES[shape]
     kw = dict(vocab=cfg["vocab"], intermediate=cfg["intermediate"], dtype=dtype, device=str(device),
               max_positions=longest + 4096)
     args = (cfg["family"], layers or cfg["layers"], cfg["heads"], cfg["kv_heads"], cfg["head_dim"], cfg["hidden"])
-    model = random_fp8_model(*args, **kw) if weights == "fp8" else random_model(*args, **kw)
+    model = build(*args, **kw)
     model.config._name_or_path = f"{shape}{f' {layers} layers' if layers else ''} ({RANDOM_WEIGHTS})"
     return model
 
