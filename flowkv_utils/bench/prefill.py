@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from ..cache import kept_bytes
 from ..capture import prefill
 from ..kernels import DEFAULT_SCORE_CONFIG, ScoreConfig
 from ..layerwise import LayerwiseCompressor
@@ -59,7 +60,7 @@ def prefill_context(rec: Recorder, model, n: int, *, weights: str, policy: str =
     comp.finish_counts()
     hooks = sum(comp.seconds.values())
     pa, pr = peak(dev)
-    kept = sum(lay.k.numel() * lay.k.element_size() * 2 for lay in comp.layers)
+    kept = kept_bytes(comp.layers)
     alloc = sum(lay.k.untyped_storage().nbytes() + lay.v.untyped_storage().nbytes() for lay in comp.layers)
     mc = model_cols(model, weights)
     rec.add("prefill", **mc, policy=policy, budget=None if full_kv else budget, context=n, chunk=chunk,

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..budgets import resolve_budget
+from ..cache import kept_bytes
 from ..capture import prefill
 from ..layerwise import LayerwiseCompressor
 from ..models import shape_of
@@ -167,25 +168,22 @@ def layer_prefill(rec: Recorder, model, n: int, policy: str, budget, layers_run:
     ids = prompt_ids(n, model.config.vocab_size)
     free_memory()
     reset_peak(dev)
+    def compress(ids_run: torch.Tensor, w: int) -> tuple[float, int]:  # one compressing prefill: seconds, kept bytes
+        comp = LayerwiseCompressor(model, ids_run, policy, 1.0 if budget is None else budget, window=w)
+        sync(dev)
+        t0 = time.perf_counter()
+        prefill(model, ids_run, window=w, chunk=chunk, on_layer=comp, keep_kv=False, **comp.prefill_options)
+        sync(dev)
+        return time.perf_counter() - t0, kept_bytes(comp.layers)
+
     try:
         with first_layers(model, layers_run):
             if warmup:
-                w_ids = ids[:, :min(n, warmup)]
-                w_comp = LayerwiseCompressor(model, w_ids, policy, 1.0 if budget is None else budget,
-                                             window=min(window, w_ids.shape[1] // 2))
-                prefill(model, w_ids, window=w_comp.window, chunk=chunk, on_layer=w_comp, keep_kv=False,
-                        **w_comp.prefill_options)
-                del w_comp
+                w_n = min(n, warmup)
+                compress(ids[:, :w_n], min(window, w_n // 2))
                 free_memory()
                 reset_peak(dev)
-            comp = LayerwiseCompressor(model, ids, policy, 1.0 if budget is None else budget, window=window)
-            sync(dev)
-            t0 = time.perf_counter()
-            prefill(model, ids, window=window, chunk=chunk, on_layer=comp, keep_kv=False, **comp.prefill_options)
-            sync(dev)
-            seconds = time.perf_counter() - t0
-            kept = sum(lay.k.numel() * lay.k.element_size() * 2 for lay in comp.layers)
-            del comp
+            seconds, kept = compress(ids, window)
     except torch.OutOfMemoryError as e:
         rec.add("scale_prefill", **row, status="oom", note=str(e)[:200])
         free_memory()
