@@ -491,7 +491,7 @@ def config_label(policy: str, budget, layout: str = "ragged") -> str:
         return "FullKV"
     b = "" if budget is None or budget != budget else f" {budget:.0%}"
     if policy == "quest":
-        return f"block-sparse (Quest, P={str(layout).removeprefix('pages')}){b}"
+        return f"{policy_label(policy)}, P={str(layout).removeprefix('pages')}{b}"
     return f"{policy_label(policy)}{b}"
 
 

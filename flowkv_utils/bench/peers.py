@@ -51,10 +51,10 @@ def _row(rec: Recorder, what: str, n: int, ms: float | None, kv_read: int, bw: d
     """One peers row: the step's time against its floor (weights + KV read) / copy bandwidth."""
     floor = 1e3 * (weights + kv_read) / (bw["GBps"] * 1e9)
     ok = ms is not None and status == "ok"
+    gbps = (weights + kv_read) / (ms * 1e-3) / 1e9 if ok else None
     return rec.add("peers", what=what, context=n, batch=batch, ms=ms if ok else None,
                    tokens_per_s=1e3 * batch / ms if ok else None, kv_read_bytes=kv_read, weight_bytes=weights,
-                   GBps=(weights + kv_read) / (ms * 1e-3) / 1e9 if ok else None,
-                   frac_of_copy=(weights + kv_read) / (ms * 1e-3) / 1e9 / bw["GBps"] if ok else None,
+                   GBps=gbps, frac_of_copy=gbps / bw["GBps"] if ok else None,
                    floor_ms=floor, floor_ratio=ms / floor if ok else None, setup_s=extra_s,
                    peak_alloc_bytes=peak(bw.get("device", "cpu"))[0], status=status, note=note[:300])
 
