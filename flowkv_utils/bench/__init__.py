@@ -21,7 +21,7 @@ the measured device-to-device copy bandwidth:
 Speed and memory do not depend on weight values, so GPU figures use random-weight models of real shapes (said on
 every row: weights = "random weights, real shape"); decode-only sweeps fill caches of the policies' real per-head
 lengths with random contents. Tests never assert timings; this package only measures and prints. The analysis of
-stored runs (bars, OOM frontier) is `analysis.py`'s.
+stored runs (bars, OOM frontier, comparators, scale) is `analysis.throughput`'s.
 
 Modules, one job each: `tables` (schemas, recorder, loading stored runs), `timing` (bandwidth, bytes, step timings,
 the decode row), `shapes` (model shapes, prompts, synthetic caches), `prefill` (one compressing prefill), `cpu`

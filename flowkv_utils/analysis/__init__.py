@@ -1,0 +1,62 @@
+"""Analysis: the numbers notebooks state, computed from tidy result tables (notebooks only format them).
+
+Two modules, one job each: `accuracy` (sweep tables: accuracy with intervals, AUC, claims, the study's cells and
+budget-to-match; notebook 03) and `throughput` (bench tables: bars against targets, OOM frontier, comparators,
+peers, scale, prefill FLOPs; notebook 04). Every name is importable from `flowkv_utils.analysis` as before.
+"""
+
+from .accuracy import (
+    BUDGET_UNITS,
+    CI_LEVEL,
+    CI_RESAMPLES,
+    FIDELITY,
+    IDENTITY,
+    LENGTH_ID,
+    SOLVED,
+    accuracy_table,
+    auc_table,
+    best_baseline,
+    bootstrap_mean_ci,
+    budget_to_match,
+    budget_unit,
+    budget_value,
+    cell_length,
+    cell_of,
+    cells_by_length,
+    check_single_run,
+    claims,
+    fidelity_accuracy_correlation,
+    fullkv_accuracy,
+    fullkv_rows,
+    kv_layout,
+    paired_difference,
+    run_label,
+    solved_cells,
+    solved_rows,
+    task_rows,
+)
+from .throughput import (
+    SCORING_CONTEXT,
+    TARGET_SENSE,
+    THROUGHPUT_TARGETS,
+    ThroughputTargets,
+    attention_kernels,
+    bars,
+    comparison_table,
+    config_label,
+    oom_frontier,
+    prefill_flops,
+    prefill_rates,
+    scale_tables,
+    targets_table,
+    weight_format_of,
+)
+
+__all__ = ["BUDGET_UNITS", "CI_LEVEL", "CI_RESAMPLES", "FIDELITY", "IDENTITY", "LENGTH_ID", "SCORING_CONTEXT",
+           "SOLVED", "TARGET_SENSE", "THROUGHPUT_TARGETS", "ThroughputTargets", "accuracy_table",
+           "attention_kernels", "auc_table", "bars", "best_baseline", "bootstrap_mean_ci", "budget_to_match",
+           "budget_unit", "budget_value", "cell_length", "cell_of", "cells_by_length", "check_single_run",
+           "claims", "comparison_table", "config_label", "fidelity_accuracy_correlation", "fullkv_accuracy",
+           "fullkv_rows", "kv_layout", "oom_frontier", "paired_difference", "prefill_flops", "prefill_rates",
+           "run_label", "scale_tables", "solved_cells", "solved_rows", "targets_table", "task_rows",
+           "weight_format_of"]
