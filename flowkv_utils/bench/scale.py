@@ -28,6 +28,7 @@ from ..cache import kept_bytes
 from ..capture import prefill
 from ..layerwise import LayerwiseCompressor
 from ..models import shape_of
+from ..quant import WEIGHT_FORMAT
 from ..results import Recorder
 from .gpu import decode_or_oom, largest_batch, largest_that_fits
 from .shapes import SHAPES, WEIGHT_FORMATS, prompt_ids, shape_model
@@ -47,7 +48,7 @@ PARTS = ("decode", "batch", "frontier", "prefill")  # what a scale sweep runs (a
 
 def weights_label(fmt: str) -> str:
     """The `weights` column of a row: random weights, and in which format the layers' projections are."""
-    return f"{RANDOM_WEIGHTS}; layers {'fp8-e4m3 per-channel' if fmt == 'fp8' else fmt}"
+    return f"{RANDOM_WEIGHTS}; layers {WEIGHT_FORMAT if fmt == 'fp8' else fmt}"
 
 
 def uniform_counts(budget, n: int, layers: int, kv_heads: int) -> torch.Tensor:
