@@ -117,3 +117,37 @@ def test_fp8_shape_model_holds_fp8_layers_and_decodes():
     assert weight_bytes(dense) - weight_bytes(fp8) == 3 * (entries * 3 - rows * 4)
     with pytest.raises(ValueError, match="weights='int4'"):
         shape_model("tiny", "cpu", 256, weights="int4")
+
+
+def test_decode_or_oom_records_an_oom_row_and_says_it_did_not_fit(monkeypatch, tmp_path):
+    from flowkv_utils.bench import recorder
+
+    def no_memory(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(gpu, "synthetic_cache", no_memory)
+    model = shape_model("tiny", "cpu", 256, dtype=torch.float32)
+    rec = recorder(tmp_path, echo=False)
+    bw = {"GBps": 10.0}
+    ok = gpu.decode_or_oom(rec, model, scale.uniform_counts(None, 256, 2, 2), "fullkv", None, 256, bw=bw, cap=4,
+                           steps=1, warmup=1, sweep="scale", batch=3, layout="pages16")
+    rec.save_meta()
+    rec.close()
+    assert ok is False
+    row = load_results(tmp_path)["decode"].iloc[0]
+    assert (row.status, row.batch, row.layout, row.context) == ("oom", 3, "pages16", 256) and "simulated" in row.note
+
+
+def test_start_run_refuses_cuda_where_there_is_none():
+    from flowkv_utils.bench.timing import start_run
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit, match="bench scale needs a CUDA device"):
+        start_run("scale", None, None, "cuda", None)
+
+
+@pytest.mark.parametrize("budget, n, want", [(0.05, 10000, 32), (0.01, 1000, 5), (1, 500, 1), ("full", 40, 20)])
+def test_default_window_is_32_or_half_the_smallest_slot(budget, n, want):
+    b = resolve_budget(budget, n, 3, 2)
+    assert b.default_window() == want
