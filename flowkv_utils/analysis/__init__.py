@@ -5,6 +5,8 @@ budget-to-match; notebook 03) and `throughput` (bench tables: bars against targe
 peers, scale, prefill FLOPs; notebook 04). Every name is importable from `flowkv_utils.analysis` as before.
 """
 
+# the head-wise baselines the claims compare with (notebook 03 reads analysis.BASELINES)
+from ..policies import BASELINES
 from .accuracy import (
     BUDGET_UNITS,
     CI_LEVEL,
@@ -52,11 +54,11 @@ from .throughput import (
     weight_format_of,
 )
 
-__all__ = ["BUDGET_UNITS", "CI_LEVEL", "CI_RESAMPLES", "FIDELITY", "IDENTITY", "LENGTH_ID", "SCORING_CONTEXT",
-           "SOLVED", "TARGET_SENSE", "THROUGHPUT_TARGETS", "ThroughputTargets", "accuracy_table",
-           "attention_kernels", "auc_table", "bars", "best_baseline", "bootstrap_mean_ci", "budget_to_match",
-           "budget_unit", "budget_value", "cell_length", "cell_of", "cells_by_length", "check_single_run",
-           "claims", "comparison_table", "config_label", "fidelity_accuracy_correlation", "fullkv_accuracy",
-           "fullkv_rows", "kv_layout", "oom_frontier", "paired_difference", "prefill_flops", "prefill_rates",
-           "run_label", "scale_tables", "solved_cells", "solved_rows", "targets_table", "task_rows",
-           "weight_format_of"]
+__all__ = ["BASELINES", "BUDGET_UNITS", "CI_LEVEL", "CI_RESAMPLES", "FIDELITY", "IDENTITY", "LENGTH_ID",
+           "SCORING_CONTEXT", "SOLVED", "TARGET_SENSE", "THROUGHPUT_TARGETS", "ThroughputTargets",
+           "accuracy_table", "attention_kernels", "auc_table", "bars", "best_baseline", "bootstrap_mean_ci",
+           "budget_to_match", "budget_unit", "budget_value", "cell_length", "cell_of", "cells_by_length",
+           "check_single_run", "claims", "comparison_table", "config_label", "fidelity_accuracy_correlation",
+           "fullkv_accuracy", "fullkv_rows", "kv_layout", "oom_frontier", "paired_difference",
+           "prefill_flops", "prefill_rates", "run_label", "scale_tables", "solved_cells", "solved_rows",
+           "targets_table", "task_rows", "weight_format_of"]
