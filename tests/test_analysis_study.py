@@ -116,3 +116,16 @@ def test_kv_layout_from_fullkv_rows():
     assert kv == {"bytes_per_token": 48 * 512, "entries_per_token": 48, "bytes_per_entry": 512}
     with pytest.raises(ValueError, match="no FullKV rows"):
         analysis.kv_layout(df[df.policy != "fullkv"])
+
+
+def test_a_sweep_stopped_part_way_enters_the_claims_on_its_complete_instances_only():
+    # instance 2 has FullKV and policy a only, instance 3 FullKV only: a resumable sweep cut off by the device's time
+    df = _table({("ruler_vt@4000", "fullkv", "full"): [1, 1, 1, 1], ("ruler_vt@4000", "a", "0.1"): [0, 1, 1],
+                 ("ruler_vt@4000", "b", "0.1"): [1, 1]})
+    kept = analysis.complete_instances(analysis.cells_by_length(df))
+    assert sorted(set(kept.instance)) == ["len4000_00", "len4000_01"]
+    solved, rows = analysis.solved_rows(df)
+    s = solved.set_index("task").loc["ruler_vt @4000"]
+    assert s.n == 4 and s.paired == 2  # FullKV's gate uses all four; the comparison the two complete ones
+    acc = analysis.accuracy_table(rows).set_index(["task", "policy"]).value
+    assert acc[("ruler_vt @4000", "a")] == pytest.approx(0.5) and acc[("ruler_vt @4000", "b")] == 1.0

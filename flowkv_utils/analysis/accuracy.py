@@ -264,17 +264,35 @@ def solved_cells(df: pd.DataFrame, threshold: float = SOLVED) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["task", "fullkv", "low", "high", "n", "solved"])
 
 
+def complete_instances(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the instances that every (policy, budget) of their task holds a task-metric row for: what a
+    comparison of policies may use, so that every policy's mean and every paired difference rest on the same
+    instances. A sweep stopped part-way (a device session's time ran out; `sweep_cli` resumes it) leaves instances
+    that only FullKV, or only some policies, have reached: they are dropped here, not averaged unevenly."""
+    d = task_rows(df)
+    pairs = d.groupby("task")[["policy", "budget"]].apply(lambda g: len(g.drop_duplicates()))
+    have = d.drop_duplicates(["task", "instance", "policy", "budget"]).groupby(["task", "instance"]).size()
+    full = {key for key, count in have.items() if count == pairs[key[0]]}
+    keep = [(t, i) in full for t, i in zip(df.task, df.instance, strict=True)]
+    return df[keep]
+
+
 def solved_rows(df: pd.DataFrame, threshold: float = SOLVED) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(`solved_cells` of the table split by length, the table's rows of the cells that enter a study's claims):
-    the cells FullKV solves *and* where compressing policies ran. The solved table gains `swept` (a compressing
-    policy has rows in the cell; False: a FullKV screen only, e.g. a solved cell left out to save device time) and
-    `claims` (solved and swept). The rows' task column names the cell ("<task> @<length>")."""
+    the cells FullKV solves *and* where compressing policies ran, restricted to their `complete_instances`. The
+    solved table gains `swept` (a compressing policy has rows in the cell; False: a FullKV screen only, e.g. a
+    solved cell left out to save device time), `claims` (solved and swept) and `paired` (the cell's complete
+    instances, every policy at every budget: what its claims rest on; 0 where not swept). The rows' task column
+    names the cell ("<task> @<length>")."""
     cells = cells_by_length(df)
     solved = solved_cells(cells, threshold)
     swept = set(cells.task[cells.policy != "fullkv"])
     solved["swept"] = solved.task.isin(swept)
     solved["claims"] = solved.solved & solved.swept
-    return solved, cells[cells.task.isin(set(solved.task[solved.claims]))]
+    rows = complete_instances(cells[cells.task.isin(set(solved.task[solved.claims]))])
+    counts = rows.groupby("task").instance.nunique() if len(rows) else pd.Series(dtype=int)
+    solved["paired"] = [int(counts.get(t, 0)) if s else 0 for t, s in zip(solved.task, solved.swept, strict=True)]
+    return solved, rows
 
 
 def cell_length(cell: str) -> int:
