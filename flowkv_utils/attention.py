@@ -38,19 +38,29 @@ def scaling_of(attn) -> float:
     return float(getattr(attn, "scaling", attn.head_dim ** -0.5))
 
 
+HALF = (torch.bfloat16, torch.float16)  # input dtypes whose products float32 holds exactly
+
+
 def window_attention(q: torch.Tensor, k: torch.Tensor, scaling: float, n_past: int | None = None) -> torch.Tensor:
     """Attention weights A (H, w, n) of w window queries over n keys, float32, causal.
 
     q: (H, w, d), the queries at positions n_past .. n_past + w - 1 (default: the last w of the n keys);
     k: (G, n, d). Query head h reads KV head h // (H // G)."""
-    H, w, _ = q.shape
+    H, w, d = q.shape
     G, n, _ = k.shape
     n_past = n - w if n_past is None else n_past
-    qf = q.float().view(G, H // G, w, -1)
-    logits = torch.einsum("grwd,gnd->grwn", qf, k.float()).reshape(H, w, n) * scaling
+    if q.is_cuda and q.dtype in HALF and k.dtype == q.dtype:
+        # bf16/fp16 products are exact in float32 and cuBLAS accumulates them in float32: the tensor-core GEMM with a
+        # float32 output gives the float32 logits (up to summation order) without casting K to float32
+        logits = torch.bmm(q.reshape(G, H // G * w, d), k.transpose(1, 2), out_dtype=torch.float32)
+        logits = logits.view(H, w, n).mul_(scaling)
+    else:
+        qf = q.float().view(G, H // G, w, -1)
+        logits = torch.einsum("grwd,gnd->grwn", qf, k.float()).reshape(H, w, n) * scaling
+    # causal: only keys after n_past can lie after a window query, so the mask touches those columns alone
     pos_q = torch.arange(n_past, n_past + w, device=q.device).unsqueeze(1)
-    pos_k = torch.arange(n, device=q.device).unsqueeze(0)
-    logits = logits.masked_fill(pos_k > pos_q, float("-inf"))
+    pos_k = torch.arange(n_past, n, device=q.device).unsqueeze(0)
+    logits[..., n_past:].masked_fill_(pos_k > pos_q, float("-inf"))
     return torch.softmax(logits, dim=-1)
 
 

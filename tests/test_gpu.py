@@ -179,3 +179,22 @@ def test_page_decode_triton_graph_equals_the_torch_path(batch):
     ref, fast = run("torch", False), run("triton", True)
     for a, b in zip(ref, fast, strict=True):  # the Triton dots run in TF32 on float32 (bench's kernel check: 1e-2)
         assert float((a - b).norm() / a.norm()) < 5e-3
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n_past", [None, 40])
+def test_window_attention_tensor_core_path_equals_the_float32_one(dtype, n_past):
+    # CUDA with half inputs: one GEMM with a float32 output (products exact, float32 sums), the causal mask on the
+    # columns after n_past only; the reference is the float32 einsum path on the CPU
+    from flowkv_utils.attention import window_attention
+
+    g = torch.Generator().manual_seed(3)
+    q = (torch.randn(8, 16, 64, generator=g) * 2).to(dtype)
+    k = (torch.randn(2, 300, 64, generator=g) * 2).to(dtype)
+    want = window_attention(q, k, 0.125, n_past)
+    got = window_attention(q.cuda(), k.cuda(), 0.125, n_past)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-7)
+    past = 300 - 16 if n_past is None else n_past
+    assert float(got[:, 0, past + 1:].abs().max()) == 0.0  # the first window query sees no later key

@@ -338,6 +338,7 @@ def test_global_cascade_ties_follow_flat_order(L, G, m, data):
     want[order] = True
     got = torch.stack([c.keep_masks().get(li, torch.zeros(G, m, dtype=torch.bool)) for li in range(L)])
     assert torch.equal(got.flatten(), want)
+    assert {li: int(v) for li, v in c.kept_counts().items()} == {li: int(got[li].sum()) for li in range(L)}
 
 
 # ---------------------------------------------------------------------------------------------------- CAKE
