@@ -24,6 +24,7 @@ import time
 from typing import TYPE_CHECKING
 
 import torch
+from torch.profiler import record_function
 
 from .cache import RaggedCache, RaggedLayer, pack_layer
 from .capture import LayerCapture, Prefill
@@ -132,14 +133,16 @@ class LayerwiseCompressor:
         for name in self.names:
             _sync(dev)
             t0 = time.perf_counter()
-            keep = self._select(name, li)  # (G, n) bool, or None: everything
+            with record_function(f"flowkv select {name}"):  # named ranges for `bench scoring --profile`
+                keep = self._select(name, li)  # (G, n) bool, or None: everything
             _sync(dev)
             self.seconds[name] += time.perf_counter() - t0
             self.pf.forget(li)  # each policy pays its own window attention
             self.counts[name][li] = self.n if keep is None else keep.sum(-1).cpu()
             if name == self.main:
                 keep_main = keep
-        self._pack(li, cap, keep_main)
+        with record_function("flowkv pack layer"):
+            self._pack(li, cap, keep_main)
         if self.tp is not None and li == self.shape.layers - 1 and not self._keeps_all(self.main):
             self._check_total()
         self.pf.layers[li] = None
@@ -161,9 +164,11 @@ class LayerwiseCompressor:
             if self.keep_scores:
                 self.scores[name].append(s)
             casc = self.cascades[name]
-            casc.add(li, floor_first(s, p.model_floor(self.budgets[name])))
+            with record_function("flowkv cascade add"):
+                casc.add(li, floor_first(s, p.model_floor(self.budgets[name])))
             if name == self.main:  # evict from the layers already packed
-                self._compact(casc, final=li == self.shape.layers - 1)
+                with record_function("flowkv re-pack earlier layers"):
+                    self._compact(casc, final=li == self.shape.layers - 1)
             return with_window(casc.keep_mask(li), w)
         s = p.layer_scores(pf, li)
         if self.keep_scores:

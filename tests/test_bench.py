@@ -144,6 +144,18 @@ def test_cli_scoring_parts_and_slack_prefills_on_cpu(tmp_path):
                                            "precision": "split"}
 
 
+def test_cli_scoring_profile_names_the_compressor_ranges(tmp_path):
+    """`bench scoring --profile N`: one profiled compressing prefill, its text beside the tables with the time of
+    every named range of the compressor (selection per policy, the cascade, the re-packing, the packing)."""
+    assert bench.main(["scoring", "--shape", "tiny", "--contexts", "1024", "--slacks", "--profile", "1024",
+                       "--device", "cpu", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "profile_1024.txt").read_text()
+    for name in ("flowkv select flowkv_global", "flowkv select snapkv", "flowkv cascade add",
+                 "flowkv re-pack earlier layers", "flowkv pack layer"):
+        assert name in text, name
+    assert "n = 1024" in text and "scoring + selection, s: flowkv_global" in text
+
+
 def test_gpu_dry_run_on_cpu(tmp_path):
     """`bench gpu --device cpu` on the tiny shape: every sweep, the structured columns filled, the launch settings
     in meta.json, and the tables load back."""

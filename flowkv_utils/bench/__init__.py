@@ -6,6 +6,7 @@
     python -m flowkv_utils.bench decode      # embedded model on CPU: prefill, scoring, decode per token vs the floor
     python -m flowkv_utils.bench gpu --out results/gpu   # the GPU sweep (Llama-3-8B shape, random weights) to 200K
     python -m flowkv_utils.bench scoring     # FlowKV scoring step by step at 128K (GPU), + whole prefills per slack
+    python -m flowkv_utils.bench scoring --profile 32768   # + one compressing prefill under torch.profiler, by range
     python -m flowkv_utils.bench scale --out results/scale_h200   # what one GPU holds: Llama-3-70B shape, fp8/bf16
     python -m flowkv_utils.bench peers --out results/peers_h200   # HF eager/compiled, SDPA, FlexAttention, FlashInfer
     python -m flowkv_utils.bench all         # load, notebooks, policies, decode (the CPU ones)
@@ -25,7 +26,7 @@ stored runs (bars, OOM frontier, comparators, scale) is `analysis.throughput`'s.
 
 Modules, one job each: `tables` (schemas, recorder, loading stored runs), `timing` (bandwidth, bytes, step timings,
 the decode row), `shapes` (model shapes, prompts, synthetic caches), `prefill` (one compressing prefill), `cpu`
-(the CPU benchmarks), `scoring` (scoring step by step, score-kernel tuning), `checks` (fast paths vs references),
+(the CPU benchmarks), `scoring` (scoring step by step, score-kernel tuning, the profiled prefill), `checks` (fast paths vs references),
 `gpu` (the GPU sweep, split-KV kernel timing), `scale` (what one GPU holds of a large shape), `peers` (what users would run instead), `cli` (the subcommands).
 """
 

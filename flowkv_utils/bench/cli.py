@@ -22,7 +22,7 @@ from .gpu import TUNE, gpu_sweep
 from .peers import PEERS, peers_sweep
 from .scale import PARTS as SCALE_PARTS
 from .scale import scale_sweep
-from .scoring import scoring_parts, scoring_prefills
+from .scoring import profile_prefill, scoring_parts, scoring_prefills
 from .shapes import SHAPES, WEIGHT_FORMATS
 from .tables import recorder
 from .timing import copy_bandwidth
@@ -63,6 +63,8 @@ def parser() -> argparse.ArgumentParser:
                            help="also prefill the whole model once per slack (FlowKV global re-packing)")
             p.add_argument("--device", default="cuda")
             p.add_argument("--tune", action="store_true", help="time launch-setting variants of the score kernel")
+            p.add_argument("--profile", type=int, default=None, metavar="N",
+                           help="also profile one compressing prefill of N tokens (torch.profiler): profile_N.txt")
         if name == "eval":
             p.add_argument("--model-path", default="embedded", help='"embedded", a HF model folder or a .gguf file')
             p.add_argument("--device", default="cuda")
@@ -179,6 +181,11 @@ def _run(cmd: str, a: argparse.Namespace, rec: Recorder) -> None:
         if a.slacks:
             scoring_prefills(rec, a.shape, tuple(a.contexts), a.budget, tuple(a.slacks), device=a.device,
                              score_config=score_config)
+        if a.profile:
+            out = rec.out or Path("runs/bench/scoring")
+            text = profile_prefill(out / f"profile_{a.profile}.txt", a.shape, a.profile, a.budget, a.device,
+                                   score_config=score_config)
+            print("\n".join(text.splitlines()[:12]))
         rec.save_meta(score_config=asdict(score_config))
 
 

@@ -4,13 +4,15 @@ prefills per re-packing slack."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from ..kernels import DEFAULT_SCORE_CONFIG, ScoreConfig, triton_available
 from ..results import Recorder
 from .prefill import prefill_context
 from .shapes import SHAPES, shape_model
-from .tables import RANDOM_WEIGHTS
+from .tables import RANDOM_WEIGHTS, SCHEMAS
 from .timing import free_memory, median_ms
 
 # score-kernel variants (tokens per program, columns per product, warps) timed by `tune_score_kernel`
@@ -145,3 +147,44 @@ def scoring_prefills(rec: Recorder, shape: str = "llama3-8b", contexts: tuple[in
     del model
     free_memory()
     return rec
+
+
+PROFILE_RANGES = ("flowkv select", "flowkv cascade add", "flowkv re-pack earlier layers", "flowkv pack layer")
+
+
+def profile_prefill(path, shape: str = "llama3-8b", n: int = 32768, budget: float = 0.05, device: str = "cuda",
+                    chunk: int = 8192, score_config: ScoreConfig = DEFAULT_SCORE_CONFIG) -> str:
+    """One compressing prefill of a random-weight model of `shape` (FlowKV global applied, SnapKV and FlowKV
+    layer-wise scored on the same layers, as `scoring_prefills`) under `torch.profiler`, after two untimed ones.
+    Writes to `path` the compressor's seconds per policy, the time inside each of its named ranges
+    (`PROFILE_RANGES`: per-policy selection, the global cascade's merge, the re-packing of earlier layers, the
+    packing of each layer) and the profiler's top operators by device and by host time; returns the text."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dev = torch.device(device)
+    model = shape_model(shape, dev, n, torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    quiet = Recorder(None, {}, SCHEMAS, echo=False)
+    for _ in range(2):  # library initialisation and kernel compilation stay out of the profile
+        prefill_context(quiet, model, n, weights=RANDOM_WEIGHTS, budget=budget, chunk=chunk, keep_scores=False,
+                        score_config=score_config)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        comp = prefill_context(quiet, model, n, weights=RANDOM_WEIGHTS, budget=budget, chunk=chunk,
+                               keep_scores=False, score_config=score_config)
+    events = prof.key_averages()
+    sort = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
+    ranges = [e for e in events if e.key.startswith(PROFILE_RANGES)]
+    lines = [f"compressing prefill: {shape} (random weights, real shape), n = {n}, budget {budget}, device {device}",
+             f"prefill (hooks excluded) {quiet.rows['prefill'][-1]['prefill_s']:.3f} s; scoring + selection, s: "
+             + ", ".join(f"{k} {v:.4f}" for k, v in comp.seconds.items()),
+             "", "named ranges (host time, ms, summed over layers; the compressor synchronises around each selection):"]
+    lines += [f"  {e.key:<40} {e.cpu_time_total / 1e3:10.2f} ms  ({e.count} calls)" for e in
+              sorted(ranges, key=lambda e: -e.cpu_time_total)]
+    lines += ["", events.table(sort_by=sort, row_limit=30, max_name_column_width=60), "",
+              events.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60)]
+    text = "\n".join(lines)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text + "\n")
+    del model
+    free_memory()
+    return text
