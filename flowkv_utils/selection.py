@@ -8,6 +8,7 @@ token (stable sorts), so every selection is deterministic, on the CPU and on CUD
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -106,6 +107,8 @@ class GlobalCascade:
     Everything stays on the scores' device and nothing waits for it (no host synchronisation), so a caller decides
     itself when to read counts back and re-pack its cache."""
 
+    prefilter: ClassVar[bool] = True  # drop a new layer's entries that cannot enter before sorting (exact)
+
     def __init__(self, k: int):
         self.k = int(k)
         self.vals: torch.Tensor | None = None  # (≤ k,) kept scores, in increasing flat-id order
@@ -123,7 +126,12 @@ class GlobalCascade:
         ids = torch.arange(self._next, self._next + G * m, device=dev)
         self._next += G * m
         vals = scores.detach().float().reshape(-1)
-        alive = torch.ones(G * m, dtype=torch.bool, device=dev)
+        alive = torch.zeros(G * m, dtype=torch.bool, device=dev)  # set below for what is selected
+        if self.prefilter and self.vals is not None and 0 < self.k == self.vals.numel():
+            # a full selection's k entries all beat a new entry at or below their minimum (ties go to the earlier
+            # id, and every held id is earlier): only the entries above it can enter, so only they are sorted
+            cand = (vals > self.vals.min()).nonzero().view(-1)
+            vals, ids = vals[cand], ids[cand]
         if self.vals is not None:  # kept ids are increasing and below the new ones: flat order is kept
             vals, ids = torch.cat([self.vals, vals]), torch.cat([self.ids, ids])
             alive = torch.cat([self.alive, alive])
