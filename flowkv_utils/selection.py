@@ -158,10 +158,10 @@ class GlobalCascade:
         return {layer: self.keep_mask(layer) for layer in self.shapes}
 
     def kept_counts(self) -> dict[int, torch.Tensor]:
-        """Entries still selected per layer, as 0-d tensors on the device (reading them synchronises). Layers of
-        one size added back to back (every model here) are summed in one reduction, not one per layer."""
-        sizes = {G * m for G, m in self.shapes.values()}
-        if len(sizes) == 1 and list(self.offset.values()) == [i * next(iter(sizes)) for i in range(len(self.offset))]:
+        """Entries still selected per layer, as 0-d tensors on the device (reading them synchronises). Layers lie
+        back to back in `alive` in the order added, so layers of one size (every model here) are summed in one
+        reduction, not one per layer."""
+        if len({G * m for G, m in self.shapes.values()}) == 1:
             sums = self.alive.view(len(self.offset), -1).sum(1)
             return {layer: sums[i] for i, layer in enumerate(self.offset)}
         return {layer: self.alive[o: o + self.shapes[layer][0] * self.shapes[layer][1]].sum()

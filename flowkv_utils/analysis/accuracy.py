@@ -282,16 +282,16 @@ def solved_rows(df: pd.DataFrame, threshold: float = SOLVED) -> tuple[pd.DataFra
     the cells FullKV solves *and* where compressing policies ran, restricted to their `complete_instances`. The
     solved table gains `swept` (a compressing policy has rows in the cell; False: a FullKV screen only, e.g. a
     solved cell left out to save device time), `claims` (solved and swept) and `paired` (the cell's complete
-    instances, every policy at every budget: what its claims rest on; 0 where not swept). The rows' task column
-    names the cell ("<task> @<length>")."""
+    instances, every policy at every budget: what its claims rest on; 0 for a cell outside the claims). The rows'
+    task column names the cell ("<task> @<length>")."""
     cells = cells_by_length(df)
     solved = solved_cells(cells, threshold)
     swept = set(cells.task[cells.policy != "fullkv"])
     solved["swept"] = solved.task.isin(swept)
     solved["claims"] = solved.solved & solved.swept
     rows = complete_instances(cells[cells.task.isin(set(solved.task[solved.claims]))])
-    counts = rows.groupby("task").instance.nunique() if len(rows) else pd.Series(dtype=int)
-    solved["paired"] = [int(counts.get(t, 0)) if s else 0 for t, s in zip(solved.task, solved.swept, strict=True)]
+    counts = rows.groupby("task").instance.nunique()  # the claim cells only: 0 for every other cell
+    solved["paired"] = [int(counts.get(t, 0)) for t in solved.task]
     return solved, rows
 
 

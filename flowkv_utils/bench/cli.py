@@ -182,8 +182,7 @@ def _run(cmd: str, a: argparse.Namespace, rec: Recorder) -> None:
             scoring_prefills(rec, a.shape, tuple(a.contexts), a.budget, tuple(a.slacks), device=a.device,
                              score_config=score_config)
         if a.profile:
-            out = rec.out or Path("runs/bench/scoring")
-            text = profile_prefill(out / f"profile_{a.profile}.txt", a.shape, a.profile, a.budget, a.device,
+            text = profile_prefill(rec.out / f"profile_{a.profile}.txt", a.shape, a.profile, a.budget, a.device,
                                    score_config=score_config)
             print("\n".join(text.splitlines()[:12]))
         rec.save_meta(score_config=asdict(score_config))
