@@ -97,6 +97,24 @@ def stack_layers(keeps: list[torch.Tensor], scores: list[torch.Tensor] | None = 
     return keep, sc
 
 
+def best_in_order(vals: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions, increasing, of the k largest of a 1-D tensor, ties to the earlier position: the same set as
+    `topk_per_row(vals.view(1, -1), k)` (tested), found without sorting — one selection of the k-th largest value
+    (`torch.kthvalue`), then comparisons and prefix sums over the entries, and nothing waits for the device."""
+    n = vals.numel()
+    kk = min(int(k), n)
+    dev = vals.device
+    if kk <= 0:
+        return torch.empty(0, dtype=torch.long, device=dev)
+    if kk == n:
+        return torch.arange(n, device=dev)
+    t = torch.kthvalue(vals, n - kk + 1).values  # the kk-th largest value
+    above, tie = vals > t, vals == t
+    keep = above | (tie & (tie.cumsum(0) <= kk - above.sum()))  # then the earliest ties, up to kk in all
+    out = torch.empty(kk + 1, dtype=torch.long, device=dev)  # slot kk collects the entries not kept
+    return out.scatter_(0, torch.where(keep, keep.cumsum(0) - 1, kk), torch.arange(n, device=dev))[:kk]
+
+
 class GlobalCascade:
     """Cascading model-wide top-k: as each layer finishes prefill, merge its scores into the running selection and
     evict everything below the running k-th largest. Global top-k over a growing set is monotone, so the final
@@ -104,8 +122,8 @@ class GlobalCascade:
 
     Use: c = GlobalCascade(k); per layer `c.add(layer, scores (G, m))`; then `c.keep_mask(layer)` → (G, m) bool,
     what is still kept of that layer (entries only ever leave), and `c.kept_counts()` → kept entries per layer.
-    Everything stays on the scores' device and nothing waits for it (no host synchronisation), so a caller decides
-    itself when to read counts back and re-pack its cache."""
+    Everything stays on the scores' device; the one host synchronisation per `add` is the prefilter's count of a
+    new layer's candidates, so a caller decides itself when to read counts back and re-pack its cache."""
 
     prefilter: ClassVar[bool] = True  # drop a new layer's entries that cannot enter before sorting (exact)
 
@@ -145,8 +163,7 @@ class GlobalCascade:
         """Positions, in flat order, of the k best of the held entries (vals, ids increasing), ties to the earlier
         id. A tensor-parallel rank's cascade (`sharded_policies.ShardedCascade`) replaces it by the distributed
         top-k over every rank's heads."""
-        kk = min(self.k, vals.numel())
-        return torch.sort(vals, descending=True, stable=True).indices[:kk].sort().values
+        return best_in_order(vals, self.k)
 
     def keep_mask(self, layer: int) -> torch.Tensor:
         """(G, m) bool: the entries of `layer` still selected (a copy)."""

@@ -27,7 +27,7 @@ from flowkv_utils.policies.flowkv import (
     flowkv_scores,
     gram_blocks,
 )
-from flowkv_utils.selection import GlobalCascade, shown
+from flowkv_utils.selection import GlobalCascade, best_in_order, shown, topk_per_row
 
 PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FEW = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -339,6 +339,19 @@ def test_global_cascade_ties_follow_flat_order(L, G, m, data):
     got = torch.stack([c.keep_masks().get(li, torch.zeros(G, m, dtype=torch.bool)) for li in range(L)])
     assert torch.equal(got.flatten(), want)
     assert {li: int(v) for li, v in c.kept_counts().items()} == {li: int(got[li].sum()) for li in range(L)}
+
+
+@PROPERTY
+@given(vals=st.lists(st.sampled_from([0.0, -0.0, 1.0, 2.5, -3.0, float("inf"), float("-inf")]), min_size=1,
+                     max_size=60), data=st.data())
+def test_best_in_order_is_the_stable_top_k(vals, data):
+    """The cascade's sort-free selection keeps the same entries as the one top-k (ties, ±0 and ±inf included),
+    in increasing position."""
+    v = torch.tensor(vals, dtype=torch.float32)
+    k = data.draw(st.integers(0, len(vals) + 2))
+    got = best_in_order(v, k)
+    want = topk_per_row(v.view(1, -1), min(k, len(vals)))[0].nonzero().view(-1)
+    assert torch.equal(got, want)
 
 
 # ---------------------------------------------------------------------------------------------------- CAKE
