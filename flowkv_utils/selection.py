@@ -2,7 +2,8 @@
 compressor and the benchmarks share (the one top-k, the one window rule, the one cascading global top-k).
 
 A keep-set is a bool mask (L, G, n) over (layer, KV head, token). Ties are always broken towards the earlier
-token (stable sorts), so every selection is deterministic, on the CPU and on CUDA alike.
+token (stable sorts, or `best_in_order`'s earliest ties), so every selection is deterministic, on the CPU and on
+CUDA alike.
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ class GlobalCascade:
     Everything stays on the scores' device; the one host synchronisation per `add` is the prefilter's count of a
     new layer's candidates, so a caller decides itself when to read counts back and re-pack its cache."""
 
-    prefilter: ClassVar[bool] = True  # drop a new layer's entries that cannot enter before sorting (exact)
+    prefilter: ClassVar[bool] = True  # drop a new layer's entries that cannot enter before the merge (exact)
 
     def __init__(self, k: int):
         self.k = int(k)
@@ -147,7 +148,7 @@ class GlobalCascade:
         alive = torch.zeros(G * m, dtype=torch.bool, device=dev)  # set below for what is selected
         if self.prefilter and self.vals is not None and 0 < self.k == self.vals.numel():
             # a full selection's k entries all beat a new entry at or below their minimum (ties go to the earlier
-            # id, and every held id is earlier): only the entries above it can enter, so only they are sorted
+            # id, and every held id is earlier): only the entries above it can enter, so only they are merged
             cand = (vals > self.vals.min()).nonzero().view(-1)
             vals, ids = vals[cand], ids[cand]
         if self.vals is not None:  # kept ids are increasing and below the new ones: flat order is kept
