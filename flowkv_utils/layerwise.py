@@ -57,7 +57,7 @@ class LayerwiseCompressor:
     (model-wide policy applied): an earlier layer is re-packed only once the cascade has evicted more than this
     fraction of the prefix entries it holds (so it holds at most 1/(1 − slack) of what it keeps: default 0.25,
     ≤ 1.33×, for far fewer copies than re-packing at every eviction, slack 0). The last layer re-packs
-    everything, so the final cache is the same for every slack.
+    everything, so the final cache is the same for every slack; `repacks` counts the re-packs.
 
     tp (`tensor_parallel.TensorParallel`): model is that rank's shard (`shard_model`, `random_shard`; its G/N KV
     heads) and every rank runs the prefill with its own compressor together: each layer's selection is the
@@ -117,6 +117,7 @@ class LayerwiseCompressor:
         self.prefix_keep: dict[int, torch.Tensor] = {}  # main policy: current (G, n) keep of each packed layer
         self.packed_prefix: dict[int, int] = {}  # main policy: prefix entries (window excluded) each layer holds
         self.slack = slack
+        self.repacks = 0  # re-packs of already packed layers (`_evict` calls): what the slack trades memory for
         self.counts: dict[str, torch.Tensor] = {name: torch.zeros(L, G, dtype=torch.long) for name in self.names}
         self.keep_scores = keep_scores
         self.scores: dict[str, list[torch.Tensor]] = {name: [] for name in self.names}
@@ -215,6 +216,7 @@ class LayerwiseCompressor:
         self.prefix_keep[lj] = new
         self.packed_prefix[lj] = int(lengths.sum()) - self.policies[self.main].kept_window * len(lengths)
         self.counts[self.main][lj] = lengths
+        self.repacks += 1
 
     # -- results -------------------------------------------------------------------------------------------
     def finish_counts(self) -> None:

@@ -66,6 +66,18 @@ def test_global_slack_bounds_held_entries_and_ends_exact(setup, slack):
         LayerwiseCompressor(m, ids, "flowkv_global", 30, window=W, slack=1.0)
 
 
+def test_repacks_fall_as_the_slack_grows(setup):
+    """`repacks` counts the re-packs of packed layers: with slack 0 every layer that lost entries is re-packed at
+    once, so a larger slack never re-packs more (and the final cache is the same, as tested above)."""
+    m, ids, _ = setup
+    counts = []
+    for slack in (0.0, 0.3, 0.9):
+        comp = LayerwiseCompressor(m, ids, "flowkv_global", 30, window=W, slack=slack)
+        capture.prefill(m, ids, window=W, on_layer=comp)
+        counts.append(comp.repacks)
+    assert counts[0] > 0 and counts == sorted(counts, reverse=True)
+
+
 def test_unknown_policy_is_rejected(setup):
     m, ids, _ = setup
     with pytest.raises(ValueError, match="cake.*allowed are"):

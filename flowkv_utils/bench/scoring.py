@@ -152,6 +152,18 @@ def scoring_prefills(rec: Recorder, shape: str = "llama3-8b", contexts: tuple[in
 PROFILE_RANGES = ("flowkv select", "flowkv cascade add", "flowkv re-pack earlier layers", "flowkv pack layer")
 
 
+def range_times(events) -> dict[str, tuple[float, float, int]]:
+    """Per named range of a profile (`key_averages()` entries; the profiler lists a range once for the host and once
+    for the device): (host ms, device ms, calls)."""
+    out: dict[str, tuple[float, float, int]] = {}
+    for e in events:
+        host, dev, calls = out.get(e.key, (0.0, 0.0, 0))
+        dev_us = getattr(e, "device_time_total", None)
+        dev_us = e.cuda_time_total if dev_us is None else dev_us
+        out[e.key] = (max(host, e.cpu_time_total / 1e3), max(dev, dev_us / 1e3), max(calls, e.count))
+    return out
+
+
 def profile_prefill(path, shape: str = "llama3-8b", n: int = 32768, budget: float = 0.05, device: str = "cuda",
                     chunk: int = 8192, score_config: ScoreConfig = DEFAULT_SCORE_CONFIG) -> str:
     """One compressing prefill of a random-weight model of `shape` (FlowKV global applied, SnapKV and FlowKV
@@ -177,9 +189,11 @@ def profile_prefill(path, shape: str = "llama3-8b", n: int = 32768, budget: floa
     lines = [f"compressing prefill: {shape} (random weights, real shape), n = {n}, budget {budget}, device {device}",
              f"prefill (hooks excluded) {quiet.rows['prefill'][-1]['prefill_s']:.3f} s; scoring + selection, s: "
              + ", ".join(f"{k} {v:.4f}" for k, v in comp.seconds.items()),
-             "", "named ranges (host time, ms, summed over layers; the compressor synchronises around each selection):"]
-    lines += [f"  {e.key:<40} {e.cpu_time_total / 1e3:10.2f} ms  ({e.count} calls)" for e in
-              sorted(ranges, key=lambda e: -e.cpu_time_total)]
+             f"re-packs of earlier layers: {comp.repacks} (slack {comp.slack})",
+             "", "named ranges (ms summed over layers; host time includes the synchronisation around each selection;"
+             " device: the kernels inside the range):"]
+    lines += [f"  {key:<40} host {host:9.2f} ms  device {dev_ms:9.2f} ms  ({calls} calls)"
+              for key, (host, dev_ms, calls) in sorted(range_times(ranges).items(), key=lambda kv: -kv[1][0])]
     lines += ["", events.table(sort_by=sort, row_limit=30, max_name_column_width=60), "",
               events.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60)]
     text = "\n".join(lines)
