@@ -198,3 +198,17 @@ def test_window_attention_tensor_core_path_equals_the_float32_one(dtype, n_past)
     torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-7)
     past = 300 - 16 if n_past is None else n_past
     assert float(got[:, 0, past + 1:].abs().max()) == 0.0  # the first window query sees no later key
+
+
+@gpu
+@pytest.mark.parametrize("n, k, levels", [(673126, 411238, 0), (300000, 12345, 7), (5000, 4999, 2), (64, 1, 0)])
+def test_best_in_order_on_cuda_equals_the_stable_top_k(n, k, levels):
+    """The cascade's sort-free merge (`torch.kthvalue` on CUDA) keeps the CPU's set — sizes of a 32K Llama-3-8B
+    merge, and inputs with only `levels` distinct values (many ties; 0: continuous)."""
+    from flowkv_utils.selection import best_in_order, topk_per_row
+
+    g = torch.Generator().manual_seed(n)
+    v = torch.randint(0, levels, (n,), generator=g).float() if levels else torch.randn(n, generator=g)
+    want = topk_per_row(v.view(1, -1), k)[0].nonzero().view(-1)
+    got = best_in_order(v.cuda(), k)
+    assert got.device.type == "cuda" and torch.equal(got.cpu(), want)
