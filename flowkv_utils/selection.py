@@ -98,10 +98,20 @@ def stack_layers(keeps: list[torch.Tensor], scores: list[torch.Tensor] | None = 
     return keep, sc
 
 
+def kth_largest(vals: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest value of a 1-D tensor (1 ≤ k ≤ numel), a 0-d tensor on its device. On the CPU
+    `torch.kthvalue` (a selection, no sort); on CUDA a radix sort, because CUDA's `kthvalue` of one long row runs as
+    one thread block: 3.4 ms against 0.08 ms for 673K entries on the H200 (benchmarks/NOTES.md)."""
+    n = vals.numel()
+    if vals.is_cuda:
+        return torch.sort(vals).values[n - k]
+    return torch.kthvalue(vals, n - k + 1).values
+
+
 def best_in_order(vals: torch.Tensor, k: int) -> torch.Tensor:
     """Positions, increasing, of the k largest of a 1-D tensor, ties to the earlier position: the same set as
-    `topk_per_row(vals.view(1, -1), k)` (tested), found without sorting — one selection of the k-th largest value
-    (`torch.kthvalue`), then comparisons and prefix sums over the entries, and nothing waits for the device."""
+    `topk_per_row(vals.view(1, -1), k)` (tested), found from the k-th largest value
+    (`kth_largest`), then comparisons and prefix sums over the entries, and nothing waits for the device."""
     n = vals.numel()
     kk = min(int(k), n)
     dev = vals.device
@@ -109,7 +119,7 @@ def best_in_order(vals: torch.Tensor, k: int) -> torch.Tensor:
         return torch.empty(0, dtype=torch.long, device=dev)
     if kk == n:
         return torch.arange(n, device=dev)
-    t = torch.kthvalue(vals, n - kk + 1).values  # the kk-th largest value
+    t = kth_largest(vals, kk)
     above, tie = vals > t, vals == t
     keep = above | (tie & (tie.cumsum(0) <= kk - above.sum()))  # then the earliest ties, up to kk in all
     out = torch.empty(kk + 1, dtype=torch.long, device=dev)  # slot kk collects the entries not kept

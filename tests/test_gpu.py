@@ -203,8 +203,8 @@ def test_window_attention_tensor_core_path_equals_the_float32_one(dtype, n_past)
 @gpu
 @pytest.mark.parametrize("n, k, levels", [(673126, 411238, 0), (300000, 12345, 7), (5000, 4999, 2), (64, 1, 0)])
 def test_best_in_order_on_cuda_equals_the_stable_top_k(n, k, levels):
-    """The cascade's sort-free merge (`torch.kthvalue` on CUDA) keeps the CPU's set — sizes of a 32K Llama-3-8B
-    merge, and inputs with only `levels` distinct values (many ties; 0: continuous)."""
+    """The cascade's merge (its threshold by a radix sort on CUDA, by `torch.kthvalue` on the CPU) keeps the CPU's
+    set — sizes of a 32K Llama-3-8B merge, and inputs with only `levels` distinct values (many ties; 0: continuous)."""
     from flowkv_utils.selection import best_in_order, topk_per_row
 
     g = torch.Generator().manual_seed(n)

@@ -27,7 +27,7 @@ from flowkv_utils.policies.flowkv import (
     flowkv_scores,
     gram_blocks,
 )
-from flowkv_utils.selection import GlobalCascade, best_in_order, shown, topk_per_row
+from flowkv_utils.selection import GlobalCascade, best_in_order, kth_largest, shown, topk_per_row
 
 PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FEW = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -352,6 +352,17 @@ def test_best_in_order_is_the_stable_top_k(vals, data):
     got = best_in_order(v, k)
     want = topk_per_row(v.view(1, -1), min(k, len(vals)))[0].nonzero().view(-1)
     assert torch.equal(got, want)
+
+
+@PROPERTY
+@given(vals=st.lists(st.sampled_from([0.0, 1.0, 2.5, -3.0, float("inf"), float("-inf")]), min_size=1, max_size=60),
+       data=st.data())
+def test_kth_largest_is_the_sorted_value(vals, data):
+    """The merge's threshold: the k-th largest value, ties and ±inf included (the CPU's `kthvalue` branch here; the
+    CUDA branch, a sort, is checked against the CPU in tests/test_gpu.py)."""
+    v = torch.tensor(vals, dtype=torch.float32)
+    k = data.draw(st.integers(1, len(vals)))
+    assert float(kth_largest(v, k)) == sorted(vals, reverse=True)[k - 1]
 
 
 # ---------------------------------------------------------------------------------------------------- CAKE
