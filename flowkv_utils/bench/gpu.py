@@ -51,7 +51,7 @@ from .timing import (
 # kernel variants timed with `bench gpu --tune`: changes to the default SplitKVConfig (benchmarks/NOTES.md says
 # what each was expected to do); a "split" entry fixes the keys per work item instead
 TUNE = [{}, {"block": 64}, {"block": 16}, {"num_warps": 2}, {"num_warps": 8}, {"num_stages": 2}, {"num_stages": 4},
-        {"waves": 4}, {"waves": 16}, {"waves": 2}, {"block": 64, "num_stages": 4}, {"block": 64, "num_warps": 8},
+        {"waves": 8}, {"waves": 16}, {"waves": 2}, {"block": 64, "num_stages": 4}, {"block": 64, "num_warps": 8},
         {"block": 128, "num_warps": 8, "num_stages": 2}]
 
 

@@ -37,7 +37,7 @@ class SplitKVConfig:
     block: int = 32
     num_warps: int = 4
     num_stages: int = 3
-    waves: int = 8
+    waves: int = 4
     combine_items: int = 64
 
     def replace(self, **changes) -> SplitKVConfig:
