@@ -424,6 +424,33 @@ def test_paired_difference_and_claim_intervals():
     assert row.low <= row.value <= row.high
 
 
+def test_head_to_head_is_paired_difference_per_baseline_and_budget():
+    """One row per (baseline, budget) with paired_difference's numbers; swapping the two policies negates the
+    difference and mirrors the interval; the verdict follows the interval; an absent policy raises naming it."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(40):
+        base = float(rng.integers(0, 2))
+        for b, frac in (("64", 0.1), ("128", 0.2)):
+            for p, v in (("flowkv", min(1.0, base + 0.5)), ("snapkv", base), ("adakv", 1.0 - base)):
+                rows.append(dict(model="m", task="t", instance=str(i), context_tokens=1000, policy=p, budget=b,
+                                 budget_fraction=frac, kept_entries=int(b), budget_bytes=4 * int(b),
+                                 metric="contains", value=v))
+        rows.append(dict(rows[-1], policy="fullkv", budget="full", value=1.0))
+    df = pd.DataFrame(rows)
+    h = analysis.head_to_head(df, "flowkv", ["snapkv", "adakv", "tova"])
+    assert list(zip(h.other, h.budget)) == [("snapkv", 64), ("snapkv", 128), ("adakv", 64), ("adakv", 128)]
+    for r in h.itertuples():
+        d = analysis.paired_difference(df, "flowkv", r.other, r.budget)
+        assert (r.diff, r.low, r.high, r.n) == pytest.approx((d["diff"], d["low"], d["high"], d["n"]))
+        assert r.verdict == ("above" if r.low > 0 else "below" if r.high < 0 else "tie")
+    assert set(h[h.other == "snapkv"].verdict) == {"above"}
+    back = analysis.head_to_head(df, "snapkv", ["flowkv"])
+    assert back["diff"].to_numpy() == pytest.approx(-h[h.other == "snapkv"]["diff"].to_numpy())
+    with pytest.raises(ValueError, match="'pyramidkv'"):
+        analysis.head_to_head(df, "pyramidkv")
+
+
 def test_a_gzipped_table_loads_the_same_and_is_read_only(reference, tmp_path):
     """Stored study tables are kept gzip-compressed in the repository: they load like the CSV; writing to one, or
     loading a .gz that is not gzip, fails naming the file."""

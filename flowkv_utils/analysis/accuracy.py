@@ -139,6 +139,29 @@ def paired_difference(df: pd.DataFrame, policy: str, other: str | Sequence[str],
     return {"other": best, "diff": mean, "low": low, "high": high, "n": int(len(diff))}
 
 
+def head_to_head(df: pd.DataFrame, policy: str, others: Sequence[str] = BASELINES) -> pd.DataFrame:
+    """`policy` against each of `others` (those in the table) at every finite budget, one row per (other, budget):
+    the paired mean difference over instances with its 95 % interval (`paired_difference`, task "average") and the
+    verdict "above" / "below" (the interval excludes 0) or "tie". Columns: policy, other, budget, diff, low, high,
+    n, verdict."""
+    d = task_rows(df)
+    budgets = sorted(b for b in set(d[d.policy == policy].budget) if math.isfinite(b))
+    present = [o for o in others if o != policy and o in set(d.policy)]
+    if not budgets or not present:
+        raise ValueError(f"head_to_head: policy {policy!r} at a finite budget and one of {list(others)} are needed; "
+                         f"the table has {sorted(set(d.policy))}")
+    rows = []
+    for o in present:
+        for b in budgets:
+            if not ((d.policy == o) & (d.budget == b)).any():
+                continue
+            c = paired_difference(df, policy, o, b)
+            verdict = "above" if c["low"] > 0 else "below" if c["high"] < 0 else "tie"
+            rows.append(dict(policy=policy, other=o, budget=_number(b), diff=c["diff"], low=c["low"], high=c["high"],
+                             n=c["n"], verdict=verdict))
+    return pd.DataFrame(rows, columns=["policy", "other", "budget", "diff", "low", "high", "n", "verdict"])
+
+
 def fullkv_accuracy(df: pd.DataFrame) -> pd.Series:
     """FullKV's mean score per task (policy fullkv at budget "full")."""
     return fullkv_rows(df).groupby("task").value.mean()
