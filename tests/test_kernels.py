@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from flowkv_utils import capture, fastdecode, generate, kernels, policies
 from flowkv_utils.cache import RaggedCache, RaggedLayer
+from flowkv_utils.kernels.split_kv import offset_alignment
 
 
 def ragged_layer(lengths, d=16, cap=8, dtype=torch.float32, seed=0):
@@ -119,6 +120,23 @@ def test_triton_tables_address_the_right_rows():
                 assert ko == vo and ko % 16 == 0
                 seg_rows += list(range(ko // 16, ko // 16 + n))
         assert seg_rows == list(range(int(lay.offsets[s]), int(lay.offsets[s + 1])))
+
+
+@given(lengths=st.lists(st.integers(0, 90), min_size=1, max_size=5), d=st.sampled_from([8, 12, 16, 64, 80]),
+       cap=st.integers(1, 9), split=st.integers(1, 40), pad=st.integers(0, 7))
+@settings(max_examples=60, deadline=None)
+def test_triton_tables_alignment_divides_every_offset(lengths, d, cap, split, pad):
+    """The alignment the kernel is told (`TritonTables.align`, a power of two ≤ 16) divides every K and V element
+    offset of the tables, also when the tail tensors start at an odd element distance from the packed prefix."""
+    lay = ragged_layer(lengths, d=d, cap=cap)
+    store = torch.zeros(pad + 2 * len(lengths) * cap * d)  # tails at an arbitrary element offset `pad`
+    tk = store[pad:pad + len(lengths) * cap * d].view(len(lengths), cap, d)
+    tv = store[pad + len(lengths) * cap * d:].view(len(lengths), cap, d)
+    t = kernels.triton_tables(kernels.work_items(lay.offsets, split), lay.k, lay.v, tk, tv)
+    a = t.align
+    assert 1 <= a <= 16 and a & (a - 1) == 0
+    assert bool((t.tab[1] % a == 0).all()) and bool((t.tab[2] % a == 0).all())
+    assert offset_alignment(0, 0) == 16 and offset_alignment(96, 40) == 8 and offset_alignment(128, 3) == 1
 
 
 @pytest.mark.skipif(os.environ.get("FLOWKV_TRITON_INTERPRET") != "1",

@@ -176,12 +176,14 @@ def _build() -> dict:
     @triton.jit
     def split_kernel(Q, K, V, NTAIL, TAB, M_OUT, L_OUT, ACC_OUT, n_all, qk_scale,
                      R: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-                     BLOCK: tl.constexpr):
-        # TAB rows (each n_all long): segment, K element offset, V element offset, prefix length, is-tail flag
+                     BLOCK: tl.constexpr, ALIGN: tl.constexpr):
+        # TAB rows (each n_all long): segment, K element offset, V element offset, prefix length, is-tail flag.
+        # Every offset is a multiple of ALIGN elements (TritonTables.align): telling the compiler so lets it issue
+        # vector loads; a pointer offset read from memory otherwise has unknown alignment (scalar loads).
         pid = tl.program_id(0)
         seg = tl.load(TAB + pid)
-        kb = K + tl.load(TAB + n_all + pid)  # first key of the item (packed prefix or a tail, same address space)
-        vb = V + tl.load(TAB + 2 * n_all + pid)
+        kb = K + tl.multiple_of(tl.load(TAB + n_all + pid), ALIGN)  # first key of the item (prefix or tail)
+        vb = V + tl.multiple_of(tl.load(TAB + 2 * n_all + pid), ALIGN)
         n = tl.load(TAB + 3 * n_all + pid) + tl.load(TAB + 4 * n_all + pid) * tl.load(NTAIL)  # keys in the item
         rows = tl.arange(0, R_PAD)
         cols = tl.arange(0, D_PAD)
@@ -248,13 +250,16 @@ def _build() -> dict:
 class TritonTables:
     """Device tables of one layer for the Triton kernels: tab (5, I + S) int64 rows = segment, K element offset,
     V element offset, prefix keys, is-tail; seg_first/seg_count (S,) (a segment's items are contiguous:
-    its prefix items, then its tail item; int64). Offsets are relative to the base tensors k_base / v_base."""
+    its prefix items, then its tail item; int64). Offsets are relative to the base tensors k_base / v_base; every
+    one is a multiple of `align` elements (a power of two ≤ 16; offsets rewritten later, as `blocksparse` does,
+    must stay multiples of d, which align divides)."""
 
     tab: torch.Tensor
     seg_first: torch.Tensor
     seg_count: torch.Tensor
     k_base: torch.Tensor
     v_base: torch.Tensor
+    align: int = 1
 
 
 def triton_tables(items: WorkItems, k: torch.Tensor, v: torch.Tensor, tail_k: torch.Tensor,
@@ -286,7 +291,18 @@ def triton_tables(items: WorkItems, k: torch.Tensor, v: torch.Tensor, tail_k: to
     tab[2, pos_t] = dv + torch.arange(S) * cap * d
     tab[4, pos_t] = 1
     dev = k_base.device
-    return TritonTables(tab.to(dev), first.to(dev), (counts + 1).to(dev), k_base, v_base)
+    return TritonTables(tab.to(dev), first.to(dev), (counts + 1).to(dev), k_base, v_base,
+                        offset_alignment(d, cap * d, dk, dv))
+
+
+def offset_alignment(*offsets: int, most: int = 16) -> int:
+    """The largest power of two ≤ most that divides every offset (in elements; 0 is divisible by anything): the
+    alignment the split kernel may assume of its tables. Item offsets are start·d and dk + s·cap·d, so passing d,
+    cap·d, dk and dv covers them all."""
+    g = math.gcd(*(abs(int(o)) for o in offsets))
+    if g == 0:
+        return most
+    return min(most, g & -g)
 
 
 @dataclass
@@ -318,6 +334,7 @@ def split_kv_triton(q: torch.Tensor, tables: TritonTables, n_tail: torch.Tensor,
     n_all = tables.tab.shape[1]
     kern["split"][(n_all,)](q, tables.k_base, tables.v_base, n_tail, tables.tab, ws.m, ws.lsum, ws.acc, n_all,
                             scaling * LOG2E, R=r, R_PAD=pow2_pad(r), D=d, D_PAD=d_pad, BLOCK=config.block,
+                            ALIGN=tables.align,
                             num_warps=config.num_warps, num_stages=config.num_stages)
     kern["combine"][(S, r)](ws.m, ws.lsum, ws.acc, tables.seg_first, tables.seg_count, ws.out,
                             R=r, D=d, D_PAD=d_pad, BLOCK_I=config.combine_items, num_warps=4)
