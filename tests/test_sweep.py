@@ -439,7 +439,7 @@ def test_head_to_head_is_paired_difference_per_baseline_and_budget():
         rows.append(dict(rows[-1], policy="fullkv", budget="full", value=1.0))
     df = pd.DataFrame(rows)
     h = analysis.head_to_head(df, "flowkv", ["snapkv", "adakv", "tova"])
-    assert list(zip(h.other, h.budget)) == [("snapkv", 64), ("snapkv", 128), ("adakv", 64), ("adakv", 128)]
+    assert list(zip(h.other, h.budget, strict=True)) == [("snapkv", 64), ("snapkv", 128), ("adakv", 64), ("adakv", 128)]
     for r in h.itertuples():
         d = analysis.paired_difference(df, "flowkv", r.other, r.budget)
         assert (r.diff, r.low, r.high, r.n) == pytest.approx((d["diff"], d["low"], d["high"], d["n"]))

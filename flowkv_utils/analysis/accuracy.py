@@ -124,7 +124,11 @@ def paired_difference(df: pd.DataFrame, policy: str, other: str | Sequence[str],
     """Mean of `policy` − `other` at one budget, paired over instances, with its 95 % bootstrap interval (stratified
     by task for "average"). other: a policy, or several — then per budget the one of highest mean accuracy (chosen
     on the whole sample, as a claim names it). Returns {"other", "diff", "low", "high", "n"}."""
-    d = task_rows(df)
+    return _paired(task_rows(df), policy, other, budget, task)
+
+
+def _paired(d: pd.DataFrame, policy: str, other: str | Sequence[str], budget: float, task: str) -> dict:
+    """`paired_difference` on task rows `d` (`task_rows`: checked once, budgets numeric)."""
     d = d[d.budget == budget] if task == "average" else d[(d.budget == budget) & (d.task == task)]
     others = [other] if isinstance(other, str) else list(other)
     others = [o for o in others if o in set(d.policy)]
@@ -155,7 +159,7 @@ def head_to_head(df: pd.DataFrame, policy: str, others: Sequence[str] = BASELINE
         for b in budgets:
             if not ((d.policy == o) & (d.budget == b)).any():
                 continue
-            c = paired_difference(df, policy, o, b)
+            c = _paired(d, policy, o, b, "average")  # task_rows checked the table once, above
             verdict = "above" if c["low"] > 0 else "below" if c["high"] < 0 else "tie"
             rows.append(dict(policy=policy, other=o, budget=_number(b), diff=c["diff"], low=c["low"], high=c["high"],
                              n=c["n"], verdict=verdict))
