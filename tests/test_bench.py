@@ -158,6 +158,39 @@ def test_cli_scoring_profile_names_the_compressor_ranges(tmp_path):
     assert "re-packs of earlier layers: " in text
 
 
+def test_cli_profile_counts_every_projection_and_names_each_group(tmp_path):
+    """`bench profile --device cpu` on the tiny shape (2 Llama layers): per budget one row per profiled name, the
+    matmul group holding 7 projections per layer plus the LM head per step, its floor the weights over the copy
+    bandwidth; the text beside the tables; a bad budget is refused naming what is allowed."""
+    assert bench.main(["profile", "--shape", "tiny", "--context", "512", "--budgets", "full", "0.25", "--steps",
+                       "2", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    res = bench.load_results(tmp_path)
+    p = res["profile"]
+    tiny = bench.shape_model("tiny", "cpu", 512, torch.float32)
+    assert set(p.policy) == {"fullkv", "uniform"} and set(p["mode"]) == {"cpu"}
+    bw = float(res["bandwidth"].GBps.iloc[0])
+    for _, g in p.groupby("policy"):
+        lin = g[g.kernel == "aten::linear"]
+        assert len(lin) == 1 and lin.calls_per_step.iloc[0] == 2 * 7 + 1
+        assert lin.group.iloc[0] == "matmul"
+        assert lin.group_floor_us.iloc[0] == pytest.approx(1e6 * bench.weight_bytes(tiny) / (bw * 1e9), rel=1e-6)
+        assert set(g.group) <= {name for name, _ in bench.timing.KERNEL_GROUPS} | {"other"}
+    text = (tmp_path / "profile_decode.txt").read_text()
+    assert "FullKV: step" in text and "every head 0.25 of the prompt: step" in text and "matmul" in text
+    with pytest.raises(SystemExit):
+        bench.main(["profile", "--budgets", "1.5", "--device", "cpu", "--out", str(tmp_path / "bad")])
+
+
+def test_kernel_groups_of_typical_decode_kernels():
+    """The names a CUDA decode step's kernels carry fall into their parts of the step."""
+    g = bench.timing.kernel_group
+    assert g("split_kernel") == g("combine_kernel") == "attention (split-KV)"
+    assert g("nvjet_tst_64x8_64x16_4x1_v_bz_TNT") == g("void cutlass::Kernel2<cutlass_80_wmma>") == "matmul"
+    assert g("triton_poi_fused_add_mul_0") == "compiled elementwise"
+    assert g("Memcpy DtoD (Device -> Device)") == "copies and fills"
+    assert g("void at::native::vectorized_elementwise_kernel<4>") == "other"
+
+
 def test_gpu_dry_run_on_cpu(tmp_path):
     """`bench gpu --device cpu` on the tiny shape: every sweep, the structured columns filled, the launch settings
     in meta.json, and the tables load back."""

@@ -5,6 +5,7 @@
     python -m flowkv_utils.bench policies    # embedded model, 4K prompt: scoring+selection / prefill, bytes kept/allocated
     python -m flowkv_utils.bench decode      # embedded model on CPU: prefill, scoring, decode per token vs the floor
     python -m flowkv_utils.bench gpu --out results/gpu   # the GPU sweep (Llama-3-8B shape, random weights) to 200K
+    python -m flowkv_utils.bench profile     # one 200K decode step's kernels by group (matmul, attention, ...) vs floors
     python -m flowkv_utils.bench scoring     # FlowKV scoring step by step at 128K (GPU), + whole prefills per slack
     python -m flowkv_utils.bench scoring --profile 32768   # + one compressing prefill under torch.profiler, by range
     python -m flowkv_utils.bench scale --out results/scale_h200   # what one GPU holds: Llama-3-70B shape, fp8/bf16
@@ -33,7 +34,7 @@ the decode row), `shapes` (model shapes, prompts, synthetic caches), `prefill` (
 from .checks import chunked_prefill_check, decode_parity, kernel_checks, score_checks
 from .cli import main, summary
 from .cpu import context_sweep, load_times, notebook_times, policies_overhead
-from .gpu import TUNE, gpu_sweep, kernel_speed, largest_batch, largest_that_fits
+from .gpu import TUNE, decode_profile, gpu_sweep, kernel_speed, largest_batch, largest_that_fits
 from .peers import PEERS, peers_sweep
 from .prefill import prefill_context
 from .scale import scale_sweep
@@ -49,7 +50,7 @@ from .timing import (
     weight_bytes,
 )
 
-__all__ = ["EMBEDDED_WEIGHTS", "MODEL_COLS", "PEERS", "RANDOM_WEIGHTS", "SCHEMAS", "SCORE_TUNE", "SHAPES", "TUNE",
+__all__ = ["EMBEDDED_WEIGHTS", "MODEL_COLS", "PEERS", "RANDOM_WEIGHTS", "SCHEMAS", "SCORE_TUNE", "SHAPES", "TUNE", "decode_profile",
            "chunked_prefill_check", "context_sweep", "copy_bandwidth", "decode_parity", "decode_row", "gpu_sweep",
            "kernel_checks", "kernel_speed", "largest_batch", "largest_that_fits", "load_results", "load_times", "main", "median_ms",
            "model_cols", "notebook_times", "peers_sweep", "policies_overhead", "prefill_context", "prompt_ids", "recorder", "scale_sweep",

@@ -18,7 +18,7 @@ from ..results import REPO, Recorder
 from .checks import score_checks
 from .cpu import context_sweep, load_times, notebook_times, policies_overhead
 from .evaluation import BUDGETS, eval_rate
-from .gpu import TUNE, gpu_sweep
+from .gpu import TUNE, decode_profile, gpu_sweep
 from .peers import PEERS, peers_sweep
 from .scale import PARTS as SCALE_PARTS
 from .scale import scale_sweep
@@ -27,7 +27,7 @@ from .shapes import SHAPES, WEIGHT_FORMATS
 from .tables import recorder
 from .timing import copy_bandwidth
 
-COMMANDS = ("load", "notebooks", "policies", "decode", "gpu", "scoring", "eval", "scale", "peers", "all")
+COMMANDS = ("load", "notebooks", "policies", "decode", "gpu", "profile", "scoring", "eval", "scale", "peers", "all")
 CPU_COMMANDS = ["load", "policies", "decode", "notebooks"]  # what `all` runs
 
 
@@ -65,6 +65,13 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--tune", action="store_true", help="time launch-setting variants of the score kernel")
             p.add_argument("--profile", type=int, default=None, metavar="N",
                            help="also profile one compressing prefill of N tokens (torch.profiler): profile_N.txt")
+        if name == "profile":
+            p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
+            p.add_argument("--context", type=int, default=204800, help="prompt tokens of the cache")
+            p.add_argument("--budgets", nargs="+", default=[None, 0.05], type=_profile_budget,
+                           help='"full" (FullKV) or a kept fraction of the prompt per KV head, e.g. 0.05')
+            p.add_argument("--steps", type=int, default=10)
+            p.add_argument("--device", default="cuda", help="cuda, or cpu (a dry run: --shape tiny --context 512)")
         if name == "eval":
             p.add_argument("--model-path", default="embedded", help='"embedded", a HF model folder or a .gguf file')
             p.add_argument("--device", default="cuda")
@@ -125,6 +132,19 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _profile_budget(text: str) -> float | None:
+    """`bench profile --budgets`: "full" (None: FullKV) or a fraction in (0, 1]."""
+    if text == "full":
+        return None
+    try:
+        b = float(text)
+    except ValueError:
+        b = -1.0
+    if not 0 < b <= 1:
+        raise argparse.ArgumentTypeError(f"budget {text!r}: allowed are 'full' or a fraction in (0, 1], e.g. 0.05")
+    return b
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     a = parser().parse_args(argv)
@@ -149,6 +169,10 @@ def _run(cmd: str, a: argparse.Namespace, rec: Recorder) -> None:
                   fullkv_prefill=not a.quick, batch_search=not a.quick, checks=not a.no_checks, device=a.device,
                   max_batch=a.max_batch, kernel_variants=TUNE if a.tune else None, slack=a.slack,
                   policies=tuple(a.policies), pages=tuple(a.pages), rec=rec)
+    elif cmd == "profile":
+        _, text = decode_profile(rec.out, shape=a.shape, context=a.context, budgets=tuple(a.budgets), steps=a.steps,
+                                 device=a.device, rec=rec)
+        print(text)
     elif cmd == "peers":
         peers_sweep(rec.out, shape=a.shape, contexts=tuple(a.contexts), budget=a.budget, peers=tuple(a.peers),
                     steps=a.steps, device=a.device, rec=rec)

@@ -41,6 +41,7 @@ from .timing import (
     eager_path,
     fast_path,
     free_memory,
+    profile_step,
     reset_peak,
     start_run,
     time_fast_decode,
@@ -387,3 +388,52 @@ def _decode_sweeps(rec: Recorder, model, counts: dict[tuple, torch.Tensor], budg
             rec.add("decode", **model_cols(model, RANDOM_WEIGHTS), sweep=sweep, policy=p, budget=b, context=n,
                     batch=1, status="oom", note=str(e)[:200])
         free_memory()
+
+
+def decode_profile(out: Path | str | None, *, shape: str = "llama3-8b", context: int = 204800,
+                   budgets: tuple = (None, 0.05), steps: int = 10, warmup: int = 3, device: str = "cuda",
+                   config: SplitKVConfig = DEFAULT_CONFIG, command: str | None = None,
+                   rec: Recorder | None = None) -> tuple[Recorder, str]:
+    """Where the batch-1 decode step's time goes at `context` tokens: a random-weight model of `shape`, per budget
+    (None: FullKV; a fraction: every KV head keeps that share of the prompt — at equal bytes the policy does not
+    change the step) one synthetic cache, `timing.profile_step` on it. Records one 'profile' row per kernel name,
+    with the floor of its group (matmul: the weights W / BW; attention: the kept KV / BW), and returns the recorder
+    and a text summary per group: µs per step, share of the step, multiple of the group's floor."""
+    dev, rec, log, bw, _ = start_run("profile", out, command, device, rec)
+    model = shape_model(shape, dev, context, torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    s = shape_of(model)
+    W = weight_bytes(model)
+    dtype = model.get_input_embeddings().weight.dtype
+    lines = [f"decode step under the profiler: {shape} ({RANDOM_WEIGHTS}), {context} tokens, batch 1, device "
+             f"{device}; copy bandwidth {bw['GBps']:.0f} GB/s; weights {W / 1e9:.2f} GB"]
+    for b in budgets:
+        kept = context if b is None else max(1, round(b * context))
+        sc = synthetic_cache(torch.full((s.layers, s.kv_heads), kept), 1, s, context, steps * 2 + warmup + 8, dtype,
+                             dev, config=config)
+        step_ms, mode, rows = profile_step(model, sc, steps, warmup, config)
+        kv = sc.kept_bytes()
+        floors = {"matmul": 1e6 * W / (bw["GBps"] * 1e9), "attention (split-KV)": 1e6 * kv / (bw["GBps"] * 1e9)}
+        floor_ms = 1e3 * (W + kv) / (bw["GBps"] * 1e9)
+        policy = "fullkv" if b is None else "uniform"
+        for r in rows:
+            rec.add("profile", **model_cols(model, RANDOM_WEIGHTS), policy=policy, budget=b, context=context, batch=1,
+                    mode=mode, step_ms=step_ms, floor_ms=floor_ms, group_floor_us=floors.get(r["group"]), **r)
+        groups: dict[str, float] = {}
+        for r in rows:
+            groups[r["group"]] = groups.get(r["group"], 0.0) + r["us_per_step"]
+        label = "FullKV" if b is None else f"every head {b:g} of the prompt"
+        lines += ["", f"{label}: step {step_ms:.3f} ms = {step_ms / floor_ms:.2f} x its floor {floor_ms:.3f} ms "
+                      f"(profiled: {mode}; the profiled names sum to {sum(groups.values()) / 1e3:.3f} ms)"]
+        for g, us in sorted(groups.items(), key=lambda kv: -kv[1]):
+            f = floors.get(g)
+            lines.append(f"  {g:<24} {us:9.1f} us/step  {us / (1e3 * step_ms):6.1%}"
+                         + (f"  {us / f:5.2f} x its floor ({f:.1f} us)" if f else ""))
+        lines += [f"    {r['us_per_step']:8.1f} us  {r['calls_per_step']:6.1f} calls  {r['kernel'][:90]}" for r in rows[:12]]
+        log(f"profiled {label}")
+        del sc
+        free_memory()
+    text = "\n".join(lines)
+    if rec.out is not None:
+        Path(rec.out).mkdir(parents=True, exist_ok=True)
+        (Path(rec.out) / "profile_decode.txt").write_text(text + "\n")
+    return rec, text

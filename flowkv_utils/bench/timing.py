@@ -1,5 +1,5 @@
-"""Measuring: device synchronisation, copy bandwidth, bytes a decode step reads, peak memory, step timings, and the
-decode row with its floor (W + KV_kept) / BW."""
+"""Measuring: device synchronisation, copy bandwidth, bytes a decode step reads, peak memory, step timings, the
+decode row with its floor (W + KV_kept) / BW, and one decode step's kernels under the profiler (`profile_step`)."""
 
 from __future__ import annotations
 
@@ -221,3 +221,67 @@ def start_run(what: str, out, command: str | None, device: str, rec: Recorder | 
     rec.add("compute", **matmul_rate(dev))
     total = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else None
     return dev, rec, log, bw, total
+
+
+# kernel-name patterns of each part of a decode step (first match wins; names lower-cased); `kernel_group`
+KERNEL_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("attention (split-KV)", ("split_kernel", "combine_kernel", "split_kv")),
+    ("matmul", ("gemm", "gemv", "nvjet", "cutlass", "xmma", "cublas", "aten::linear", "aten::mm", "aten::addmm",
+                "aten::matmul", "aten::bmm")),
+    ("compiled elementwise", ("triton_", "compiledfunction", "torch-compiled")),
+    ("copies and fills", ("memcpy", "memset", "copy_", "fill_", "aten::copy", "aten::fill", "aten::index_put")),
+)
+
+
+def kernel_group(name: str) -> str:
+    """The part of a decode step a kernel (or, on the CPU, a top-level operator) belongs to: one of
+    `KERNEL_GROUPS`' names, or "other"."""
+    low = name.lower()
+    for group, patterns in KERNEL_GROUPS:
+        if any(p in low for p in patterns):
+            return group
+    return "other"
+
+
+def profile_step(model, cache: StaticRaggedCache, steps: int = 10, warmup: int = 3,
+                 config: SplitKVConfig = DEFAULT_CONFIG) -> tuple[float, str, list[dict]]:
+    """Where one FastDecoder step's time goes: the step timed as `time_fast_decode` does (CUDA graph on CUDA), then
+    `steps` more steps under `torch.profiler`. On CUDA the kernels' device time, per kernel name (the graph's replays
+    when the profiler sees inside them, mode "graph"; else the same step without a graph, mode "eager"); on the CPU
+    the top-level operators' time (mode "cpu"). Returns (median step ms, mode, rows), one row per name: group
+    (`kernel_group`), kernel, calls_per_step, us_per_step, share (of the median step)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    if steps < 1:
+        raise ValueError(f"steps={steps}: profile at least one step")
+    ms, dec = time_fast_decode(model, cache, steps, warmup, graph=True, config=config)
+    step_ms = quantiles(ms)[0]
+    cuda = cache.device.type == "cuda"
+
+    def trace(run) -> dict[str, list[float]]:
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            for _ in range(steps):
+                run()
+            sync(cache.device)
+        per: dict[str, list[float]] = {}
+        for e in prof.events():
+            if cuda and e.device_type != DeviceType.CUDA:
+                continue
+            if not cuda and e.cpu_parent is not None:  # top-level operators only: no time counted twice
+                continue
+            per.setdefault(e.name, []).append(e.time_range.elapsed_us())
+        return per
+
+    mode = "graph" if (cuda and dec.graph is not None) else ("eager" if cuda else "cpu")
+    per = trace(dec.step_no_check if dec.graph is not None else dec.step)
+    if cuda and not per:  # the profiler did not see inside the graph: the same step without one
+        cache.rewind()
+        del dec  # its graph and fused weights, before the second decoder makes its own
+        free_memory()
+        dec = FastDecoder(model, cache, config=config)
+        dec.step(torch.zeros(cache.batch, dtype=torch.long, device=cache.device))
+        mode, per = "eager", trace(dec.step)
+    rows = [dict(group=kernel_group(name), kernel=name[:200], calls_per_step=len(t) / steps,
+                 us_per_step=sum(t) / steps, share=sum(t) / steps / (1e3 * step_ms)) for name, t in per.items()]
+    return step_ms, mode, sorted(rows, key=lambda r: -r["us_per_step"])
