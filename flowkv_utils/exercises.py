@@ -102,11 +102,11 @@ def _best_at_smallest(df) -> set[str]:
 
 
 def _floor_ms(model, bw: dict, context: int) -> float:
-    from .bench.timing import full_kv_bytes, weight_bytes
+    from .bench.timing import full_kv_bytes, read_ms, weight_bytes
     from .models import shape_of
 
     kv = full_kv_bytes(shape_of(model), context, next(model.parameters()).element_size())
-    return 1e3 * (weight_bytes(model) + kv) / (bw["GBps"] * 1e9)
+    return read_ms(weight_bytes(model) + kv, bw)
 
 
 def _bound(res_gpu: dict, frac: float) -> float:

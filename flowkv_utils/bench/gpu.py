@@ -42,6 +42,7 @@ from .timing import (
     fast_path,
     free_memory,
     profile_step,
+    read_ms,
     reset_peak,
     start_run,
     time_fast_decode,
@@ -412,8 +413,8 @@ def decode_profile(out: Path | str | None, *, shape: str = "llama3-8b", context:
                              dev, config=config)
         step_ms, mode, rows = profile_step(model, sc, steps, warmup, config)
         kv = sc.kept_bytes()
-        floors = {"matmul": 1e6 * W / (bw["GBps"] * 1e9), "attention (split-KV)": 1e6 * kv / (bw["GBps"] * 1e9)}
-        floor_ms = 1e3 * (W + kv) / (bw["GBps"] * 1e9)
+        floors = {"matmul": 1e3 * read_ms(W, bw), "attention (split-KV)": 1e3 * read_ms(kv, bw)}  # µs
+        floor_ms = read_ms(W + kv, bw)
         policy = "fullkv" if b is None else "uniform"
         for r in rows:
             rec.add("profile", **model_cols(model, RANDOM_WEIGHTS), policy=policy, budget=b, context=context, batch=1,

@@ -38,6 +38,7 @@ from .timing import (
     median_ms,
     peak,
     quantiles,
+    read_ms,
     reset_peak,
     sync,
     weight_bytes,
@@ -49,7 +50,7 @@ PEERS = ("hf_eager", "hf_compiled", "sdpa", "flex", "flashinfer")
 def _row(rec: Recorder, what: str, n: int, ms: float | None, kv_read: int, bw: dict, *, weights: int = 0,
          batch: int = 1, status: str = "ok", note: str = "", extra_s: float | None = None) -> dict:
     """One peers row: the step's time against its floor (weights + KV read) / copy bandwidth."""
-    floor = 1e3 * (weights + kv_read) / (bw["GBps"] * 1e9)
+    floor = read_ms(weights + kv_read, bw)
     ok = ms is not None and status == "ok"
     gbps = (weights + kv_read) / (ms * 1e-3) / 1e9 if ok else None
     return rec.add("peers", what=what, context=n, batch=batch, ms=ms if ok else None,

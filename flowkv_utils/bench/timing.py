@@ -74,6 +74,12 @@ def full_kv_bytes(shape: ModelShape, n: int, dtype_bytes: int) -> int:
     return shape.kv_bytes_per_token(dtype_bytes) * n
 
 
+def read_ms(nbytes: float, bw: dict) -> float:
+    """Milliseconds to read `nbytes` once at the measured copy bandwidth `bw` (`copy_bandwidth`'s dict): the
+    floor of a step that must read them."""
+    return 1e3 * nbytes / (bw["GBps"] * 1e9)
+
+
 def reset_peak(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -191,7 +197,7 @@ def decode_row(rec: Recorder, model, cache: StaticRaggedCache, *, weights: str, 
     esz = cache.layers[0].k.element_size()
     full = full_kv_bytes(shape_of(model), context, esz) * cache.batch
     kv_read = kept if read is None else read  # bytes of KV a step reads
-    floor = 1e3 * (W + kv_read) / (bw["GBps"] * 1e9)
+    floor = read_ms(W + kv_read, bw)
     pa, pr = peak(dev)
     return rec.add("decode", **model_cols(model, weights), sweep=sweep, policy=policy, budget=budget,
                    context=context, batch=cache.batch, layout=layout, **path, steps=len(ms), decode_ms=med,
