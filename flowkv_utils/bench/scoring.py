@@ -16,7 +16,7 @@ from .tables import RANDOM_WEIGHTS, SCHEMAS
 from .timing import free_memory, median_ms
 
 # score-kernel variants (tokens per program, columns per product, warps) timed by `tune_score_kernel`
-SCORE_TUNE = [(64, 64, 4), (128, 64, 4), (64, 32, 4)]
+SCORE_TUNE = [(64, 64, 4), (128, 64, 4), (64, 32, 4), (128, 32, 8), (128, 64, 8), (256, 32, 8)]
 
 
 def scoring_parts(rec: Recorder, shape: str = "llama3-8b", contexts: tuple[int, ...] = (131072,),
