@@ -90,3 +90,17 @@ def test_prefill_rates_of_the_stored_runs():
     sc = bench.load_results(results.REPO / "results/scale_h200")
     r = analysis.prefill_rates(sc["scale_prefill"], sc["meta"]["shape"], seconds="seconds", layers_run="layers_run")
     assert len(r) == 6 and (r.tflops > 0).all()
+
+
+def test_profile_groups_of_the_stored_h200_profile():
+    """Per budget the groups and the gaps add up to the step exactly, shares sum to 1, and the floors are the ones the
+    profile stored: matmul's the same at both budgets (the weights), attention's 5 % of FullKV's (the kept KV)."""
+    res = bench.load_results(results.REPO / "results/gpu_h200_profile")
+    t = analysis.profile_groups(res["profile"])
+    for (_, _), g in t.groupby(["policy", "budget"], dropna=False):
+        assert abs(g.us.sum() - 1e3 * g.step_ms.iloc[0]) < 1e-6 * g.us.sum()
+        assert abs(g.share.sum() - 1.0) < 1e-9 and g.group.iloc[-1] == analysis.GAPS and g.us.iloc[-1] > 0
+    fl = t.dropna(subset=["floor_us"]).pivot_table(index="group", columns="policy", values="floor_us")
+    assert abs(fl.loc["matmul", "fullkv"] - fl.loc["matmul", "uniform"]) < 1e-6 * fl.loc["matmul", "fullkv"]
+    ratio = fl.loc["attention (split-KV)", "uniform"] / fl.loc["attention (split-KV)", "fullkv"]
+    assert abs(ratio - 0.05) < 1e-3

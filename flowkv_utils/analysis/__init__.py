@@ -40,6 +40,7 @@ from .accuracy import (
     task_rows,
 )
 from .throughput import (
+    GAPS,
     SCORING_CONTEXT,
     TARGET_SENSE,
     THROUGHPUT_TARGETS,
@@ -51,16 +52,17 @@ from .throughput import (
     oom_frontier,
     prefill_flops,
     prefill_rates,
+    profile_groups,
     scale_tables,
     targets_table,
     weight_format_of,
 )
 
-__all__ = ["BASELINES", "BUDGET_UNITS", "CI_LEVEL", "CI_RESAMPLES", "FIDELITY", "IDENTITY", "LENGTH_ID",
+__all__ = ["BASELINES", "BUDGET_UNITS", "CI_LEVEL", "CI_RESAMPLES", "FIDELITY", "GAPS", "IDENTITY", "LENGTH_ID",
            "SCORING_CONTEXT", "SOLVED", "TARGET_SENSE", "THROUGHPUT_TARGETS", "ThroughputTargets",
            "accuracy_table", "attention_kernels", "auc_table", "bars", "best_baseline", "bootstrap_mean_ci",
            "budget_to_match", "budget_unit", "budget_value", "cell_length", "cell_of", "cells_by_length",
            "check_single_run", "claims", "comparison_table", "complete_instances", "config_label", "fidelity_accuracy_correlation",
            "fullkv_accuracy", "fullkv_rows", "head_to_head", "kv_layout", "oom_frontier", "paired_difference",
-           "prefill_flops", "prefill_rates", "run_label", "scale_tables", "solved_cells", "solved_rows",
+           "prefill_flops", "prefill_rates", "profile_groups", "run_label", "scale_tables", "solved_cells", "solved_rows",
            "targets_table", "task_rows", "weight_format_of"]

@@ -1,6 +1,6 @@
 """The throughput side of the analysis (bench tables, `bench.load_results`; notebook 04): the throughput bars
-against named targets (`ThroughputTargets`), the prefill out-of-memory frontier, the comparator and peer tables, the
-scale tables of `bench scale`, and prefill FLOPs and achieved rates."""
+against named targets (`ThroughputTargets`), the prefill out-of-memory frontier, the comparator and peer tables, a
+profiled decode step by kernel group, the scale tables of `bench scale`, and prefill FLOPs and achieved rates."""
 
 from __future__ import annotations
 
@@ -184,6 +184,30 @@ def attention_kernels(res: dict, peers: dict) -> pd.DataFrame:
                          us=None if r.ms != r.ms else 1e3 * r.ms, kv_mb=r.kv_read_bytes / 1e6,
                          frac_of_copy=r.frac_of_copy, status=r.status, note=r.note))
     return pd.DataFrame(rows)
+
+
+GAPS = "gaps between kernels"  # profile_groups' name for the step time no kernel accounts for
+
+
+def profile_groups(profile: pd.DataFrame) -> pd.DataFrame:
+    """Where a profiled decode step's time goes (`bench profile`'s 'profile' table): per (policy, budget) one row
+    per kernel group (`bench.timing.KERNEL_GROUPS`, "other") with its µs per step, share of the step and the group's
+    byte floor where it has one (matmul: the weights; attention: the kept KV; both over the copy bandwidth), plus a
+    `GAPS` row: the step minus the sum of its kernels (launch gaps and idle time inside the CUDA graph). Columns:
+    policy, budget, step_ms, floor_ms, group, us, share, floor_us, over_floor_us (us − floor_us, or us where no
+    floor); rows by policy as stored, groups by time, the gaps last."""
+    rows = []
+    for (policy, budget), g in profile.groupby(["policy", "budget"], sort=False, dropna=False):
+        step_ms, floor_ms = float(g.step_ms.iloc[0]), float(g.floor_ms.iloc[0])
+        per = g.groupby("group").agg(us=("us_per_step", "sum"), floor_us=("group_floor_us", "first"))
+        per = per.sort_values("us", ascending=False).reset_index()
+        gaps = dict(group=GAPS, us=1e3 * step_ms - per.us.sum(), floor_us=float("nan"))
+        per = pd.concat([per, pd.DataFrame([gaps])], ignore_index=True)
+        per = per.assign(policy=policy, budget=budget, step_ms=step_ms, floor_ms=floor_ms,
+                         share=per.us / (1e3 * step_ms), over_floor_us=per.us - per.floor_us.fillna(0.0))
+        rows.append(per)
+    cols = ["policy", "budget", "step_ms", "floor_ms", "group", "us", "share", "floor_us", "over_floor_us"]
+    return pd.concat(rows, ignore_index=True)[cols]
 
 
 def scale_tables(res: dict) -> dict[str, pd.DataFrame]:
