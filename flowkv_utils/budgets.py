@@ -44,6 +44,17 @@ def parse_budget(budget) -> int | float | str:
     return float(budget)
 
 
+def budget_argument(text: str) -> int | float | str:
+    """`parse_budget` as an argparse `type`: a bad budget is reported with `parse_budget`'s message (naming the
+    value and what is allowed), not argparse's bare "invalid value"."""
+    import argparse
+
+    try:
+        return parse_budget(text)
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def budget_label(budget) -> str:
     """The one text form of a budget in tables: '128', '0.05', 'full'."""
     b = parse_budget(budget)

