@@ -46,6 +46,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+DEFAULT_SLACK = 0.25  # FlowKV global's re-packing slack (`LayerwiseCompressor`): at most 1/(1 − 0.25) ≈ 1.33× held
+
+
 class LayerwiseCompressor:
     """`on_layer` hook that compresses each layer as prefill produces it (see the module docstring).
 
@@ -67,7 +70,7 @@ class LayerwiseCompressor:
     the rank's heads. Not with keep_scores (kept_counts would re-select across ranks)."""
 
     def __init__(self, model, input_ids: torch.Tensor, policy: str, budget: int | float | str, window: int = 32,
-                 also: tuple[str, ...] = (), keep_scores: bool = False, slack: float = 0.25,
+                 also: tuple[str, ...] = (), keep_scores: bool = False, slack: float = DEFAULT_SLACK,
                  policy_params: dict[str, dict] | None = None, tp: TensorParallel | None = None):
         allowed = streaming_policies()
         for name in (policy, *also):

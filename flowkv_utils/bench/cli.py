@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from ..budgets import BUDGET_HELP, parse_budget
+from ..budgets import BUDGET_HELP, FULL, budget_argument, parse_budget
 from ..kernels import triton_available
-from ..layerwise import streaming_policies
+from ..layerwise import DEFAULT_SLACK, streaming_policies
 from ..policies import REGISTRY, STUDY
 from ..results import REPO, Recorder
 from .checks import score_checks
@@ -59,7 +59,7 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
             p.add_argument("--contexts", type=int, nargs="+", default=[131072])
             p.add_argument("--budget", type=float, default=0.05)
-            p.add_argument("--slacks", type=float, nargs="*", default=[0.0, 0.25],
+            p.add_argument("--slacks", type=float, nargs="*", default=[0.0, DEFAULT_SLACK],
                            help="also prefill the whole model once per slack (FlowKV global re-packing)")
             p.add_argument("--device", default="cuda")
             p.add_argument("--tune", action="store_true", help="time launch-setting variants of the score kernel")
@@ -112,7 +112,7 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--parts", nargs="+", default=list(SCALE_PARTS), choices=list(SCALE_PARTS))
             p.add_argument("--device", default="cuda", help="cuda, or cpu (a dry run on --shape tiny)")
         if name == "gpu":
-            p.add_argument("--slack", type=float, default=0.25, help="FlowKV global re-packing slack (layerwise)")
+            p.add_argument("--slack", type=float, default=DEFAULT_SLACK, help="FlowKV global re-packing slack (layerwise)")
             p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
             p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 65536, 131072, 204800])
             p.add_argument("--steps", type=int, default=30)
@@ -133,14 +133,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _profile_budget(text: str) -> float | None:
-    """`bench profile --budgets`: "full" (None: FullKV) or a fraction in (0, 1]."""
-    if text == "full":
+    """`bench profile --budgets`: "full" (None: FullKV) or a fraction of the prompt in (0, 1] (`budget_argument`'s
+    checks; token budgets are refused)."""
+    b = budget_argument(text)
+    if b == FULL:
         return None
-    try:
-        b = float(text)
-    except ValueError:
-        b = -1.0
-    if not 0 < b <= 1:
+    if isinstance(b, int):
         raise argparse.ArgumentTypeError(f"budget {text!r}: allowed are 'full' or a fraction in (0, 1], e.g. 0.05")
     return b
 

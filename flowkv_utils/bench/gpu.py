@@ -28,6 +28,7 @@ from ..kernels import (
     use_triton,
     work_items,
 )
+from ..layerwise import DEFAULT_SLACK
 from ..models import shape_of
 from ..progress import bar
 from ..results import Recorder
@@ -202,7 +203,7 @@ def gpu_sweep(out: Path | str, *, shape: str = "llama3-8b", contexts: tuple[int,
               steps: int = 30, warmup: int = 5, fullkv_prefill: bool = True, batch_search: bool = True,
               checks: bool = True, chunk: int = 8192, command: str | None = None,
               device: str = "cuda", max_batch: int = 4096, kernel_variants: list[dict] | None = None,
-              slack: float = 0.25, pages: tuple[int, ...] = (16,), rec: Recorder | None = None) -> Recorder:
+              slack: float = DEFAULT_SLACK, pages: tuple[int, ...] = (16,), rec: Recorder | None = None) -> Recorder:
     """The GPU sweep (see the package docstring): kernel timing (fastest of `kernel_variants`) and score-kernel
     tuning, checks, prefill with layer-wise compression per context (scoring overhead per policy, peak memory),
     FullKV prefill peaks, decode vs context / budget / batch / layout / implementation, and the largest batch that

@@ -10,7 +10,7 @@ import torch
 from ..cache import kept_bytes
 from ..capture import prefill
 from ..kernels import DEFAULT_SCORE_CONFIG, ScoreConfig
-from ..layerwise import LayerwiseCompressor
+from ..layerwise import DEFAULT_SLACK, LayerwiseCompressor
 from ..models import shape_of
 from ..policies import REGISTRY
 from ..results import Recorder
@@ -37,7 +37,7 @@ def kept_lengths(comp: LayerwiseCompressor, policy: str, budget) -> torch.Tensor
 
 def prefill_context(rec: Recorder, model, n: int, *, weights: str, policy: str = "flowkv_global",
                     budget: float | int = 0.05, also: tuple[str, ...] = ("snapkv", "flowkv"), window: int = 32,
-                    chunk: int | None = 8192, tok=None, keep_scores: bool = True, slack: float = 0.25,
+                    chunk: int | None = 8192, tok=None, keep_scores: bool = True, slack: float = DEFAULT_SLACK,
                     score_config: ScoreConfig = DEFAULT_SCORE_CONFIG):
     """Prefill n tokens compressing layer by layer with `policy` (scoring + selection of `also` timed on the same
     layers; FlowKV's score kernel launched with `score_config`). Records a prefill row and one scoring row per

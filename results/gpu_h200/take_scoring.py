@@ -7,14 +7,11 @@ re-packing slack 0 and 0.25; `bench gpu` prefills once, with the default slack. 
 at that default (FlowKV global's row with that slack and the SnapKV / FlowKV rows timed in the same prefill, which
 share its `prefill_s`). Run from the repository root: `python results/gpu_h200/take_scoring.py`.
 """
-import inspect
 from pathlib import Path
 
 import pandas as pd
 
-from flowkv_utils.bench.gpu import gpu_sweep
-
-DEFAULT_SLACK = inspect.signature(gpu_sweep).parameters["slack"].default  # what `bench gpu` prefills with
+from flowkv_utils.layerwise import DEFAULT_SLACK  # what `bench gpu` prefills with
 
 HERE = Path(__file__).parent
 src = pd.read_csv(HERE.parent / "gpu_h200_scoring" / "119a733" / "scoring.csv")
