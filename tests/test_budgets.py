@@ -161,3 +161,17 @@ def test_proportional_shares_shrink_when_entries_join(w, cap, data):
 def test_proportional_allocation_over_capacity():
     with pytest.raises(ValueError, match=r"total=31 exceeds 3 × cap 10"):
         proportional_allocation(torch.ones(3), 31, 10)
+
+
+def test_budget_argument_is_parse_budget_for_argparse():
+    """Same values as `parse_budget`; a bad one raises argparse's error carrying parse_budget's message (the value
+    and what is allowed), so a command line reports it in words."""
+    import argparse
+
+    from flowkv_utils.budgets import budget_argument, parse_budget
+
+    for text in ("128", "0.05", "full", "FULL"):
+        assert budget_argument(text) == parse_budget(text)
+    for bad, named in (("0", "budget=0"), ("1.5", "budget=1.5"), ("lots", "'lots'")):
+        with pytest.raises(argparse.ArgumentTypeError, match=named):
+            budget_argument(bad)
