@@ -33,6 +33,7 @@ from .kernels import (
     use_triton,
     work_items,
 )
+from .kernels.gemv import DEFAULT_GEMV_CONFIG, GemvConfig, gate_up_silu, qkv_rope, residual
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -275,10 +276,14 @@ class FastDecoder:
     torch.compile'd when compile=True); default on CUDA for Llama-style models. fuse=False runs the model's own
     modules through `capture.forward_layers`. config: the split-KV kernels' launch settings. sparse: an attention that
     replaces the split-KV one, `sparse.attend(li, q, n_tail, scaling)` (`blocksparse.PageDecode`: Quest-style pages
-    over a whole resident cache)."""
+    over a whole resident cache). gemv: at batch 1, each layer as four Triton kernels, every product with its
+    neighbours' elementwise work fused in (`kernels.gemv`: norm + q/k/v + RoPE + tail write, o + residual,
+    norm + gate/up + SiLU·up, down + residual); default on for batch 1 when the step is fused and uses Triton.
+    gemv_config: their launch settings."""
 
     def __init__(self, model, cache: StaticRaggedCache, impl: str = "auto", fuse: bool | None = None,
-                 compile: bool | None = None, config: SplitKVConfig = DEFAULT_CONFIG, sparse=None):
+                 compile: bool | None = None, config: SplitKVConfig = DEFAULT_CONFIG, sparse=None,
+                 gemv: bool | None = None, gemv_config: GemvConfig = DEFAULT_GEMV_CONFIG):
         self.model = model
         self.cache = cache
         self.impl = impl
@@ -304,19 +309,46 @@ class FastDecoder:
             self.fused = fuse_projections(model)
             self.pre = _compiled(fused_pre_attention) if self.compile else fused_pre_attention
             self.post = _compiled(fused_post_attention) if self.compile else fused_post_attention
+        can_gemv = self.fuse and triton and cache.batch == 1
+        self.gemv = can_gemv if gemv is None else bool(gemv)
+        if self.gemv and not can_gemv:
+            raise ValueError(f"gemv=True needs the fused step (fuse={self.fuse}), the Triton kernels "
+                             f"(impl used: {self.impl_used!r}) and batch 1 (batch {cache.batch})")
+        self.gemv_config = gemv_config
+        if self.gemv:
+            cfg = model.config
+            H, d = cfg.num_attention_heads, cache.layers[0].k.shape[1]
+            w = cache.layers[0].k
+            self._q = torch.empty(cache.kv_heads, H // cache.kv_heads, d, dtype=w.dtype, device=dev)
+            self._act = torch.empty(inner.layers[0].mlp.gate_proj.weight.shape[0], dtype=w.dtype, device=dev)
         self.sparse = sparse
         self.label = (self.impl_used + ("+fused" if self.fuse else "") + ("+compiled" if self.fuse and self.compile
                                                                          else "")
-                      + (f"+pages{sparse.page}" if sparse is not None else ""))
+                      + ("+gemv" if self.gemv else "") + (f"+pages{sparse.page}" if sparse is not None else ""))
 
-    def _attend(self, li: int, qs: torch.Tensor) -> torch.Tensor:
-        """Split-KV attention of layer li for q (B·G, r, d) (the new k, v are already in the tail)."""
-        c, lay = self.cache, self.cache.layers[li]
+    def _attend(self, li: int, qs: torch.Tensor, n_tail: torch.Tensor) -> torch.Tensor:
+        """Split-KV attention of layer li for q (B·G, r, d) over n_tail tail tokens (the new k, v are already in
+        the tail)."""
+        lay = self.cache.layers[li]
         if self.sparse is not None:
-            return self.sparse.attend(li, qs, c.used + 1, self.scalings[li])
+            return self.sparse.attend(li, qs, n_tail, self.scalings[li])
         if self.impl_used == "triton":
-            return split_kv_triton(qs, lay.tables, c.used + 1, self.scalings[li], lay.ws, self.config)
-        return split_kv_torch(qs, lay.k, lay.v, lay.items, lay.tail_k, lay.tail_v, c.used + 1, self.scalings[li])
+            return split_kv_triton(qs, lay.tables, n_tail, self.scalings[li], lay.ws, self.config)
+        return split_kv_torch(qs, lay.k, lay.v, lay.items, lay.tail_k, lay.tail_v, n_tail, self.scalings[li])
+
+    def _gemv_layer(self, li: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    n_tail: torch.Tensor) -> torch.Tensor:
+        """One layer at batch 1 as four fused kernels (`kernels.gemv`); h (1, 1, D) is updated in place."""
+        c, lay, tiles = self.cache, self.cache.layers[li], self.gemv_config
+        layer, (w_qkv, w_gu) = self.model.model.layers[li], self.fused[li]
+        ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
+        G, r, d = self._q.shape
+        qs = qkv_rope(h, ln1.weight, ln1.variance_epsilon, w_qkv, cos, sin, lay.tail_k, lay.tail_v, c.used, G * r,
+                      G, d, self._q, tiles.qkv)
+        o = self._attend(li, qs, n_tail)
+        residual(o, layer.self_attn.o_proj.weight, h, h, tiles.o)
+        gate_up_silu(h, ln2.weight, ln2.variance_epsilon, w_gu, self._act, tiles.gate_up)
+        return residual(self._act, layer.mlp.down_proj.weight, h, h, tiles.down)
 
     @torch.no_grad()
     def _forward(self) -> torch.Tensor:
@@ -325,7 +357,11 @@ class FastDecoder:
         B, G = c.batch, c.kv_heads
         h = inner.embed_tokens(self.ids)  # (B, 1, D)
         cos, sin = rotary(self.model, h, c.pos)
-        if self.fuse:
+        n_tail = c.used + 1  # tail tokens every layer attends to (the new one included)
+        if self.gemv:
+            for li in range(len(inner.layers)):
+                h = self._gemv_layer(li, h, cos, sin, n_tail)
+        elif self.fuse:
             cfg = self.model.config
             H, d = cfg.num_attention_heads, c.layers[0].k.shape[1]
             for li, layer in enumerate(inner.layers):
@@ -333,7 +369,7 @@ class FastDecoder:
                 a, m = layer.self_attn, layer.mlp
                 qs = self.pre(h, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon, w_qkv, cos,
                               sin, lay.tail_k, lay.tail_v, c.used, H, G, d)
-                o = self._attend(li, qs)
+                o = self._attend(li, qs, n_tail)
                 h = self.post(h, o, a.o_proj.weight, layer.post_attention_layernorm.weight,
                               layer.post_attention_layernorm.variance_epsilon, w_gu, m.down_proj.weight,
                               m.gate_proj.weight.shape[0])
@@ -342,7 +378,7 @@ class FastDecoder:
                 lay, S, d = c.layers[li], B * G, q.shape[-1]
                 lay.tail_k.index_copy_(1, c.used, k.reshape(S, 1, d))
                 lay.tail_v.index_copy_(1, c.used, v.reshape(S, 1, d))
-                return self._attend(li, q.reshape(S, -1, d).contiguous()).reshape(B, -1, 1, d)
+                return self._attend(li, q.reshape(S, -1, d).contiguous(), n_tail).reshape(B, -1, 1, d)
 
             h = forward_layers(self.model, h, cos, sin, att)
         logits = self.model.lm_head(inner.norm(h))[:, -1]  # (B, vocab)

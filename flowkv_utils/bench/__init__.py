@@ -6,6 +6,7 @@
     python -m flowkv_utils.bench decode      # embedded model on CPU: prefill, scoring, decode per token vs the floor
     python -m flowkv_utils.bench gpu --out results/gpu   # the GPU sweep (Llama-3-8B shape, random weights) to 200K
     python -m flowkv_utils.bench profile     # one 200K decode step's kernels by group (matmul, attention, ...) vs floors
+    python -m flowkv_utils.bench gemv --tune # the batch-1 fused projection kernels vs cuBLAS, per launch setting
     python -m flowkv_utils.bench scoring     # FlowKV scoring step by step at 128K (GPU), + whole prefills per slack
     python -m flowkv_utils.bench scoring --profile 32768   # + one compressing prefill under torch.profiler, by range
     python -m flowkv_utils.bench scale --out results/scale_h200   # what one GPU holds: Llama-3-70B shape, fp8/bf16
@@ -28,12 +29,13 @@ stored runs (bars, OOM frontier, comparators, scale) is `analysis.throughput`'s.
 Modules, one job each: `tables` (schemas, recorder, loading stored runs), `timing` (bandwidth, bytes, step timings,
 the decode row), `shapes` (model shapes, prompts, synthetic caches), `prefill` (one compressing prefill), `cpu`
 (the CPU benchmarks), `scoring` (scoring step by step, score-kernel tuning, the profiled prefill), `checks` (fast paths vs references),
-`gpu` (the GPU sweep, split-KV kernel timing), `scale` (what one GPU holds of a large shape), `peers` (what users would run instead), `cli` (the subcommands).
+`gpu` (the GPU sweep, split-KV kernel timing), `gemv` (the batch-1 fused projection kernels), `scale` (what one GPU holds of a large shape), `peers` (what users would run instead), `cli` (the subcommands).
 """
 
 from .checks import chunked_prefill_check, decode_parity, kernel_checks, score_checks
 from .cli import main, summary
 from .cpu import context_sweep, load_times, notebook_times, policies_overhead
+from .gemv import GEMV_TUNE, gemv_speed
 from .gpu import TUNE, decode_profile, gpu_sweep, kernel_speed, largest_batch, largest_that_fits
 from .peers import PEERS, peers_sweep
 from .prefill import prefill_context
@@ -50,8 +52,8 @@ from .timing import (
     weight_bytes,
 )
 
-__all__ = ["EMBEDDED_WEIGHTS", "MODEL_COLS", "PEERS", "RANDOM_WEIGHTS", "SCHEMAS", "SCORE_TUNE", "SHAPES", "TUNE", "decode_profile",
-           "chunked_prefill_check", "context_sweep", "copy_bandwidth", "decode_parity", "decode_row", "gpu_sweep",
+__all__ = ["EMBEDDED_WEIGHTS", "GEMV_TUNE", "MODEL_COLS", "PEERS", "RANDOM_WEIGHTS", "SCHEMAS", "SCORE_TUNE", "SHAPES", "TUNE", "decode_profile",
+           "chunked_prefill_check", "context_sweep", "copy_bandwidth", "decode_parity", "decode_row", "gemv_speed", "gpu_sweep",
            "kernel_checks", "kernel_speed", "largest_batch", "largest_that_fits", "load_results", "load_times", "main", "median_ms",
            "model_cols", "notebook_times", "peers_sweep", "policies_overhead", "prefill_context", "prompt_ids", "recorder", "scale_sweep",
            "score_checks", "scoring_parts", "scoring_prefills", "shape_model", "summary", "synthetic_cache",

@@ -18,6 +18,7 @@ from ..results import REPO, Recorder
 from .checks import score_checks
 from .cpu import context_sweep, load_times, notebook_times, policies_overhead
 from .evaluation import BUDGETS, eval_rate
+from .gemv import GEMV_TUNE, gemv_speed
 from .gpu import TUNE, decode_profile, gpu_sweep
 from .peers import PEERS, peers_sweep
 from .scale import PARTS as SCALE_PARTS
@@ -27,7 +28,8 @@ from .shapes import SHAPES, WEIGHT_FORMATS
 from .tables import recorder
 from .timing import copy_bandwidth
 
-COMMANDS = ("load", "notebooks", "policies", "decode", "gpu", "profile", "scoring", "eval", "scale", "peers", "all")
+COMMANDS = ("load", "notebooks", "policies", "decode", "gpu", "profile", "gemv", "scoring", "eval", "scale", "peers",
+            "all")
 CPU_COMMANDS = ["load", "policies", "decode", "notebooks"]  # what `all` runs
 
 
@@ -111,6 +113,10 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--max-batch", type=int, default=1024)
             p.add_argument("--parts", nargs="+", default=list(SCALE_PARTS), choices=list(SCALE_PARTS))
             p.add_argument("--device", default="cuda", help="cuda, or cpu (a dry run on --shape tiny)")
+        if name == "gemv":
+            p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
+            p.add_argument("--tune", action="store_true", help="time the launch-setting variants of bench.gemv.GEMV_TUNE")
+            p.add_argument("--device", default="cuda")
         if name == "gpu":
             p.add_argument("--slack", type=float, default=DEFAULT_SLACK, help="FlowKV global re-packing slack (layerwise)")
             p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
@@ -171,6 +177,18 @@ def _run(cmd: str, a: argparse.Namespace, rec: Recorder) -> None:
         _, text = decode_profile(rec.out, shape=a.shape, context=a.context, budgets=tuple(a.budgets), steps=a.steps,
                                  device=a.device, rec=rec)
         print(text)
+    elif cmd == "gemv":
+        if not (torch.device(a.device).type == "cuda" and triton_available()):
+            raise SystemExit(f"bench gemv times Triton kernels: it needs CUDA and triton (device {a.device!r})")
+        bw = copy_bandwidth(a.device)
+        rec.add("bandwidth", **bw)
+        config = gemv_speed(rec, bw, a.shape, a.device, GEMV_TUNE if a.tune else None)
+        rec.save_meta(gemv_config=asdict(config))
+        for r in rec.rows["gemv"]:
+            if r["best"] or r["impl"].startswith("cublas"):
+                print(f"  {r['projection']:<8} {r['impl']:<30} {r['us']:8.1f} us  {r['frac_of_copy']:6.1%} of copy"
+                      + (f"  rows {r['rows']} block_k {r['block_k']} warps {r['num_warps']} stages {r['num_stages']}"
+                         if r["rows"] else ""))
     elif cmd == "peers":
         peers_sweep(rec.out, shape=a.shape, contexts=tuple(a.contexts), budget=a.budget, peers=tuple(a.peers),
                     steps=a.steps, device=a.device, rec=rec)

@@ -67,6 +67,10 @@ SCHEMAS: dict[str, list[str]] = {
     # 'ragged' per-head lengths; best: the variant (summed over lengths) the sweep then used
     "kernel": ["config", "lengths", "impl", "split", "block", "num_warps", "num_stages", "waves", "kv_bytes", "us",
                "GBps", "frac_of_copy", "best"],
+    # one batch-1 projection (`bench.gemv`): a fused Triton kernel's launch setting, or cuBLAS's plain product over
+    # the same weight; best: the fastest fused variant of that projection (the tile `gemv_speed` returns)
+    "gemv": ["shape", "projection", "rows_out", "width", "weight_bytes", "impl", "rows", "block_k", "num_warps",
+             "num_stages", "us", "GBps", "frac_of_copy", "best", "note"],
     # one decode step's kernels under the profiler (`bench profile`): per kernel name its group (`timing.kernel_group`),
     # calls and device µs per step, share of the timed step; group_floor_us: the bytes that group must read over the
     # copy bandwidth (matmul: the weights; attention: the kept KV; empty for the others)
@@ -79,7 +83,7 @@ SCHEMAS: dict[str, list[str]] = {
 # column types for `load_results` (every other column is a number, missing values NaN)
 TEXT = set(results.META) | {"model", "weights", "dtype", "sweep", "policy", "layout", "impl", "decoder", "attention",
                             "status", "note", "shape", "part", "kind", "what", "config", "ok", "lengths", "notebook",
-                            "param_set", "mode", "group", "kernel"}
+                            "param_set", "mode", "group", "kernel", "projection"}
 BOOL = {"fused", "graph", "variant", "best", "on_path", "fits_extrapolated"}
 INTEGER = {"layers", "heads", "kv_heads", "head_dim", "hidden", "context", "batch", "layers_run"}  # never missing
 

@@ -11,7 +11,7 @@ import torch
 from .. import generate
 from ..cache import RaggedCache
 from ..fastdecode import FastDecoder, StaticRaggedCache
-from ..kernels import DEFAULT_CONFIG, SplitKVConfig
+from ..kernels import DEFAULT_CONFIG, DEFAULT_GEMV_CONFIG, GemvConfig, SplitKVConfig
 from ..models import ModelShape, shape_of
 from ..results import Recorder
 from .tables import model_cols
@@ -119,12 +119,14 @@ def median_ms(fn, device, reps: int = 5, warmup: int = 1) -> float:
 
 def time_fast_decode(model, cache: StaticRaggedCache, steps: int = 20, warmup: int = 3, graph: bool = True,
                      impl: str = "auto", fuse: bool | None = None, config: SplitKVConfig = DEFAULT_CONFIG,
-                     sparse=None) -> tuple[list[float], FastDecoder]:
+                     sparse=None, gemv: bool | None = None,
+                     gemv_config: GemvConfig = DEFAULT_GEMV_CONFIG) -> tuple[list[float], FastDecoder]:
     """Per-step times (ms) of FastDecoder after warm-up; on CUDA each replay is timed with CUDA events.
-    sparse: None, or a function of the cache giving FastDecoder's `sparse` attention (`blocksparse.PageDecode`)."""
+    sparse: None, or a function of the cache giving FastDecoder's `sparse` attention (`blocksparse.PageDecode`).
+    gemv, gemv_config: FastDecoder's batch-1 fused projection kernels (None: its default) and their tiles."""
     cache.rewind()
     dec = FastDecoder(model, cache, impl=impl, fuse=fuse, config=config,
-                      sparse=None if sparse is None else sparse(cache))
+                      sparse=None if sparse is None else sparse(cache), gemv=gemv, gemv_config=gemv_config)
     cuda = cache.device.type == "cuda"
     if graph and cuda:
         dec.capture()
@@ -232,7 +234,7 @@ def start_run(what: str, out, command: str | None, device: str, rec: Recorder | 
 # kernel-name patterns of each part of a decode step (first match wins; names lower-cased); `kernel_group`
 KERNEL_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("attention (split-KV)", ("split_kernel", "combine_kernel", "split_kv")),
-    ("matmul", ("gemm", "gemv", "nvjet", "cutlass", "xmma", "cublas", "aten::linear", "aten::mm", "aten::addmm",
+    ("matmul", ("gemm", "gemv", "qkv_rope_kernel", "gate_up_silu_kernel", "residual_kernel", "nvjet", "cutlass", "xmma", "cublas", "aten::linear", "aten::mm", "aten::addmm",
                 "aten::matmul", "aten::bmm")),
     ("compiled elementwise", ("triton_", "compiledfunction", "torch-compiled")),
     ("copies and fills", ("memcpy", "memset", "copy_", "fill_", "aten::copy", "aten::fill", "aten::index_put")),
