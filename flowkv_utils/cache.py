@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .capture import Prefill
-from .selection import PolicyResult
+from .selection import PolicyResult, true_positions
 
 
 def offsets_of(lengths: torch.Tensor) -> torch.Tensor:
@@ -57,8 +57,10 @@ class RaggedLayer:
         return self.offsets[1:] - self.offsets[:-1]
 
     def keep_rows(self, rows: torch.Tensor, lengths: torch.Tensor) -> None:
-        """Keep only the packed rows where rows (N,) is True; lengths (S,) are the segments' new lengths."""
-        self.k, self.v = self.k[rows].contiguous(), self.v[rows].contiguous()
+        """Keep only the packed rows where rows (N,) is True; lengths (S,) are the segments' new lengths, on the
+        host (so nothing waits for the device: their sum is how many rows stay)."""
+        pos = true_positions(rows, int(lengths.sum()))
+        self.k, self.v = self.k.index_select(0, pos), self.v.index_select(0, pos)
         self.offsets = offsets_of(lengths)
 
     def with_tail(self, capacity: int) -> RaggedLayer:
@@ -69,9 +71,11 @@ class RaggedLayer:
         return self
 
 
-def pack_layer(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None = None, capacity: int = 0) -> RaggedLayer:
+def pack_layer(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None = None, capacity: int = 0,
+               lengths: torch.Tensor | None = None) -> RaggedLayer:
     """Pack one layer's kept entries: k, v (G, n, d), keep (G, n) bool (None keeps everything, as a view when
-    k/v are contiguous) → RaggedLayer with a tail of `capacity` tokens."""
+    k/v are contiguous) → RaggedLayer with a tail of `capacity` tokens. lengths: keep's (G,) counts per head on the
+    host when the caller has them (then nothing waits for the device); else they are read back once."""
     G, n, d = k.shape
     if keep is None:
         kp, vp = k.reshape(G * n, d), v.reshape(G * n, d)
@@ -79,8 +83,10 @@ def pack_layer(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None = Non
     else:
         check_keep_mask(keep, (G, n))
         keep = keep.to(k.device)
-        kp, vp = k[keep], v[keep]  # (N, d) head-major
-        lengths = keep.sum(-1)
+        lengths = keep.sum(-1).cpu() if lengths is None else torch.as_tensor(lengths)
+        pos = true_positions(keep.reshape(-1), int(lengths.sum()))  # flat g·n + j of the kept entries, head-major
+        g, j = pos // n, pos % n
+        kp, vp = k[g, j], v[g, j]  # (N, d)
     return RaggedLayer(kp.contiguous(), vp.contiguous(), offsets_of(lengths), k.new_empty(G, capacity, d),
                        v.new_empty(G, capacity, d))
 

@@ -12,6 +12,12 @@ pass `**comp.prefill_options` to the prefill; they are dropped with the layer's 
 parallelism (`tp=`, the model a rank's shard) each rank compresses its own KV heads with the cross-rank agreement of
 `sharded_policies` (model-wide policies: `ShardedCascade`): the ranks' keep-sets together are the unsharded ones.
 
+Host reads: each one makes Python wait until the device has run everything queued, so the hook reads the device
+once per layer, for the applied policy's kept counts per head (packing a variable number of rows needs them; for
+FlowKV global read together with every earlier layer's, which decide the re-packing). Every size the packing then
+needs follows from these counts, and the other policies' counts stay on the device until `counts` is read (one
+read for the whole prefill).
+
     comp = LayerwiseCompressor(model, ids, "flowkv_global", 0.05, also=("snapkv", "flowkv"))
     pf = prefill(model, ids, window=32, chunk=8192, on_layer=comp, keep_kv=False, **comp.prefill_options)
     cache = comp.cache(capacity=64)          # RaggedCache of the kept entries
@@ -30,7 +36,7 @@ from .cache import RaggedCache, RaggedLayer, pack_layer
 from .capture import LayerCapture, Prefill
 from .models import shape_of
 from .policies import REGISTRY, Policy, get_policy, prefill_options
-from .selection import GlobalCascade, floor_first, topk_flat, with_window
+from .selection import GlobalCascade, floor_first, topk_flat, true_positions, with_window
 
 if TYPE_CHECKING:
     from .tensor_parallel import TensorParallel
@@ -121,7 +127,8 @@ class LayerwiseCompressor:
         self.packed_prefix: dict[int, int] = {}  # main policy: prefix entries (window excluded) each layer holds
         self.slack = slack
         self.repacks = 0  # re-packs of already packed layers (`_evict` calls): what the slack trades memory for
-        self.counts: dict[str, torch.Tensor] = {name: torch.zeros(L, G, dtype=torch.long) for name in self.names}
+        self._counts: dict[str, torch.Tensor] = {name: torch.zeros(L, G, dtype=torch.long) for name in self.names}
+        self._unread: dict[str, dict[int, torch.Tensor]] = {name: {} for name in self.names}  # (G,) on the device
         self.keep_scores = keep_scores
         self.scores: dict[str, list[torch.Tensor]] = {name: [] for name in self.names}
 
@@ -142,7 +149,12 @@ class LayerwiseCompressor:
             _sync(dev)
             self.seconds[name] += time.perf_counter() - t0
             self.pf.forget(li)  # each policy pays its own window attention
-            self.counts[name][li] = self.n if keep is None else keep.sum(-1).cpu()
+            if keep is None:
+                self._counts[name][li] = self.n
+            elif name != self.main:
+                self._unread[name][li] = keep.sum(-1)  # read with every other layer's when `counts` is asked for
+            elif self.policies[name].scope != "model":  # a model-wide policy's were read by `_compact`
+                self._counts[name][li] = keep.sum(-1).cpu()  # the layer's one host read: packing needs the lengths
             if name == self.main:
                 keep_main = keep
         with record_function("flowkv pack layer"):
@@ -170,10 +182,11 @@ class LayerwiseCompressor:
             casc = self.cascades[name]
             with record_function("flowkv cascade add"):
                 casc.add(li, floor_first(s, p.model_floor(self.budgets[name])))
+            keep = with_window(casc.keep_mask(li), w)
             if name == self.main:  # evict from the layers already packed
                 with record_function("flowkv re-pack earlier layers"):
-                    self._compact(casc, final=li == self.shape.layers - 1)
-            return with_window(casc.keep_mask(li), w)
+                    self._compact(casc, li)
+            return keep
         s = p.layer_scores(pf, li)
         if self.keep_scores:
             self.scores[name].append(s)
@@ -184,52 +197,76 @@ class LayerwiseCompressor:
         `ShardedPolicy` checks one-shot; a bug if not). Collective."""
         from .sharded_policies import gathered_sum
 
-        got = int(gathered_sum(self.counts[self.main].sum().view(1), self.tp))
+        got = int(gathered_sum(self._counts[self.main].sum().view(1), self.tp))
         if got != self.budget.total:
             raise RuntimeError(f"{self.main} layer by layer on {self.tp.world_size} ranks kept {got} entries, budget "
                                f"total is {self.budget.total}")
 
-    def _compact(self, casc: GlobalCascade, final: bool) -> None:
-        """Re-pack the already packed layers that lost entries to the cascade: every one on the last layer, else
-        only those whose dead entries exceed `slack` × their packed prefix (one host read-back per layer)."""
+    def _compact(self, casc: GlobalCascade, li: int) -> None:
+        """After layer li's merge: read the kept counts per head of layer li and of every packed layer at once (the
+        layer's one host read; layer li's are what `_pack` packs it with), then re-pack the packed layers that lost
+        entries to the cascade: every one on the last layer, else only those whose dead entries exceed `slack` ×
+        their packed prefix. The re-packs need no further read: their sizes are these counts."""
+        w = self.policies[self.main].kept_window
         packed = list(self.prefix_keep)
-        if not packed:
-            return
-        counts = casc.kept_counts()
-        alive = torch.stack([counts[lj] for lj in packed]).tolist()
-        for lj, a in zip(packed, alive, strict=True):
-            dead = self.packed_prefix[lj] - a
+        per_head = casc.kept_per_head()
+        alive = torch.stack([per_head[lj] for lj in (*packed, li)]).cpu()  # (packed + 1, G) prefix entries kept
+        self._counts[self.main][li] = alive[-1] + w
+        final = li == self.shape.layers - 1
+        for lj, a in zip(packed, alive[:-1], strict=True):
+            dead = self.packed_prefix[lj] - int(a.sum())
             if dead > 0 and (final or dead > self.slack * self.packed_prefix[lj]):
-                self._evict(lj, casc.keep_mask(lj))
+                self._evict(lj, casc.keep_mask(lj), a + w)
 
     def _pack(self, li: int, cap: LayerCapture, keep: torch.Tensor | None) -> None:
-        """Pack layer li (everything when keep is None: a view of the dense layer, no copy when contiguous)."""
-        self.layers[li] = pack_layer(cap.k, cap.v, keep)
+        """Pack layer li (everything when keep is None: a view of the dense layer, no copy when contiguous) with its
+        counts per head, already on the host (`__call__`, `_compact`)."""
+        lengths = self._counts[self.main][li]
+        self.layers[li] = pack_layer(cap.k, cap.v, keep, lengths=lengths)
         if keep is not None:
             self.prefix_keep[li] = keep.to(cap.k.device)
-            self.packed_prefix[li] = int(self.layers[li].offsets[-1]) - self.policies[self.main].kept_window * len(keep)
+            self.packed_prefix[li] = int(lengths.sum()) - self.policies[self.main].kept_window * len(keep)
 
-    def _evict(self, lj: int, keep_prefix: torch.Tensor) -> None:
-        """Re-pack an already packed layer to the prefix entries (G, m) still kept (a subset of those packed)."""
+    def _evict(self, lj: int, keep_prefix: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Re-pack an already packed layer to the prefix entries (G, m) still kept, a subset of those packed, with
+        `lengths` (G,) per head (window included) on the host: nothing waits for the device."""
         old = self.prefix_keep[lj]  # (G, n) window included
         new = old.clone()
         new[:, : keep_prefix.shape[1]] &= keep_prefix.to(old.device)
-        lengths = new.sum(-1).cpu()
-        self.layers[lj].keep_rows(new[old], lengths)  # new[old]: which packed rows survive
+        packed = true_positions(old.reshape(-1), int(self.layers[lj].offsets[-1]))  # (g, j) of each packed row
+        self.layers[lj].keep_rows(new.reshape(-1)[packed], lengths)  # which packed rows survive
         self.prefix_keep[lj] = new
         self.packed_prefix[lj] = int(lengths.sum()) - self.policies[self.main].kept_window * len(lengths)
-        self.counts[self.main][lj] = lengths
+        self._counts[self.main][lj] = lengths
         self.repacks += 1
 
     # -- results -------------------------------------------------------------------------------------------
+    @property
+    def counts(self) -> dict[str, torch.Tensor]:
+        """{policy: (L, G) kept tokens per head, window included, on the CPU}. The applied policy's are read while
+        packing (it needs them); the other policies' stay on the device until asked for here, then every layer's
+        are read at once. Model-wide policies not applied: final after `finish_counts`."""
+        unread = [(name, li, c) for name, rows in self._unread.items() for li, c in rows.items()]
+        if unread:
+            values = torch.stack([c for _, _, c in unread]).cpu()  # one host read for every layer and policy
+            for (name, li, _), c in zip(unread, values, strict=True):
+                self._counts[name][li] = c
+            for rows in self._unread.values():
+                rows.clear()
+        return self._counts
+
     def finish_counts(self) -> None:
-        """Final per-head counts of model-wide policies not applied (their cascades evict after the layer passed)."""
+        """Final per-head counts of model-wide policies not applied (their cascades evict after the layer passed);
+        one host read per cascade."""
+        counts = self.counts  # the per-layer counts not read yet first: the final ones replace them
         for name, casc in self.cascades.items():
             if name == self.main:
                 continue
             w = self.policies[name].kept_window
-            for li, mask in casc.keep_masks().items():
-                self.counts[name][li] = mask.sum(-1).cpu() + w
+            per_head = casc.kept_per_head()
+            final = torch.stack(list(per_head.values())).cpu() + w
+            for li, c in zip(per_head, final, strict=True):
+                counts[name][li] = c
 
     def keep_mask(self) -> torch.Tensor:
         """(L, G, n) bool: what the applied policy kept (FullKV: everything)."""

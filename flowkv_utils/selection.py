@@ -9,7 +9,6 @@ CUDA alike.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 
@@ -108,6 +107,16 @@ def kth_largest(vals: torch.Tensor, k: int) -> torch.Tensor:
     return torch.kthvalue(vals, n - k + 1).values
 
 
+def true_positions(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Positions, increasing, of the True entries of a 1-D bool mask that has exactly `count` of them: what
+    `mask.nonzero()` gives, without its host read (nonzero, and boolean-mask indexing, wait for the device to learn
+    how many there are; here the caller knows). A wrong count gives wrong positions: pass one known exactly."""
+    dev = mask.device
+    slots = torch.where(mask, mask.cumsum(0) - 1, count)  # the i-th True entry goes to slot i, the rest to slot count
+    out = torch.empty(count + 1, dtype=torch.long, device=dev)
+    return out.scatter_(0, slots, torch.arange(mask.numel(), device=dev))[:count]
+
+
 def best_in_order(vals: torch.Tensor, k: int) -> torch.Tensor:
     """Positions, increasing, of the k largest of a 1-D tensor, ties to the earlier position: the same set as
     `topk_per_row(vals.view(1, -1), k)` (tested), found from the k-th largest value
@@ -122,8 +131,7 @@ def best_in_order(vals: torch.Tensor, k: int) -> torch.Tensor:
     t = kth_largest(vals, kk)
     above, tie = vals > t, vals == t
     keep = above | (tie & (tie.cumsum(0) <= kk - above.sum()))  # then the earliest ties, up to kk in all
-    out = torch.empty(kk + 1, dtype=torch.long, device=dev)  # slot kk collects the entries not kept
-    return out.scatter_(0, torch.where(keep, keep.cumsum(0) - 1, kk), torch.arange(n, device=dev))[:kk]
+    return true_positions(keep, kk)
 
 
 class GlobalCascade:
@@ -132,11 +140,9 @@ class GlobalCascade:
     selection equals the one-shot `topk_flat` over all layers exactly (tested), while only ≈ k + one layer is held.
 
     Use: c = GlobalCascade(k); per layer `c.add(layer, scores (G, m))`; then `c.keep_mask(layer)` → (G, m) bool,
-    what is still kept of that layer (entries only ever leave), and `c.kept_counts()` → kept entries per layer.
-    Everything stays on the scores' device; the one host synchronisation per `add` is the prefilter's count of a
-    new layer's candidates, so a caller decides itself when to read counts back and re-pack its cache."""
-
-    prefilter: ClassVar[bool] = True  # drop a new layer's entries that cannot enter before the merge (exact)
+    what is still kept of that layer (entries only ever leave), and `c.kept_per_head()` / `c.kept_counts()` → kept
+    entries per head / per layer. Everything stays on the scores' device and `add` never waits for it (every size it
+    needs follows from the shapes), so a caller decides itself when to read counts back and re-pack its cache."""
 
     def __init__(self, k: int):
         self.k = int(k)
@@ -156,11 +162,6 @@ class GlobalCascade:
         self._next += G * m
         vals = scores.detach().float().reshape(-1)
         alive = torch.zeros(G * m, dtype=torch.bool, device=dev)  # set below for what is selected
-        if self.prefilter and self.vals is not None and 0 < self.k == self.vals.numel():
-            # a full selection's k entries all beat a new entry at or below their minimum (ties go to the earlier
-            # id, and every held id is earlier): only the entries above it can enter, so only they are merged
-            cand = (vals > self.vals.min()).nonzero().view(-1)
-            vals, ids = vals[cand], ids[cand]
         if self.vals is not None:  # kept ids are increasing and below the new ones: flat order is kept
             vals, ids = torch.cat([self.vals, vals]), torch.cat([self.ids, ids])
             alive = torch.cat([self.alive, alive])
@@ -185,12 +186,17 @@ class GlobalCascade:
     def keep_masks(self) -> dict[int, torch.Tensor]:
         return {layer: self.keep_mask(layer) for layer in self.shapes}
 
-    def kept_counts(self) -> dict[int, torch.Tensor]:
-        """Entries still selected per layer, as 0-d tensors on the device (reading them synchronises). Layers lie
-        back to back in `alive` in the order added, so layers of one size (every model here) are summed in one
-        reduction, not one per layer."""
-        if len({G * m for G, m in self.shapes.values()}) == 1:
-            sums = self.alive.view(len(self.offset), -1).sum(1)
+    def kept_per_head(self) -> dict[int, torch.Tensor]:
+        """Entries still selected per head of every layer, (G,) tensors on the device (reading them synchronises).
+        Layers lie back to back in `alive` in the order added, so layers of one shape (every model here) are counted
+        in one reduction, not one per layer."""
+        if len(set(self.shapes.values())) == 1:
+            G, m = next(iter(self.shapes.values()))
+            sums = self.alive.view(len(self.offset), G, m).sum(-1)  # (layers, G)
             return {layer: sums[i] for i, layer in enumerate(self.offset)}
-        return {layer: self.alive[o: o + self.shapes[layer][0] * self.shapes[layer][1]].sum()
+        return {layer: self.alive[o: o + self.shapes[layer][0] * self.shapes[layer][1]].view(self.shapes[layer]).sum(-1)
                 for layer, o in self.offset.items()}
+
+    def kept_counts(self) -> dict[int, torch.Tensor]:
+        """Entries still selected per layer, as 0-d tensors on the device (reading them synchronises)."""
+        return {layer: c.sum() for layer, c in self.kept_per_head().items()}

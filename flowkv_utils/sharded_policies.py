@@ -141,9 +141,6 @@ class ShardedCascade(GlobalCascade):
     (G/N, m). Cost: per layer, every rank receives N·k' (value, index) pairs, k' ≤ k the most entries a rank holds
     (its part of the selection plus the new layer), and the ranks' counts first (they differ: `sharded_topk` ragged)."""
 
-    # a rank's own minimum is not the model-wide threshold: an entry below it may still enter the distributed top-k
-    prefilter = False
-
     def __init__(self, k: int, tp: TensorParallel):
         super().__init__(k)
         self.tp = tp

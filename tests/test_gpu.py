@@ -212,3 +212,20 @@ def test_best_in_order_on_cuda_equals_the_stable_top_k(n, k, levels):
     want = topk_per_row(v.view(1, -1), k)[0].nonzero().view(-1)
     got = best_in_order(v.cuda(), k)
     assert got.device.type == "cuda" and torch.equal(got.cpu(), want)
+
+
+@gpu
+def test_device_side_helpers_on_cuda_match_the_host_forms():
+    """What the layer-wise compressor computes on the device instead of reading back: `divided` equals the division
+    by the host float (CUDA multiplies by a host scalar's float32 reciprocal), and `true_positions` equals nonzero."""
+    from flowkv_utils.policies.flowkv import divided
+    from flowkv_utils.selection import true_positions
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(1 << 20, generator=g) * torch.rand(1 << 20, generator=g).mul(30).exp()).cuda()
+    for e in range(-12, 13, 2):
+        d = (torch.rand((), generator=g) * 10.0 ** e).cuda()
+        assert torch.equal(divided(x, d.clamp_min(1e-30)), x / max(float(d), 1e-30)), e
+    mask = torch.rand(300000, generator=g) < 0.05
+    got = true_positions(mask.cuda(), int(mask.sum()))
+    assert got.device.type == "cuda" and torch.equal(got.cpu(), mask.nonzero().view(-1))

@@ -3,8 +3,11 @@ K/V, and never keeps a layer's dense K/V after its hook."""
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from flowkv_utils import capture, models, policies
 from flowkv_utils.cache import RaggedCache
@@ -61,6 +64,7 @@ def test_global_slack_bounds_held_entries_and_ends_exact(setup, slack):
 
     capture.prefill(m, ids, window=W, on_layer=hook)
     assert torch.equal(comp.keep_mask(), res.keep)
+    assert torch.equal(comp.counts["flowkv_global"], res.keep.sum(-1))  # the counts the re-packs were sized by
     assert held[-1] == k and all(h <= k / (1 - slack) + 1e-9 for h in held)
     with pytest.raises(ValueError, match="slack"):
         LayerwiseCompressor(m, ids, "flowkv_global", 30, window=W, slack=1.0)
@@ -98,3 +102,79 @@ def test_h2o_needs_every_query_from_the_prefill(setup):
     assert LayerwiseCompressor(m, ids, "snapkv", 30, window=W, also=("tova", "keydiff")).prefill_options == {}
     with pytest.raises(ValueError, match=r"h2o: .*all_queries=True"):
         capture.prefill(m, ids, window=W, on_layer=comp)
+
+
+def test_counts_of_the_policies_not_applied_are_read_once_and_equal_one_shot(setup):
+    """The policies timed but not applied keep their per-layer counts on the device until `counts` is read; then
+    they are the one-shot counts (no finish_counts needed for layer-scope policies)."""
+    m, ids, pf = setup
+    comp = LayerwiseCompressor(m, ids, "flowkv_global", 30, window=W, also=("snapkv", "flowkv"))
+    capture.prefill(m, ids, window=W, on_layer=comp)
+    assert all(len(comp._unread[name]) == len(pf.layers) for name in ("snapkv", "flowkv"))
+    for name in ("flowkv_global", "snapkv", "flowkv"):
+        assert torch.equal(comp.counts[name], policies.get_policy(name, window=W)(pf, 30).keep.sum(-1)), name
+    assert not any(comp._unread.values())
+
+
+class DeviceReads(TorchFunctionMode):
+    """Counts host reads of tensors that would live on the GPU, in a CPU run: a tensor is "on the device" when it
+    is a model weight or capture tensor, is made with an explicit device=, or is computed from one; reading one
+    (int/float/bool, item, tolist, cpu, nonzero, boolean-mask indexing) is what makes Python wait for a GPU."""
+
+    READS = {"__int__", "__float__", "__bool__", "__index__", "item", "tolist", "cpu", "nonzero", "masked_select",
+             "unique", "repeat_interleave"}
+
+    def __init__(self, tensors):
+        super().__init__()
+        self.reads = 0
+        self._dev: dict[int, weakref.ref] = {}
+        for t in tensors:
+            self.mark(t)
+
+    def mark(self, t) -> None:
+        if isinstance(t, torch.Tensor):
+            self._dev[id(t)] = weakref.ref(t)
+
+    def on_device(self, t) -> bool:
+        ref = self._dev.get(id(t)) if isinstance(t, torch.Tensor) else None
+        return ref is not None and ref() is t
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        flat = [*args, *kwargs.values()]
+        ins = [t for a in flat for t in (a if isinstance(a, (list, tuple)) else [a])]
+        dev = any(self.on_device(t) for t in ins)
+        to_host = name == "cpu" or (name == "to" and "cpu" in flat[1:])
+        index = args[1] if name in ("__getitem__", "__setitem__") else None
+        by_mask = any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                      for i in (index if isinstance(index, tuple) else (index,)))
+        self.reads += dev and (name in self.READS or to_host or by_mask)
+        out = func(*args, **kwargs)
+        if to_host and out is args[0]:
+            out = out.clone()  # a device → host copy is a new tensor
+        elif (dev and name not in self.READS) or (name in ("zeros", "ones", "empty", "full", "arange")
+                                                  and "device" in kwargs):
+            for t in out if isinstance(out, (list, tuple)) else [out]:
+                self.mark(t)
+        return out
+
+
+@pytest.mark.parametrize("name", ["flowkv_global", "flowkv"])
+def test_the_hook_reads_the_device_once_per_layer(name):
+    """Each host read stalls Python until the GPU has drained its queue: the applied policy's path reads once per
+    layer (its kept counts per head, for FlowKV global with every packed layer's, which size the re-packs), with
+    re-packs, and the counts of the policies timed alongside are read once at the end."""
+    m = models.random_model("llama", layers=6, heads=8, kv_heads=2, head_dim=16, hidden=64, vocab=100)
+    ids = torch.randint(0, 100, (1, 400), generator=torch.Generator().manual_seed(1))
+    comp = LayerwiseCompressor(m, ids, name, 0.05, window=W, also=("snapkv", "flowkv", "flowkv_global"), slack=0.0)
+    reads = []
+
+    def hook(li, cap):
+        with DeviceReads([*m.parameters(), cap.q, cap.k, cap.v, cap.attn_out, cap.resid]) as mode:
+            out = comp(li, cap)
+        reads.append(mode.reads)
+        return out
+
+    capture.prefill(m, ids, window=W, on_layer=hook)
+    assert reads == [1] * 6 and (comp.repacks > 0 or name != "flowkv_global")

@@ -23,11 +23,19 @@ from flowkv_utils.policies.flowkv import (
     FlowKV,
     FlowKVGlobal,
     ablation_scores,
+    divided,
     exact_l1_scores,
     flowkv_scores,
     gram_blocks,
 )
-from flowkv_utils.selection import GlobalCascade, best_in_order, kth_largest, shown, topk_per_row
+from flowkv_utils.selection import (
+    GlobalCascade,
+    best_in_order,
+    kth_largest,
+    shown,
+    topk_per_row,
+    true_positions,
+)
 
 PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FEW = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -352,6 +360,39 @@ def test_best_in_order_is_the_stable_top_k(vals, data):
     got = best_in_order(v, k)
     want = topk_per_row(v.view(1, -1), min(k, len(vals)))[0].nonzero().view(-1)
     assert torch.equal(got, want)
+
+
+@PROPERTY
+@given(bits=st.lists(st.booleans(), max_size=80))
+def test_true_positions_is_nonzero(bits):
+    """The positions of a mask's True entries from their known count (no host read) are `nonzero`'s."""
+    mask = torch.tensor(bits, dtype=torch.bool)
+    assert torch.equal(true_positions(mask, int(mask.sum())), mask.nonzero().view(-1))
+
+
+def test_cascade_counts_per_head_sum_to_its_masks():
+    """`kept_per_head` counts each layer's kept mask per head (one reduction for layers of one shape, one per
+    layer otherwise), and `kept_counts` is their sum."""
+    g = torch.Generator().manual_seed(0)
+    for shapes in ([(2, 7)] * 4, [(2, 7), (3, 5), (2, 7)]):
+        c = GlobalCascade(9)
+        for li, (G, m) in enumerate(shapes):
+            c.add(li, torch.randn(G, m, generator=g))
+        heads, totals, masks = c.kept_per_head(), c.kept_counts(), c.keep_masks()
+        assert list(heads) == list(masks) == list(range(len(shapes)))
+        for li, mask in masks.items():
+            assert torch.equal(heads[li], mask.sum(-1)) and int(totals[li]) == int(mask.sum())
+
+
+def test_divided_is_the_division_by_the_host_value():
+    """FlowKV global's layer normalisation stays on the device (`divided` by a 0-d tensor) and gives the scores of
+    the division by the factor read back as a Python float, bit for bit (CUDA's form: tests/test_gpu.py)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, generator=g) * torch.rand(4096, generator=g).mul(30).exp()
+    x[:3] = torch.tensor([float("inf"), 0.0, -0.0])
+    for e in range(-12, 13, 3):
+        d = torch.rand((), generator=g) * 10.0 ** e
+        assert torch.equal(divided(x, d.clamp_min(1e-30)), x / max(float(d), 1e-30))
 
 
 @PROPERTY

@@ -234,19 +234,29 @@ class FlowKV(Policy):
         return s
 
 
-def layer_norm_factor(pf: Prefill, layer: int, norm: str, raw: torch.Tensor, window: int | None = None) -> float:
-    """Divisor that makes layer scores comparable: N0 1, N1 ‖O_ℓ‖_F, N2 ‖h_ℓ‖_F, N3 Σ raw scores.
-    O_ℓ and h_ℓ are taken on the last `window` rows (the policy's window; None: every captured row)."""
+def layer_norm_factor(pf: Prefill, layer: int, norm: str, raw: torch.Tensor,
+                      window: int | None = None) -> torch.Tensor:
+    """Divisor that makes layer scores comparable, a 0-d float32 tensor on the scores' device (not read back, so
+    the layer-wise compressor does not wait for the device here): N0 1, N1 ‖O_ℓ‖_F, N2 ‖h_ℓ‖_F, N3 Σ raw scores
+    (the finite ones; selecting them reads the device). O_ℓ and h_ℓ are taken on the last `window` rows (the
+    policy's window; None: every captured row)."""
     rows = slice(-window, None) if window else slice(None)
     if norm == "N0":
-        return 1.0
+        return torch.ones((), dtype=torch.float32, device=raw.device)
     if norm == "N1":
-        return float(pf.layers[layer].attn_out[rows].float().norm())
+        return pf.layers[layer].attn_out[rows].float().norm()
     if norm == "N2":
-        return float(pf.layers[layer].resid[rows].float().norm())
+        return pf.layers[layer].resid[rows].float().norm()
     if norm == "N3":
-        return float(raw[torch.isfinite(raw)].sum())
+        return raw[torch.isfinite(raw)].sum()
     raise ValueError(f"norm={norm!r}: allowed are {', '.join(NORMALISATIONS)}")
+
+
+def divided(x: torch.Tensor, divisor: torch.Tensor) -> torch.Tensor:
+    """x / d for float32 x and a 0-d float32 tensor d on x's device: bit for bit `x / float(d)`, without reading d
+    back to the host. PyTorch divides by a host scalar on the CPU, but on CUDA multiplies by its correctly rounded
+    float32 reciprocal (`div_true_kernel_cuda`), which `reciprocal` computes on the device (tested on both)."""
+    return x * divisor.reciprocal() if x.is_cuda else x / divisor
 
 
 @dataclass
@@ -272,7 +282,7 @@ class FlowKVGlobal(FlowKV):
         """(G, n − w) layer scores divided by the layer's norm factor (comparable across layers)."""
         def compute():
             raw = self.scores(pf, layer)
-            return raw / max(layer_norm_factor(pf, layer, self.norm, raw, self.window), 1e-30)
+            return divided(raw, layer_norm_factor(pf, layer, self.norm, raw, self.window).clamp_min(1e-30))
 
         return pf.memo(layer, ("normalised_scores", repr(self)), compute)
 
