@@ -38,19 +38,28 @@ def test_fast_decoder_refuses_gemv_where_it_cannot_run():
         fastdecode.FastDecoder(m, sc, impl="torch", fuse=True, gemv=True)
 
 
-def _bf16_agree(got: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
-    """(share of elements equal bit for bit, max |diff| / max |ref|)."""
+def _bf16_agree(got: torch.Tensor, ref: torch.Tensor) -> tuple[float, float, float]:
+    """(share of elements equal bit for bit, ‖diff‖ / ‖ref‖, max |diff| / max |ref|)."""
     got, ref = got.float(), ref.float()
-    return float((got == ref).float().mean()), float((got - ref).abs().max() / ref.abs().max())
+    return (float((got == ref).float().mean()), float((got - ref).norm() / ref.norm()),
+            float((got - ref).abs().max() / ref.abs().max()))
+
+
+def _close(got: torch.Tensor, ref: torch.Tensor, same_at_least: float) -> None:
+    """Within bf16 rounding of the reference: ≥ same_at_least of the elements bit for bit, the rest a few bf16
+    steps (2⁻⁸ relative) off."""
+    same, rel, worst = _bf16_agree(got, ref)
+    assert same >= same_at_least and rel < 4e-3 and worst < 2e-2, (same, rel, worst)
 
 
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("D,H,G,d,inter", SHAPES)
 def test_kernels_match_the_fused_pytorch_step(D, H, G, d, inter):
-    """Each kernel against the PyTorch functions of the fused step it replaces (eager, bf16): only the order of the
-    float32 accumulation differs, so almost every output is the same bf16 number and none is off by more than a
-    few bf16 steps."""
+    """Each kernel against the PyTorch functions of the fused step it replaces (eager, bf16). The products differ
+    only in the order of their float32 sums, so almost every output is the same bf16 number; after an RMSNorm the
+    statistic's own rounding (a different sum order, Triton's rsqrt) moves some normalised inputs by one bf16 step,
+    so fewer outputs agree bit for bit, and none is more than a few bf16 steps off."""
     from flowkv_utils.kernels import gemv
 
     torch.manual_seed(0)
@@ -67,28 +76,23 @@ def test_kernels_match_the_fused_pytorch_step(D, H, G, d, inter):
     rk, rv = tk.clone(), tv.clone()
     q_ref = fastdecode.fused_pre_attention(h, ln1, eps, w_qkv, cos, sin, rk, rv, used, H, G, d)
     q = gemv.qkv_rope(h, ln1, eps, w_qkv, cos, sin, tk, tv, used, H, G, d, torch.empty_like(q_ref))
-    for got, ref in ((q, q_ref), (tk, rk), (tv, rv)):
-        same, err = _bf16_agree(got, ref)
-        assert same > 0.95 and err < 2e-2, (same, err)
+    for got, ref in ((q, q_ref), (tk[:, 3], rk[:, 3]), (tv[:, 3], rv[:, 3])):
+        _close(got, ref, 0.5)
     assert torch.equal(tk[:, :3], rk[:, :3]) and torch.equal(tk[:, 4:], rk[:, 4:])  # only slot `used` written
 
     o = rnd(G, H // G, d)
     h2_ref = h + torch.nn.functional.linear(o.reshape(1, 1, -1), w_o)
-    h2 = gemv.residual(o, w_o, h, torch.empty_like(h))
-    same, err = _bf16_agree(h2, h2_ref)
-    assert same > 0.95 and err < 2e-2, (same, err)
+    _close(gemv.residual(o, w_o, h, torch.empty_like(h)), h2_ref, 0.95)
 
     g, u = torch.nn.functional.linear(fastdecode._rms(h2_ref, ln2, eps), w_gu).split([inter, inter], dim=-1)
     act_ref = torch.nn.functional.silu(g) * u
     act = gemv.gate_up_silu(h2_ref, ln2, eps, w_gu, torch.empty(inter, dtype=dt, device=dev))
-    same, err = _bf16_agree(act, act_ref)  # + Triton's exp and rsqrt against torch's: a few more flips
-    assert same > 0.9 and err < 2e-2, (same, err)
+    _close(act, act_ref, 0.5)
 
     out_ref = h2_ref + torch.nn.functional.linear(act_ref.view(1, 1, -1), w_down)
     out = h2_ref.clone()
     gemv.residual(act_ref, w_down, out, out)  # in place: out = h + W x
-    same, err = _bf16_agree(out, out_ref)
-    assert same > 0.95 and err < 2e-2, (same, err)
+    _close(out, out_ref, 0.95)
 
 
 @gpu

@@ -15,10 +15,12 @@ from ..kernels.gemv import DEFAULT_GEMV_CONFIG, PROJECTIONS, GemvConfig, gate_up
 from ..results import Recorder
 from .shapes import SHAPES
 
-# variants timed per projection: changes to that projection's default GemvTile (benchmarks/NOTES.md)
-GEMV_TUNE = [{}, {"rows": 2}, {"rows": 8}, {"rows": 16, "block_k": 256}, {"block_k": 256}, {"block_k": 1024},
-             {"num_warps": 2}, {"num_warps": 8}, {"num_stages": 1}, {"num_stages": 3}, {"rows": 8, "block_k": 256},
-             {"rows": 2, "block_k": 1024}, {"rows": 8, "num_warps": 8}]
+# variants timed per projection: changes to that projection's default GemvTile (benchmarks/NOTES.md); a
+# variant equal to one already timed is skipped
+GEMV_TUNE = [{}, {"rows": 1}, {"rows": 2}, {"rows": 4}, {"rows": 8}, {"block_k": 512}, {"block_k": 1024},
+             {"block_k": 2048}, {"num_warps": 2}, {"num_warps": 4}, {"num_warps": 8}, {"num_stages": 1},
+             {"num_stages": 3}, {"rows": 1, "block_k": 2048}, {"rows": 8, "block_k": 256},
+             {"rows": 16, "block_k": 256}]
 
 
 def _graph_us(calls, reps: int) -> float:
@@ -85,8 +87,12 @@ def gemv_speed(rec: Recorder, bw: dict, shape: str = "llama3-8b", device="cuda",
         rec.add("gemv", **_row(name, shape, N, K, bw, "cublas linear (product only)", us, best=False))
         fused = [_projection(name, s, w, dev, dt)[1] for w in ws]
         timed = []
+        tiles = []
         for var in variants or [{}]:
             tile = getattr(base, name).replace(**var)
+            if tile not in tiles:
+                tiles.append(tile)
+        for tile in tiles:
             try:
                 timed.append((_graph_us([partial(f, tile) for f in fused], reps), tile, None))
             except Exception as e:  # a variant that does not compile or launch is recorded, not fatal

@@ -2,7 +2,9 @@
 decode vs context / budget / batch / layout / implementation, the largest batch that fits, FullKV prefill peaks.
 
 Tuning returns launch settings as values (`kernel_speed` → `SplitKVConfig`, `scoring.tune_score_kernel` →
-`ScoreConfig`) that the sweep then passes to every call; meta.json records both."""
+`ScoreConfig`) that the sweep then passes to every call; meta.json records both. The batch-1 projection kernels
+run with `kernels.DEFAULT_GEMV_CONFIG` (tuned by `bench gemv --tune`); the sweep records their 'gemv' rows against
+cuBLAS and, at the longest context, the step without them (sweep 'impl')."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch
 from ..fastdecode import SplitKVAttend, StaticRaggedCache
 from ..kernels import (
     DEFAULT_CONFIG,
+    DEFAULT_GEMV_CONFIG,
     DEFAULT_SCORE_CONFIG,
     ScoreConfig,
     SplitKVConfig,
@@ -33,6 +36,7 @@ from ..models import shape_of
 from ..progress import bar
 from ..results import Recorder
 from .checks import chunked_prefill_check, decode_parity, kernel_checks, score_checks
+from .gemv import gemv_speed
 from .prefill import kept_lengths, prefill_context
 from .scoring import scoring_parts
 from .shapes import SHAPES, shape_model, synthetic_cache
@@ -228,6 +232,8 @@ def gpu_sweep(out: Path | str, *, shape: str = "llama3-8b", contexts: tuple[int,
         meta["kernel_config"] = asdict(config)
         rec.save_meta(**meta)
         log(f"kernel timing done, using {config}")
+        gemv_speed(rec, bw, shape, str(dev))  # the batch-1 fused projections (default tiles) against cuBLAS
+        meta["gemv_config"] = asdict(DEFAULT_GEMV_CONFIG)
         if checks and not score_checks(rec, str(dev)):
             raise SystemExit("the FlowKV score kernel disagrees with the PyTorch path (see check.csv)")
         score_config = scoring_parts(rec, shape, (min(131072, max(contexts)),), budget, device=str(dev), tune=True,
@@ -377,6 +383,10 @@ def _decode_sweeps(rec: Recorder, model, counts: dict[tuple, torch.Tensor], budg
                 ms, dec = time_fast_decode(model, sc, steps=steps, warmup=warmup, fuse=False, config=config)
                 decode_row(rec, model, sc, **row, sweep="impl", ms=ms, path=fast_path(dec),
                            note="model modules via run_layer (no fusion)")
+                del dec
+                ms, dec = time_fast_decode(model, sc, steps=steps, warmup=warmup, gemv=False, config=config)
+                decode_row(rec, model, sc, **row, sweep="impl", ms=ms, path=fast_path(dec),
+                           note="fused step without the batch-1 projection kernels (cuBLAS + compiled elementwise)")
                 del dec
             if n == longest and b == budget and p in ("flowkv", "flowkv_global"):
                 del sc

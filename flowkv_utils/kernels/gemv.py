@@ -48,12 +48,13 @@ class GemvTile:
 
 @dataclass(frozen=True)
 class GemvConfig:
-    """One `GemvTile` per projection of the fused batch-1 step (benchmarks/NOTES.md says how each was chosen)."""
+    """One `GemvTile` per projection of the fused batch-1 step. The defaults are the fastest of `bench gemv --tune`
+    on the H200 for Llama-3-8B's widths (benchmarks/NOTES.md)."""
 
-    qkv: GemvTile = field(default_factory=GemvTile)
-    o: GemvTile = field(default_factory=GemvTile)
-    gate_up: GemvTile = field(default_factory=GemvTile)
-    down: GemvTile = field(default_factory=GemvTile)
+    qkv: GemvTile = field(default_factory=lambda: GemvTile(rows=1, block_k=2048))
+    o: GemvTile = field(default_factory=lambda: GemvTile(rows=4, block_k=2048))
+    gate_up: GemvTile = field(default_factory=lambda: GemvTile(rows=1, block_k=2048))
+    down: GemvTile = field(default_factory=lambda: GemvTile(rows=4, block_k=512, num_warps=8))
 
     def replace(self, **changes) -> GemvConfig:
         """A copy with some projections' tiles changed; unknown names raise, naming the known ones."""
@@ -121,7 +122,7 @@ def gate_up_silu(h: torch.Tensor, ln_w: torch.Tensor, eps: float, w_gate_up: tor
                  tile: GemvTile | None = None) -> torch.Tensor:
     """Norm, one gate/up product and SiLU(gate)·up for one sequence, in one kernel. h (D elements), w_gate_up
     (2·inter, D) (gate rows first); writes out (inter elements) and returns it."""
-    tile = tile or GemvTile()
+    tile = tile or DEFAULT_GEMV_CONFIG.gate_up
     K = h.numel()
     inter = w_gate_up.shape[0] // 2
     if w_gate_up.shape != (2 * inter, K) or not w_gate_up.is_contiguous():
@@ -138,8 +139,8 @@ def residual(x: torch.Tensor, w: torch.Tensor, h: torch.Tensor, out: torch.Tenso
              tile: GemvTile | None = None) -> torch.Tensor:
     """out = h + W x for one sequence, in one kernel (the o and down projections with their residual add).
     x (K elements), w (N, K) contiguous, h and out (N elements); returns out. out may be h (each program reads and
-    writes only its own rows: an in-place residual update), never x."""
-    tile = tile or GemvTile()
+    writes only its own rows: an in-place residual update), never x. tile: None takes the down projection's."""
+    tile = tile or DEFAULT_GEMV_CONFIG.down
     N, K = w.shape
     if not w.is_contiguous():
         raise ValueError(f"residual: w {tuple(w.shape)} must be contiguous")
