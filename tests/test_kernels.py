@@ -240,3 +240,31 @@ def test_triton_split_kv_on_gpu():  # pragma: no cover - CPU CI
     q = torch.randn(16, 1, 128, device="cuda", dtype=torch.bfloat16)
     assert rel(fastdecode.SplitKVAttend(impl="triton")(cache, 0, q, 1, 128 ** -0.5),
                cache.attend(0, q.double(), 1, 128 ** -0.5)) < 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("lengths", [[20000, 0, 1, 4097], [160] * 8, [1, 2, 3, 5000, 0, 0, 7, 64]])
+def test_fused_combine_gives_the_two_kernel_result_bit_for_bit_on_gpu(lengths):  # pragma: no cover - CPU CI
+    """SplitKVConfig.fused_combine: the last item of a segment merges it (an atomic count per segment) in the same
+    arithmetic order as the combine kernel, so the output is the same bits; replayed 50 times in a CUDA graph (a
+    stale read of another item's partials would change them), and every count is back at zero after each call."""
+    lay = ragged_layer(lengths, d=128, dtype=torch.bfloat16, seed=3)
+    k, v, tk, tv = (x.cuda() for x in (lay.k, lay.v, lay.tail_k, lay.tail_v))
+    items = kernels.work_items(lay.offsets, 64, "cuda")  # many items per long segment: the merge loops
+    tables = kernels.triton_tables(items, k, v, tk, tv)
+    G, r = len(lengths), 4
+    q = torch.randn(G, r, 128, device="cuda", dtype=torch.bfloat16)
+    nt = torch.tensor([3], device="cuda")
+    two, one = (kernels.make_workspace(items, G, r, 128, q.dtype, "cuda") for _ in range(2))
+    fused = kernels.DEFAULT_CONFIG.replace(fused_combine=True)
+    ref = kernels.split_kv_triton(q, tables, nt, 128 ** -0.5, two, kernels.DEFAULT_CONFIG.replace(fused_combine=False))
+    kernels.split_kv_triton(q, tables, nt, 128 ** -0.5, one, fused)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        kernels.split_kv_triton(q, tables, nt, 128 ** -0.5, one, fused)
+    for _ in range(50):
+        one.out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(one.out, ref) and int(one.done.abs().sum()) == 0

@@ -59,7 +59,8 @@ from .timing import (
 # what each was expected to do); a "split" entry fixes the keys per work item instead
 TUNE = [{}, {"block": 64}, {"block": 16}, {"num_warps": 2}, {"num_warps": 8}, {"num_stages": 2}, {"num_stages": 4},
         {"waves": 8}, {"waves": 16}, {"waves": 2}, {"block": 64, "num_stages": 4}, {"block": 64, "num_warps": 8},
-        {"block": 128, "num_warps": 8, "num_stages": 2}]
+        {"block": 128, "num_warps": 8, "num_stages": 2}, {"fused_combine": True}, {"fused_combine": True, "waves": 8},
+        {"fused_combine": True, "waves": 2}]
 
 
 def kernel_speed(rec: Recorder, bw: dict, device="cuda", n: int = 204800, budget: float = 0.05, G: int = 8,
@@ -116,7 +117,7 @@ def kernel_speed(rec: Recorder, bw: dict, device="cuda", n: int = 204800, budget
             del graph
             totals[vi] += us
             rows.append((vi, dict(config=f"{name} G={G} r={r} d={d}", lengths=lengths,
-                                  impl=f"triton waves={cfg.waves}", split=split, block=cfg.block, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                                  impl=f"triton waves={cfg.waves}" + (" fused-combine" if cfg.fused_combine else ""), split=split, block=cfg.block, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                                   waves=cfg.waves, kv_bytes=kv_bytes, us=us, GBps=kv_bytes / us / 1e3,
                                   frac_of_copy=kv_bytes / us / 1e3 / bw["GBps"])))
         del layers, tabs, ws

@@ -32,13 +32,16 @@ LOG2E = 1.4426950408889634
 @dataclass(frozen=True)
 class SplitKVConfig:
     """Launch settings of the split-KV kernels (benchmarks/NOTES.md says how each default was chosen).
-    block: keys per inner tile; waves: work items ≈ waves × multiprocessors; combine_items: items merged per step."""
+    block: keys per inner tile; waves: work items ≈ waves × multiprocessors; combine_items: items merged per step;
+    fused_combine: the last item of each segment to finish merges the segment (an atomic count per segment) instead
+    of a second kernel doing it."""
 
     block: int = 32
     num_warps: int = 4
     num_stages: int = 3
     waves: int = 4
     combine_items: int = 64
+    fused_combine: bool = False
 
     def replace(self, **changes) -> SplitKVConfig:
         """A copy with some settings changed; unknown names raise, naming the known ones."""
@@ -169,81 +172,9 @@ def split_kv_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, items: Wor
 # the algorithm in Triton (built on first use)
 # --------------------------------------------------------------------------------------------------------------
 def _build() -> dict:
-    import triton
-    import triton.language as tl
+    from . import _split_kv_triton as k
 
-
-    @triton.jit
-    def split_kernel(Q, K, V, NTAIL, TAB, M_OUT, L_OUT, ACC_OUT, n_all, qk_scale,
-                     R: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-                     BLOCK: tl.constexpr, ALIGN: tl.constexpr):
-        # TAB rows (each n_all long): segment, K element offset, V element offset, prefix length, is-tail flag.
-        # Every offset is a multiple of ALIGN elements (TritonTables.align): telling the compiler so lets it issue
-        # vector loads; a pointer offset read from memory otherwise has unknown alignment (scalar loads).
-        pid = tl.program_id(0)
-        seg = tl.load(TAB + pid)
-        kb = K + tl.multiple_of(tl.load(TAB + n_all + pid), ALIGN)  # first key of the item (prefix or tail)
-        vb = V + tl.multiple_of(tl.load(TAB + 2 * n_all + pid), ALIGN)
-        n = tl.load(TAB + 3 * n_all + pid) + tl.load(TAB + 4 * n_all + pid) * tl.load(NTAIL)  # keys in the item
-        rows = tl.arange(0, R_PAD)
-        cols = tl.arange(0, D_PAD)
-        rmask = rows < R
-        cmask = cols < D
-        q = tl.load(Q + seg * (R * D) + rows[:, None] * D + cols[None, :], mask=rmask[:, None] & cmask[None, :],
-                    other=0.0)  # (R_PAD, D_PAD): the r query heads of the group share every K/V load below
-        m_i = tl.full([R_PAD], float("-inf"), tl.float32)
-        l_i = tl.zeros([R_PAD], tl.float32)
-        acc = tl.zeros([R_PAD, D_PAD], tl.float32)
-        for s in range(0, n, BLOCK):
-            offs = s + tl.arange(0, BLOCK)
-            kmask = offs < n
-            kv_off = offs[:, None] * D + cols[None, :]
-            kk = tl.load(kb + kv_off, mask=kmask[:, None] & cmask[None, :], other=0.0)  # (BLOCK, D_PAD)
-            vv = tl.load(vb + kv_off, mask=kmask[:, None] & cmask[None, :], other=0.0)
-            qk = tl.dot(q, tl.trans(kk)) * qk_scale  # (R_PAD, BLOCK) logits in log2 units
-            qk = tl.where(kmask[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
-            m_i = m_new
-        o = pid.to(tl.int64) * R
-        tl.store(M_OUT + o + rows, m_i, mask=rmask)
-        tl.store(L_OUT + o + rows, l_i, mask=rmask)
-        tl.store(ACC_OUT + (o + rows[:, None]) * D + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
-
-    @triton.jit
-    def combine_kernel(M_IN, L_IN, ACC_IN, SEG_FIRST, SEG_COUNT, OUT,
-                       R: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_I: tl.constexpr):
-        # one program per (segment, query row): merge the segment's items BLOCK_I at a time (online rescaling)
-        seg = tl.program_id(0)
-        row = tl.program_id(1)
-        cols = tl.arange(0, D_PAD)
-        cmask = cols < D
-        a = tl.load(SEG_FIRST + seg)
-        c = tl.load(SEG_COUNT + seg)  # ≥ 1: the tail item always holds the new token
-        m = tl.full([1], float("-inf"), tl.float32)
-        l_ = tl.zeros([1], tl.float32)
-        acc = tl.zeros([D_PAD], tl.float32)
-        for i0 in range(0, c, BLOCK_I):
-            it = i0 + tl.arange(0, BLOCK_I)
-            imask = it < c
-            o = (a + it) * R + row  # int64 (SEG_FIRST is int64)
-            mi = tl.load(M_IN + o, mask=imask, other=float("-inf"))  # (BLOCK_I,)
-            li = tl.load(L_IN + o, mask=imask, other=0.0)
-            ai = tl.load(ACC_IN + o[:, None] * D + cols[None, :], mask=imask[:, None] & cmask[None, :],
-                         other=0.0)  # (BLOCK_I, D_PAD)
-            mn = tl.maximum(m, tl.max(mi, 0))  # (1,)
-            s0 = tl.exp2(m - mn)
-            w = tl.exp2(mi - mn)  # (BLOCK_I,), 0 for masked items
-            l_ = l_ * s0 + tl.sum(w * li, 0)
-            acc = acc * s0 + tl.sum(w[:, None] * ai, 0)
-            m = mn
-        out = acc / l_
-        tl.store(OUT + (seg.to(tl.int64) * R + row) * D + cols, out.to(OUT.dtype.element_ty), mask=cmask)
-
-    return {"split": split_kernel, "combine": combine_kernel}
+    return {"split": k.split_kernel, "combine": k.combine_kernel}
 
 
 @dataclass
@@ -313,6 +244,7 @@ class SplitKVWorkspace:
     lsum: torch.Tensor  # (I + S, r)
     acc: torch.Tensor  # (I + S, r, d)
     out: torch.Tensor  # (S, r, d) model dtype
+    done: torch.Tensor  # (S,) int32 items finished per segment (fused combine; zero between calls)
 
 
 def make_workspace(items: WorkItems, segments: int, r: int, d: int, dtype: torch.dtype,
@@ -321,7 +253,8 @@ def make_workspace(items: WorkItems, segments: int, r: int, d: int, dtype: torch
     return SplitKVWorkspace(torch.empty(n, r, dtype=torch.float32, device=device),
                             torch.empty(n, r, dtype=torch.float32, device=device),
                             torch.empty(n, r, d, dtype=torch.float32, device=device),
-                            torch.empty(segments, r, d, dtype=dtype, device=device))
+                            torch.empty(segments, r, d, dtype=dtype, device=device),
+                            torch.zeros(segments, dtype=torch.int32, device=device))
 
 
 def split_kv_triton(q: torch.Tensor, tables: TritonTables, n_tail: torch.Tensor, scaling: float,
@@ -333,11 +266,13 @@ def split_kv_triton(q: torch.Tensor, tables: TritonTables, n_tail: torch.Tensor,
     d_pad = pow2_pad(d)
     n_all = tables.tab.shape[1]
     kern["split"][(n_all,)](q, tables.k_base, tables.v_base, n_tail, tables.tab, ws.m, ws.lsum, ws.acc, n_all,
-                            scaling * LOG2E, R=r, R_PAD=pow2_pad(r), D=d, D_PAD=d_pad, BLOCK=config.block,
-                            ALIGN=tables.align,
+                            scaling * LOG2E, ws.done, tables.seg_first, tables.seg_count, ws.out, R=r,
+                            R_PAD=pow2_pad(r), D=d, D_PAD=d_pad, BLOCK=config.block, ALIGN=tables.align,
+                            FUSE=config.fused_combine, BLOCK_I=config.combine_items,
                             num_warps=config.num_warps, num_stages=config.num_stages)
-    kern["combine"][(S, r)](ws.m, ws.lsum, ws.acc, tables.seg_first, tables.seg_count, ws.out,
-                            R=r, D=d, D_PAD=d_pad, BLOCK_I=config.combine_items, num_warps=4)
+    if not config.fused_combine:
+        kern["combine"][(S, r)](ws.m, ws.lsum, ws.acc, tables.seg_first, tables.seg_count, ws.out,
+                                R=r, D=d, D_PAD=d_pad, BLOCK_I=config.combine_items, num_warps=4)
     return ws.out
 
 

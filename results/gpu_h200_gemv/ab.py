@@ -1,6 +1,7 @@
 """A/B of the batch-1 decode step at 200K tokens on the Llama-3-8B shape (random weights, real shape): the fused
 step (cuBLAS products + compiled elementwise kernels) against the batch-1 projection kernels (`kernels.gemv`), with
-their default tiles and, given a `bench gemv --tune` meta.json, the tuned ones; two interleaved repetitions.
+their default tiles, with the split-KV combine pass folded into the split kernel (`SplitKVConfig.fused_combine`)
+and, given a `bench gemv --tune` meta.json, with the tuned tiles; two interleaved repetitions.
 
     python results/gpu_h200_gemv/ab.py [meta.json] [out.csv]
 """
@@ -20,6 +21,7 @@ from flowkv_utils.bench.timing import (
     time_fast_decode,
     weight_bytes,
 )
+from flowkv_utils.kernels import DEFAULT_CONFIG
 from flowkv_utils.kernels.gemv import GemvConfig, GemvTile
 from flowkv_utils.models import shape_of
 from flowkv_utils.results import META, environment
@@ -39,7 +41,8 @@ w = csv.writer(out)
 w.writerow(list(META) + ["budget", "context", "arm", "impl", "rep", "decode_ms", "floor_ms", "floor_ratio",
                          "bandwidth_GBps", "gemv_config"])
 info = environment("python results/gpu_h200_gemv/ab.py " + " ".join(sys.argv[1:]))
-arms = [("fused (cuBLAS + compiled)", dict(gemv=False)), ("gemv default tiles", dict(gemv=True))]
+arms = [("fused (cuBLAS + compiled)", dict(gemv=False)), ("gemv default tiles", dict(gemv=True)),
+        ("gemv + fused combine", dict(gemv=True, config=DEFAULT_CONFIG.replace(fused_combine=True)))]
 if tuned is not None:
     arms.append(("gemv tuned tiles", dict(gemv=True, gemv_config=tuned)))
 for label, kept in (("0.05", round(0.05 * n)), ("full", n)):
@@ -50,7 +53,8 @@ for label, kept in (("0.05", round(0.05 * n)), ("full", n)):
             ms, dec = time_fast_decode(m, sc, 20, 3, **kw)
             med = quantiles(ms)[0]
             w.writerow([info[k] for k in META] + [label, n, name, dec.label, rep, med, floor, med / floor, bw["GBps"],
-                                                  repr(kw.get("gemv_config", "default" if dec.gemv else ""))])
+                                                  repr(kw.get("gemv_config", "default" if dec.gemv else ""))
+                                                  + (" fused_combine" if dec.config.fused_combine else "")])
             out.flush()
             del dec
             free_memory()
