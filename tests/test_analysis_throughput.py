@@ -104,3 +104,23 @@ def test_profile_groups_of_the_stored_h200_profile():
     assert abs(fl.loc["matmul", "fullkv"] - fl.loc["matmul", "uniform"]) < 1e-6 * fl.loc["matmul", "fullkv"]
     ratio = fl.loc["attention (split-KV)", "uniform"] / fl.loc["attention (split-KV)", "fullkv"]
     assert abs(ratio - 0.05) < 1e-3
+
+
+def test_h200_bars_read_the_stored_rows_they_judge():
+    """Each of issue 14's H200 bars is the stored row it names against its target; a context the run lacks gives
+    NaN and no verdict instead of a silent pass."""
+    res = bench.load_results(results.REPO / "results/gpu_h200")
+    t = analysis.H200_TARGETS
+    b = analysis.h200_bars(res).set_index("bar")
+    d = res["decode"]
+    n = int(d[d.status == "ok"].context.max())
+    full = d[(d.sweep == "context") & (d.context == n) & (d.batch == 1) & (d.policy == "fullkv")].iloc[0]
+    row = b.loc[f"decode step / floor, fullkv, n={n}, batch 1"]
+    assert row.value == full.floor_ratio and row.reached == (full.floor_ratio <= t.floor_ratio)
+    sc = res["scoring"]
+    got = sc[(sc.policy == "flowkv_global") & (sc.context == 32768)].fraction.iloc[0]
+    assert b.loc["flowkv_global scoring+selection / prefill, n=32768"].value == got
+    assert len(b) == 2 + 2 + 2 * len(t.scoring_contexts)
+    missing = analysis.h200_bars(res, targets=analysis.H200Targets(scoring_contexts=(12345,))).set_index("bar")
+    assert missing.loc["flowkv scoring+selection / prefill, n=12345"].isna().value
+    assert missing.loc["flowkv scoring+selection / prefill, n=12345"].reached is None

@@ -41,14 +41,17 @@ from .accuracy import (
 )
 from .throughput import (
     GAPS,
+    H200_TARGETS,
     SCORING_CONTEXT,
     TARGET_SENSE,
     THROUGHPUT_TARGETS,
+    H200Targets,
     ThroughputTargets,
     attention_kernels,
     bars,
     comparison_table,
     config_label,
+    h200_bars,
     oom_frontier,
     prefill_flops,
     prefill_rates,
@@ -58,9 +61,9 @@ from .throughput import (
     weight_format_of,
 )
 
-__all__ = ["BASELINES", "BUDGET_UNITS", "CI_LEVEL", "CI_RESAMPLES", "FIDELITY", "GAPS", "IDENTITY", "LENGTH_ID",
+__all__ = ["H200_TARGETS", "H200Targets", "BASELINES", "BUDGET_UNITS", "CI_LEVEL", "CI_RESAMPLES", "FIDELITY", "GAPS", "IDENTITY", "LENGTH_ID",
            "SCORING_CONTEXT", "SOLVED", "TARGET_SENSE", "THROUGHPUT_TARGETS", "ThroughputTargets",
-           "accuracy_table", "attention_kernels", "auc_table", "bars", "best_baseline", "bootstrap_mean_ci",
+           "accuracy_table", "attention_kernels", "auc_table", "bars", "h200_bars", "best_baseline", "bootstrap_mean_ci",
            "budget_to_match", "budget_unit", "budget_value", "cell_length", "cell_of", "cells_by_length",
            "check_single_run", "claims", "comparison_table", "complete_instances", "config_label", "fidelity_accuracy_correlation",
            "fullkv_accuracy", "fullkv_rows", "head_to_head", "kv_layout", "oom_frontier", "paired_difference",
