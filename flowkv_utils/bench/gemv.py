@@ -14,6 +14,7 @@ import torch
 from ..kernels.gemv import DEFAULT_GEMV_CONFIG, PROJECTIONS, GemvConfig, gate_up_silu, qkv_rope, residual
 from ..results import Recorder
 from .shapes import SHAPES
+from .timing import graph_us
 
 # variants timed per projection: changes to that projection's default GemvTile (benchmarks/NOTES.md); a
 # variant equal to one already timed is skipped
@@ -21,25 +22,6 @@ GEMV_TUNE = [{}, {"rows": 1}, {"rows": 2}, {"rows": 4}, {"rows": 8}, {"block_k":
              {"block_k": 2048}, {"num_warps": 2}, {"num_warps": 4}, {"num_warps": 8}, {"num_stages": 1},
              {"num_stages": 3}, {"rows": 1, "block_k": 2048}, {"rows": 8, "block_k": 256},
              {"rows": 16, "block_k": 256}]
-
-
-def _graph_us(calls, reps: int) -> float:
-    """µs per call of a list of zero-argument callables, replayed as one CUDA graph `reps` times."""
-    for c in calls[:2]:
-        c()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    graph.replay()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        graph.replay()
-    b.record()
-    b.synchronize()
-    return 1e3 * a.elapsed_time(b) / (len(calls) * reps)
 
 
 def _projection(name: str, s: dict, w, dev, dt) -> tuple[torch.Tensor, Callable]:
@@ -83,7 +65,7 @@ def gemv_speed(rec: Recorder, bw: dict, shape: str = "llama3-8b", device="cuda",
         N, K = dims[name]
         ws = [torch.randn(N, K, dtype=dt, device=dev, generator=gen) * K ** -0.5 for _ in range(8)]
         x = torch.randn(K, dtype=dt, device=dev)
-        us = _graph_us([partial(torch.nn.functional.linear, x, w) for w in ws], reps)
+        us = graph_us([partial(torch.nn.functional.linear, x, w) for w in ws], reps)
         rec.add("gemv", **_row(name, shape, N, K, bw, "cublas linear (product only)", us, best=False))
         fused = [_projection(name, s, w, dev, dt)[1] for w in ws]
         timed = []
@@ -94,7 +76,7 @@ def gemv_speed(rec: Recorder, bw: dict, shape: str = "llama3-8b", device="cuda",
                 tiles.append(tile)
         for tile in tiles:
             try:
-                timed.append((_graph_us([partial(f, tile) for f in fused], reps), tile, None))
+                timed.append((graph_us([partial(f, tile) for f in fused], reps), tile, None))
             except Exception as e:  # a variant that does not compile or launch is recorded, not fatal
                 timed.append((float("nan"), tile, f"{type(e).__name__}: {str(e)[:160]}"))
         ok = [t for t in timed if t[2] is None]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -46,6 +47,7 @@ from .timing import (
     eager_path,
     fast_path,
     free_memory,
+    graph_us,
     profile_step,
     read_ms,
     reset_peak,
@@ -99,25 +101,11 @@ def kernel_speed(rec: Recorder, bw: dict, device="cuda", n: int = 204800, budget
             items = work_items(off, split, device)
             tabs = [triton_tables(items, *lay) for lay in layers]
             ws = make_workspace(items, G, r, d, torch.bfloat16, device)
-            for i in range(3):
-                split_kv_triton(q, tabs[i % 8], nt, d ** -0.5, ws, cfg)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()  # 8 calls (one per layer buffer) in a graph: no Python launch cost
-            with torch.cuda.graph(graph):
-                for i in range(8):
-                    split_kv_triton(q, tabs[i], nt, d ** -0.5, ws, cfg)
-            graph.replay()
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            for _ in range(reps):
-                graph.replay()
-            b.record()
-            b.synchronize()
-            us = 1e3 * a.elapsed_time(b) / (8 * reps)
-            del graph
+            us = graph_us([partial(split_kv_triton, q, tab, nt, d ** -0.5, ws, cfg) for tab in tabs], reps)
             totals[vi] += us
-            rows.append((vi, dict(config=f"{name} G={G} r={r} d={d}", lengths=lengths,
-                                  impl=f"triton waves={cfg.waves}" + (" fused-combine" if cfg.fused_combine else ""), split=split, block=cfg.block, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            impl = f"triton waves={cfg.waves}" + (" fused-combine" if cfg.fused_combine else "")
+            rows.append((vi, dict(config=f"{name} G={G} r={r} d={d}", lengths=lengths, impl=impl, split=split,
+                                  block=cfg.block, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                                   waves=cfg.waves, kv_bytes=kv_bytes, us=us, GBps=kv_bytes / us / 1e3,
                                   frac_of_copy=kv_bytes / us / 1e3 / bw["GBps"])))
         del layers, tabs, ws

@@ -117,6 +117,27 @@ def median_ms(fn, device, reps: int = 5, warmup: int = 1) -> float:
     return quantiles(ms)[0]
 
 
+def graph_us(calls, reps: int, warmup: int = 3) -> float:
+    """µs per call of a list of zero-argument CUDA callables, recorded as one CUDA graph and replayed `reps` times
+    (no Python launch cost; callables over different buffers keep the L2 cache from serving the reads). `warmup`
+    calls (cycling through the list) run first, outside the graph."""
+    for i in range(warmup):
+        calls[i % len(calls)]()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    graph.replay()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps):
+        graph.replay()
+    b.record()
+    b.synchronize()
+    return 1e3 * a.elapsed_time(b) / (len(calls) * reps)
+
+
 def time_fast_decode(model, cache: StaticRaggedCache, steps: int = 20, warmup: int = 3, graph: bool = True,
                      impl: str = "auto", fuse: bool | None = None, config: SplitKVConfig = DEFAULT_CONFIG,
                      sparse=None, gemv: bool | None = None,
