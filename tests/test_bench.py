@@ -189,6 +189,14 @@ def test_kernel_groups_of_typical_decode_kernels():
     assert g("triton_poi_fused_add_mul_0") == "compiled elementwise"
     assert g("Memcpy DtoD (Device -> Device)") == "copies and fills"
     assert g("void at::native::vectorized_elementwise_kernel<4>") == "other"
+    # the batch-1 projection kernels (kernels.gemv) are products, whatever else they fuse in
+    assert g("qkv_rope_kernel") == g("gate_up_silu_kernel") == g("residual_kernel") == "matmul"
+
+
+def test_cli_gemv_refuses_a_device_without_triton_kernels(tmp_path):
+    """`bench gemv` times Triton kernels on CUDA: on the CPU it stops at once, naming the device."""
+    with pytest.raises(SystemExit, match="needs CUDA and triton.*'cpu'"):
+        bench.main(["gemv", "--device", "cpu", "--out", str(tmp_path)])
 
 
 def test_gpu_dry_run_on_cpu(tmp_path):

@@ -26,7 +26,7 @@ from .scale import scale_sweep
 from .scoring import profile_prefill, scoring_parts, scoring_prefills
 from .shapes import SHAPES, WEIGHT_FORMATS
 from .tables import recorder
-from .timing import copy_bandwidth
+from .timing import copy_bandwidth, start_run
 
 COMMANDS = ("load", "notebooks", "policies", "decode", "gpu", "profile", "gemv", "scoring", "eval", "scale", "peers",
             "all")
@@ -180,8 +180,7 @@ def _run(cmd: str, a: argparse.Namespace, rec: Recorder) -> None:
     elif cmd == "gemv":
         if not (torch.device(a.device).type == "cuda" and triton_available()):
             raise SystemExit(f"bench gemv times Triton kernels: it needs CUDA and triton (device {a.device!r})")
-        bw = copy_bandwidth(a.device)
-        rec.add("bandwidth", **bw)
+        _, _, _, bw, _ = start_run("gemv", rec.out, None, a.device, rec)  # + the bandwidth and compute rows
         config = gemv_speed(rec, bw, a.shape, a.device, GEMV_TUNE if a.tune else None)
         rec.save_meta(gemv_config=asdict(config))
         for r in rec.rows["gemv"]:

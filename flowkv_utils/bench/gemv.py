@@ -24,8 +24,8 @@ GEMV_TUNE = [{}, {"rows": 1}, {"rows": 2}, {"rows": 4}, {"rows": 8}, {"block_k":
              {"rows": 16, "block_k": 256}]
 
 
-def _projection(name: str, s: dict, w, dev, dt) -> tuple[torch.Tensor, Callable]:
-    """(input vector, fused-kernel call(tile)) of projection `name` over weight w, for the shape dict s."""
+def _projection(name: str, s: dict, w, dev, dt) -> Callable:
+    """The fused-kernel call(tile) of projection `name` over weight w (random inputs), for the shape dict s."""
     D, H, G, d, inter = s["hidden"], s["heads"], s["kv_heads"], s["head_dim"], s["intermediate"]
     ln = torch.ones(D, dtype=dt, device=dev)
     if name == "qkv":
@@ -33,13 +33,13 @@ def _projection(name: str, s: dict, w, dev, dt) -> tuple[torch.Tensor, Callable]
         cos, sin = torch.rand(d, dtype=dt, device=dev), torch.rand(d, dtype=dt, device=dev)
         tk, tv = (torch.zeros(G, 8, d, dtype=dt, device=dev) for _ in range(2))
         used, q = torch.zeros(1, dtype=torch.long, device=dev), torch.empty(G, H // G, d, dtype=dt, device=dev)
-        return x, lambda t: qkv_rope(x, ln, 1e-5, w, cos, sin, tk, tv, used, H, G, d, q, t)
+        return lambda t: qkv_rope(x, ln, 1e-5, w, cos, sin, tk, tv, used, H, G, d, q, t)
     if name == "gate_up":
         x, out = torch.randn(D, dtype=dt, device=dev), torch.empty(inter, dtype=dt, device=dev)
-        return x, lambda t: gate_up_silu(x, ln, 1e-5, w, out, t)
+        return lambda t: gate_up_silu(x, ln, 1e-5, w, out, t)
     x = torch.randn(w.shape[1], dtype=dt, device=dev)
     h = torch.randn(w.shape[0], dtype=dt, device=dev)
-    return x, lambda t: residual(x, w, h, h, t)
+    return lambda t: residual(x, w, h, h, t)
 
 
 def _row(name: str, shape: str, N: int, K: int, bw: dict, impl: str, us: float, tile=None, **extra) -> dict:
@@ -67,7 +67,7 @@ def gemv_speed(rec: Recorder, bw: dict, shape: str = "llama3-8b", device="cuda",
         x = torch.randn(K, dtype=dt, device=dev)
         us = graph_us([partial(torch.nn.functional.linear, x, w) for w in ws], reps)
         rec.add("gemv", **_row(name, shape, N, K, bw, "cublas linear (product only)", us, best=False))
-        fused = [_projection(name, s, w, dev, dt)[1] for w in ws]
+        fused = [_projection(name, s, w, dev, dt) for w in ws]
         timed = []
         tiles = []
         for var in variants or [{}]:

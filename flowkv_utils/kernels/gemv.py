@@ -103,7 +103,7 @@ def qkv_rope(x: torch.Tensor, ln_w: torch.Tensor, eps: float, w_qkv: torch.Tenso
     (1, 1, D)) the layer's input, w_qkv ((H + 2G)·d, D), cos/sin (d elements) for this position, tail_k/v
     (G, capacity, d) contiguous, used a 1-element int64 device tensor (the slot to write). Writes q into q_out
     (H·d elements, e.g. (G, H/G, d); returned) and k, v into the tails."""
-    tile = tile or GemvTile()
+    tile = tile or DEFAULT_GEMV_CONFIG.qkv
     K = x.numel()
     if w_qkv.shape != ((H + 2 * G) * d, K) or not w_qkv.is_contiguous():
         raise ValueError(f"qkv_rope: w_qkv {tuple(w_qkv.shape)} must be a contiguous (({H} + 2·{G})·{d}, {K})")
