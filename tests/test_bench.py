@@ -141,7 +141,7 @@ def test_cli_scoring_parts_and_slack_prefills_on_cpu(tmp_path):
     rows = res["scoring"][res["scoring"].policy == "flowkv_global"]
     assert list(rows.slack) == [0.0, 0.5] and rows.kept_bytes.nunique() == 1
     assert res["meta"]["score_config"] == {"tokens": 64, "cols": 32, "num_warps": 4, "num_stages": 2,
-                                           "precision": "split"}
+                                           "precision": "split", "kernel": "pairs"}
 
 
 def test_cli_scoring_profile_names_the_compressor_ranges(tmp_path):

@@ -15,8 +15,12 @@ from .shapes import SHAPES, shape_model
 from .tables import RANDOM_WEIGHTS, SCHEMAS
 from .timing import free_memory, median_ms
 
-# score-kernel variants (tokens per program, columns per product, warps) timed by `tune_score_kernel`
-SCORE_TUNE = [(64, 64, 4), (128, 64, 4), (64, 32, 4), (128, 32, 8), (128, 64, 8), (256, 32, 8)]
+# score-kernel variants timed by `tune_score_kernel`: changes to the base `ScoreConfig` (kernel, tokens per
+# program, columns per product, warps, pipeline stages of the stream kernel)
+SCORE_TUNE = [dict(kernel="pairs", tokens=64, cols=32, num_warps=4), dict(kernel="pairs", tokens=128, cols=32, num_warps=8)]
+SCORE_TUNE += [dict(kernel="stream", tokens=t, cols=c, num_warps=w, num_stages=st)
+               for t, c, w, st in [(64, 32, 4, 2), (64, 32, 4, 3), (64, 64, 4, 3), (64, 64, 8, 3), (64, 128, 4, 2),
+                                   (128, 32, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2)]]
 
 
 def scoring_parts(rec: Recorder, shape: str = "llama3-8b", contexts: tuple[int, ...] = (131072,),
@@ -112,9 +116,9 @@ def tune_score_kernel(rec: Recorder, A, v, gram, m: int, reps: int = 5, label: s
     from ..policies.flowkv import flowkv_scores
 
     best, best_t, rows = base, float("inf"), []
-    for tokens, cols, warps in SCORE_TUNE:
-        cfg = base.replace(tokens=tokens, cols=cols, num_warps=warps)
-        row = dict(shape=label, part=f"score kernel tokens={tokens} cols={cols} warps={warps}",
+    for changes in SCORE_TUNE:
+        cfg = base.replace(**changes)
+        row = dict(shape=label, part="score kernel " + " ".join(f"{key}={val}" for key, val in changes.items()),
                    context=A.shape[-1], variant=True)
         try:
             t = median_ms(lambda cfg=cfg: flowkv_scores(A, v, gram, m, config=cfg), A.device, reps)
