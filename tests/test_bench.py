@@ -140,8 +140,8 @@ def test_cli_scoring_parts_and_slack_prefills_on_cpu(tmp_path):
     assert set(parts[~parts.on_path].part) == {"flowkv score, PyTorch path"}
     rows = res["scoring"][res["scoring"].policy == "flowkv_global"]
     assert list(rows.slack) == [0.0, 0.5] and rows.kept_bytes.nunique() == 1
-    assert res["meta"]["score_config"] == {"tokens": 64, "cols": 32, "num_warps": 4, "num_stages": 2,
-                                           "precision": "split", "kernel": "pairs"}
+    assert res["meta"]["score_config"] == {"tokens": 128, "cols": 128, "num_warps": 8, "num_stages": 2,
+                                           "precision": "split"}
 
 
 def test_cli_scoring_profile_names_the_compressor_ranges(tmp_path):

@@ -159,12 +159,11 @@ def test_triton_kernels_in_the_interpreter(monkeypatch):  # pragma: no cover - n
 @pytest.mark.skipif(os.environ.get("FLOWKV_TRITON_INTERPRET") != "1",
                     reason="opt-in: Triton's CPU interpreter (FLOWKV_TRITON_INTERPRET=1, triton installed)")
 @pytest.mark.parametrize("G,r,d,w,m", [(2, 4, 16, 8, 92), (3, 3, 64, 5, 65), (4, 1, 32, 32, 1), (1, 2, 24, 3, 40)])
-@pytest.mark.parametrize("kernel,vtype,precision", [("pairs", torch.bfloat16, "split"),
-                                                    ("stream", torch.float16, "split"),
-                                                    ("stream", torch.bfloat16, "ieee")])
-def test_flowkv_score_kernel_in_the_interpreter(monkeypatch, G, r, d, w, m, kernel, vtype, precision):  # pragma: no cover
-    """Both score kernels against the PyTorch Gram form. The interpreter's bf16 tl.dot is wrong (it multiplies the
-    raw bits), so the stream kernel's bf16-piece path is checked on the GPU only (`score_checks`)."""
+@pytest.mark.parametrize("vtype,precision", [(torch.float16, "split"), (torch.float32, "split"),
+                                             (torch.bfloat16, "ieee")])
+def test_flowkv_score_kernel_in_the_interpreter(monkeypatch, G, r, d, w, m, vtype, precision):  # pragma: no cover
+    """The score kernel against the PyTorch Gram form. The interpreter's bf16 tl.dot is wrong (it multiplies the
+    raw bits), so the bf16-piece path (bf16 values, 'split') is checked on the GPU only (`score_checks`)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     from flowkv_utils.policies.flowkv import flowkv_scores, gram_blocks
     g = torch.Generator().manual_seed(G * 100 + m)
@@ -172,14 +171,14 @@ def test_flowkv_score_kernel_in_the_interpreter(monkeypatch, G, r, d, w, m, kern
     A = torch.softmax(torch.randn(G * r, w, n, generator=g), -1)
     v = torch.randn(G, n, d, generator=g).to(vtype)
     gram = gram_blocks(torch.randn(G * r, d, 3 * d, generator=g), G)
-    cfg = kernels.ScoreConfig(kernel=kernel, precision=precision, tokens=16, cols=16)
+    cfg = kernels.ScoreConfig(precision=precision, tokens=16, cols=16)
     a = flowkv_scores(A, v, gram, m, impl="torch")
     b = flowkv_scores(A, v, gram, m, impl="triton", config=cfg)
     assert rel(b, a) < 1e-5
 
 
 def test_bf16_split3_holds_float32():
-    """Three bf16 pieces hold a float32 tensor to ≈ 2⁻²⁴ (the stream kernel's operand), each piece exactly bf16."""
+    """Three bf16 pieces hold a float32 tensor to ≈ 2⁻²⁴ (the score kernel's operand), each piece exactly bf16."""
     from flowkv_utils.kernels.flowkv_score import bf16_split3
     x = torch.randn(4096, generator=torch.Generator().manual_seed(0)) * torch.logspace(-20, 20, 4096)
     p = bf16_split3(x)
@@ -187,36 +186,35 @@ def test_bf16_split3_holds_float32():
     assert ((p.double().sum(0) - x.double()).abs() <= x.double().abs() * 2.0 ** -23).all()
 
 
-def test_stream_operand_layout_and_cache():
-    """The stream kernel's operand: block p = (a, b), a ≤ b, piece s at rows s·d_pad.., columns p·d_pad..; built
+def test_gram_operand_layout_and_cache():
+    """The score kernel's operand: block p = (a, b), a ≤ b, piece s at rows s·d_pad.., columns p·d_pad..; built
     once per Gram tensor, rebuilt after an in-place change."""
-    from flowkv_utils.kernels.flowkv_score import stream_operand
+    from flowkv_utils.kernels.flowkv_score import gram_operand
     from flowkv_utils.policies.flowkv import gram_blocks
     gram = gram_blocks(torch.randn(2 * 3, 24, 40, generator=torch.Generator().manual_seed(1)), 2)  # G 2, r 3, d 24
-    op = stream_operand(gram, "tf32x2")
-    assert op.shape == (2, 2 * 32, 6 * 32) and stream_operand(gram, "tf32x2") is op
+    op = gram_operand(gram, "tf32x2")
+    assert op.shape == (2, 2 * 32, 6 * 32) and gram_operand(gram, "tf32x2") is op
     ia, ib = torch.triu_indices(3, 3)
     for p, (a, b) in enumerate(zip(ia.tolist(), ib.tolist(), strict=True)):
         blk = op[:, :32, p * 32: p * 32 + 24][:, :24] + op[:, 32:, p * 32: p * 32 + 24][:, :24]
         assert torch.equal(blk, gram[:, a, b])
     assert op[:, 24:32].abs().sum() == 0 and op[:, :, 24:32].abs().sum() == 0  # zero padding
     gram.mul_(2)
-    assert stream_operand(gram, "tf32x2") is not op
+    assert gram_operand(gram, "tf32x2") is not op
 
 
 def test_score_config_rejects_bad_settings():
-    with pytest.raises(ValueError, match="kernel='fast'.*pairs, stream"):
-        kernels.ScoreConfig(kernel="fast")
+    with pytest.raises(ValueError, match="precision='bf16'.*split, tf32x3"):
+        kernels.ScoreConfig(precision="bf16")
     with pytest.raises(ValueError, match="tokens=48.*power of two"):
         kernels.ScoreConfig(tokens=48)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("kernel", ["pairs", "stream"])
-def test_flowkv_score_kernel_on_gpu(kernel):  # pragma: no cover - CPU CI
+def test_flowkv_score_kernel_on_gpu():  # pragma: no cover - CPU CI
     from flowkv_utils import bench
     rec = bench.recorder(None, "pytest", echo=False)
-    assert bench.score_checks(rec, "cuda", kernels.ScoreConfig(kernel=kernel))
+    assert bench.score_checks(rec, "cuda")
     assert max(r["rel_err"] for r in rec.rows["check"]) < 1e-5
 
 

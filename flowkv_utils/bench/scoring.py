@@ -15,12 +15,11 @@ from .shapes import SHAPES, shape_model
 from .tables import RANDOM_WEIGHTS, SCHEMAS
 from .timing import free_memory, median_ms
 
-# score-kernel variants timed by `tune_score_kernel`: changes to the base `ScoreConfig` (kernel, tokens per
-# program, columns per product, warps, pipeline stages of the stream kernel)
-SCORE_TUNE = [dict(kernel="pairs", tokens=64, cols=32, num_warps=4), dict(kernel="pairs", tokens=128, cols=32, num_warps=8)]
-SCORE_TUNE += [dict(kernel="stream", tokens=t, cols=c, num_warps=w, num_stages=st)
-               for t, c, w, st in [(64, 32, 4, 2), (64, 32, 4, 3), (64, 64, 4, 3), (64, 64, 8, 3), (64, 128, 4, 2),
-                                   (128, 32, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2)]]
+# score-kernel variants timed by `tune_score_kernel`: changes to the base `ScoreConfig` (tokens per program,
+# operand columns per product, warps, pipeline stages)
+SCORE_TUNE = [dict(tokens=t, cols=c, num_warps=w, num_stages=st)
+              for t, c, w, st in [(64, 64, 4, 3), (64, 128, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3),
+                                  (128, 128, 4, 2), (256, 128, 8, 2), (256, 64, 8, 2)]]
 
 
 def scoring_parts(rec: Recorder, shape: str = "llama3-8b", contexts: tuple[int, ...] = (131072,),

@@ -3,16 +3,14 @@
 
     s_g[j]² = Σ_{a≤b∈g} c_ab (A_a[:, j]·A_b[:, j]) (v_j M_ab v_jᵀ),   c = 1 on the diagonal, 2 off it,
 
-with M_ab = W_O^a W_O^bᵀ the Gram blocks of the layer's output projection. v_j M_ab is a tensor-core product that
-is never written to memory. Two kernels compute the same sum (`ScoreConfig.kernel`):
-
-- "pairs": loops over the pairs (a, b) and the column blocks of each M_ab, unrolled, with M split in two TF32
-  halves (two products per block);
-- "stream": the P = r(r+1)/2 blocks side by side as one (d, P·d) operand, streamed one column block per step of a
-  pipelined loop (loads of the next blocks overlap the current product); with bf16 values M is split into three
-  bf16 pieces stacked along the inner dimension, so each step is one bf16 product of depth 3d (bf16 products are
-  exact in float32, and three pieces hold M to ≈ 2⁻²⁴: float32 accuracy). The operand is built once per Gram
-  tensor and kept while that tensor lives.
+with M_ab = W_O^a W_O^bᵀ the Gram blocks of the layer's output projection. The P = r(r+1)/2 blocks a ≤ b lie side
+by side as one (d, P·d) operand, built once per Gram tensor and kept while that tensor lives; each program takes a
+block of tokens and walks the operand's column blocks in one pipelined loop (the loads of the next blocks overlap
+the current tensor-core product), so v_j M_ab is never written to memory. Float32 accuracy from exact pieces: with
+bf16 values M is split into three bf16 pieces (bf16 products are exact in float32 and three pieces hold M to
+≈ 2⁻²⁴), with fp16 values into two TF32 halves (fp16 values convert to TF32 exactly). On the H200 at 32K this
+runs 0.78 ms a layer, against 1.6 ms for the earlier kernel that unrolled its loops over the pairs and did each
+block as two TF32 products (benchmarks/NOTES.md, stop 30).
 
 Launch settings are a `ScoreConfig` value passed in, never a module global. A leaf module: it imports nothing else
 of the project.
@@ -29,30 +27,25 @@ import torch
 from ._triton import built, pow2_pad, replace_fields
 
 PRECISIONS = ("split", "tf32x3", "tf32", "ieee")
-KERNELS = ("pairs", "stream")
 
 
 @dataclass(frozen=True)
 class ScoreConfig:
-    """Launch settings of the score kernel (benchmarks/NOTES.md). kernel: 'pairs' or 'stream' (module docstring);
-    tokens: tokens per program; cols: columns of M per product; num_stages: the stream kernel's pipeline depth.
-    precision: 'split' (float32 accuracy from exact pieces: 'pairs' splits M into two TF32 halves, 'stream' into
-    three bf16 pieces for bf16 values or two TF32 halves for fp16; float32 values fall back to 'tf32x3'), or a
-    tl.dot input precision on float32 operands: 'tf32x3' (three TF32 products), 'tf32' (one: ≈ 1e-3 relative),
-    'ieee' (CUDA cores)."""
+    """Launch settings of the score kernel (benchmarks/NOTES.md). tokens: tokens per program; cols: operand columns
+    per product; num_warps; num_stages: depth of the pipelined loop. precision: 'split' (float32 accuracy from
+    exact pieces: three bf16 pieces of M for bf16 values, two TF32 halves for fp16; float32 values fall back to
+    'tf32x3'), or a tl.dot input precision on float32 operands: 'tf32x3' (three TF32 products), 'tf32' (one:
+    ≈ 1e-3 relative), 'ieee' (CUDA cores)."""
 
-    tokens: int = 64
-    cols: int = 32
-    num_warps: int = 4
+    tokens: int = 128
+    cols: int = 128
+    num_warps: int = 8
     num_stages: int = 2
     precision: str = "split"
-    kernel: str = "pairs"
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"ScoreConfig: precision={self.precision!r}; allowed: {', '.join(PRECISIONS)}")
-        if self.kernel not in KERNELS:
-            raise ValueError(f"ScoreConfig: kernel={self.kernel!r}; allowed: {', '.join(KERNELS)}")
         for name in ("tokens", "cols"):
             x = getattr(self, name)
             if not (isinstance(x, int) and x >= 16 and x & (x - 1) == 0):
@@ -71,52 +64,11 @@ def _build() -> dict:
     import triton.language as tl
 
     @triton.jit
-    def flowkv_score_kernel(A, V, M, M_LO, OUT, m, s_ah, s_aw, s_vg, s_vj,
+    def flowkv_score_kernel(A, V, MC, OUT, m, s_ah, s_aw, s_vg, s_vj, s_mg, s_mk,
                             R: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr, D: tl.constexpr,
-                            D_PAD: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, PREC: tl.constexpr,
-                            TWO: tl.constexpr):
-        # one program per (block of BT tokens, KV head g): s_g[j]² = Σ_{a≤b} c_ab (A_a·A_b)[j] (v_j M_ab v_jᵀ),
-        # c = 1 on the diagonal, 2 off it; v_j M_ab is a (BT, d) @ (d, BE) tensor-core product, never stored.
-        # TWO: M = M_hi + M_lo with M_hi exact in TF32 (v too: bf16/fp16), so two TF32 products give float32 accuracy
-        tb = tl.program_id(0)
-        g = tl.program_id(1)
-        t = tb * BT + tl.arange(0, BT)
-        tmask = t < m
-        dd = tl.arange(0, D_PAD)
-        dmask = dd < D
-        ww = tl.arange(0, W_PAD)
-        ee = tl.arange(0, BE)
-        vbase = V + g.to(tl.int64) * s_vg + t.to(tl.int64)[:, None] * s_vj
-        v = tl.load(vbase + dd[None, :], mask=tmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        amask = (ww < W)[:, None] & tmask[None, :]
-        s2 = tl.zeros([BT], tl.float32)
-        for a in tl.static_range(R):
-            Aa = tl.load(A + (g * R + a).to(tl.int64) * s_ah + ww[:, None] * s_aw + t[None, :], mask=amask, other=0.0)
-            for b in tl.static_range(a, R):
-                Ab = tl.load(A + (g * R + b).to(tl.int64) * s_ah + ww[:, None] * s_aw + t[None, :], mask=amask,
-                             other=0.0)
-                aa = tl.sum(Aa * Ab, 0)  # (BT,) attention inner products over the window
-                mo = ((g * R + a) * R + b).to(tl.int64) * D * D
-                q = tl.zeros([BT], tl.float32)
-                for e0 in tl.static_range(0, D_PAD, BE):
-                    e = e0 + ee
-                    emask = e < D
-                    moff = mo + dd[:, None] * D + e[None, :]
-                    mk = dmask[:, None] & emask[None, :]
-                    tv = tl.dot(v, tl.load(M + moff, mask=mk, other=0.0), input_precision=PREC)  # (BT, BE)
-                    if TWO:
-                        tv += tl.dot(v, tl.load(M_LO + moff, mask=mk, other=0.0), input_precision=PREC)
-                    ve = tl.load(vbase + e[None, :], mask=tmask[:, None] & emask[None, :], other=0.0)
-                    q += tl.sum(tv * ve.to(tl.float32), 1)  # v_j M_ab v_jᵀ, BE columns at a time
-                s2 += (1.0 if a == b else 2.0) * aa * q
-        tl.store(OUT + g.to(tl.int64) * m + t, tl.sqrt(tl.maximum(s2, 0.0)), mask=tmask)
-
-    @triton.jit
-    def flowkv_score_stream_kernel(A, V, MC, OUT, m, s_ah, s_aw, s_vg, s_vj, s_mg, s_mk,
-                                   R: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr, D: tl.constexpr,
-                                   D_PAD: tl.constexpr, P: tl.constexpr, P_PAD: tl.constexpr, S: tl.constexpr,
-                                   BT: tl.constexpr, BE: tl.constexpr, PREC: tl.constexpr, LOW: tl.constexpr,
-                                   STAGES: tl.constexpr):
+                            D_PAD: tl.constexpr, P: tl.constexpr, P_PAD: tl.constexpr, S: tl.constexpr,
+                            BT: tl.constexpr, BE: tl.constexpr, PREC: tl.constexpr, LOW: tl.constexpr,
+                            STAGES: tl.constexpr):
         # one program per (block of BT tokens, KV head g). MC[g] is (S·D_PAD, P·D_PAD): the P blocks M_p side by
         # side, each split into S pieces stacked along the rows (zero padded); Σ_s v @ piece_s[:, cols] =
         # v M_p[:, cols]. One column block of one pair per step of the pipelined loop.
@@ -157,7 +109,7 @@ def _build() -> dict:
             s2 += wp * tl.sum(tv * ve, 1)
         tl.store(OUT + g.to(tl.int64) * m + t, tl.sqrt(tl.maximum(s2, 0.0)), mask=tmask)
 
-    return {"flowkv_score": flowkv_score_kernel, "flowkv_score_stream": flowkv_score_stream_kernel}
+    return {"flowkv_score": flowkv_score_kernel}
 
 
 def tf32_split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,7 +123,8 @@ def tf32_split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def flowkv_scores_triton(A: torch.Tensor, v: torch.Tensor, gram: torch.Tensor, m: int,
                          config: ScoreConfig = DEFAULT_SCORE_CONFIG) -> torch.Tensor:
     """FlowKV's Gram-form score (`policies.flowkv.flowkv_scores`) as one Triton kernel: A (H, w, n) float32,
-    v (G, n, d), gram (G, r, r, d, d) float32 → (G, m) float32. Nothing per (token, pair) is written to memory."""
+    v (G, n, d), gram (G, r, r, d, d) float32 → (G, m) float32. Nothing per (token, pair) is written to memory;
+    the operand of Gram blocks is built on the first call for this gram tensor (`gram_operand`)."""
     G, r = gram.shape[:2]
     d = gram.shape[-1]
     H, w, n = A.shape
@@ -186,21 +139,16 @@ def flowkv_scores_triton(A: torch.Tensor, v: torch.Tensor, gram: torch.Tensor, m
     prec = config.precision
     if prec == "split" and v.dtype not in (torch.bfloat16, torch.float16):
         prec = "tf32x3"
-    if config.kernel == "stream":
-        return _stream(A, v, gram, m, config, prec, out)
-    two = prec == "split"
-    if two:
-        gram, lo = tf32_split(gram)
-    else:
-        gram = gram.float().contiguous()
-        lo = gram
-    d_pad = pow2_pad(d)
+    kind = "fp32" if prec != "split" else "bf16x3" if v.dtype == torch.bfloat16 else "tf32x2"
+    op = gram_operand(gram, kind)
+    dp = pow2_pad(d)
     kern = built("flowkv_score", _build)["flowkv_score"]
-    kern[(math.ceil(m / config.tokens), G)](A, v, gram, lo, out, m, A.stride(0), A.stride(1), v.stride(0),
-                                            v.stride(1), R=r, W=w, W_PAD=pow2_pad(w), D=d, D_PAD=d_pad,
-                                            BT=config.tokens, BE=min(config.cols, d_pad),
-                                            PREC="tf32" if two else prec, TWO=two, num_warps=config.num_warps,
-                                            num_stages=config.num_stages)
+    kern[(math.ceil(m / config.tokens), G)](A, v, op, out, m, A.stride(0), A.stride(1), v.stride(0), v.stride(1),
+                                            op.stride(0), op.stride(1), R=r, W=w, W_PAD=pow2_pad(w), D=d, D_PAD=dp,
+                                            P=r * (r + 1) // 2, P_PAD=pow2_pad(r * (r + 1) // 2), S=op.shape[1] // dp,
+                                            BT=config.tokens, BE=min(config.cols, dp),
+                                            PREC="tf32" if prec == "split" else prec, LOW=kind == "bf16x3",
+                                            STAGES=config.num_stages, num_warps=config.num_warps)
     return out
 
 
@@ -219,8 +167,8 @@ def bf16_split3(x: torch.Tensor) -> torch.Tensor:
 _OPERANDS: dict[int, tuple] = {}  # id(gram) → (weak ref to gram, its version, kind, operand); dropped with gram
 
 
-def stream_operand(gram: torch.Tensor, kind: str) -> torch.Tensor:
-    """The stream kernel's operand of Gram blocks (G, r, r, d, d): (G, S·d_pad, P·d_pad), the P blocks a ≤ b side by
+def gram_operand(gram: torch.Tensor, kind: str) -> torch.Tensor:
+    """The kernel's operand of Gram blocks (G, r, r, d, d): (G, S·d_pad, P·d_pad), the P blocks a ≤ b side by
     side, each as S stacked pieces, zero padded to d_pad; kind 'bf16x3' (S = 3 bf16 pieces), 'tf32x2' (S = 2 TF32
     halves, float32) or 'fp32' (S = 1). Built once per Gram tensor (and kind), rebuilt if it changes in place."""
     hit = _OPERANDS.get(id(gram))  # by identity: a tensor cannot key a WeakKeyDictionary (== is elementwise)
@@ -238,7 +186,7 @@ def stream_operand(gram: torch.Tensor, kind: str) -> torch.Tensor:
     elif kind == "fp32":
         pieces = blocks.unsqueeze(0)
     else:
-        raise ValueError(f"stream_operand: kind={kind!r}; allowed: bf16x3, tf32x2, fp32")
+        raise ValueError(f"gram_operand: kind={kind!r}; allowed: bf16x3, tf32x2, fp32")
     pieces = torch.nn.functional.pad(pieces, (0, dp - d, 0, dp - d))  # (S, G, P, dp, dp)
     S, P = pieces.shape[0], ia.numel()
     op = pieces.permute(1, 0, 3, 2, 4).reshape(G, S * dp, P * dp).contiguous()  # [g, s·dp + k, p·dp + e]
@@ -246,26 +194,3 @@ def stream_operand(gram: torch.Tensor, kind: str) -> torch.Tensor:
         weakref.finalize(gram, _OPERANDS.pop, id(gram), None)
     _OPERANDS[id(gram)] = (weakref.ref(gram), gram._version, kind, op)
     return op
-
-
-def _stream(A: torch.Tensor, v: torch.Tensor, gram: torch.Tensor, m: int, config: ScoreConfig, prec: str,
-            out: torch.Tensor) -> torch.Tensor:
-    """The stream kernel (module docstring) with precision `prec` (already resolved for v's dtype)."""
-    G, r = gram.shape[:2]
-    d = gram.shape[-1]
-    H, w, n = A.shape
-    if prec == "split":
-        kind = "bf16x3" if v.dtype == torch.bfloat16 else "tf32x2"
-    else:
-        kind = "fp32"
-    op = stream_operand(gram, kind)
-    dp = pow2_pad(d)
-    P = r * (r + 1) // 2
-    be = min(config.cols, dp)
-    kern = built("flowkv_score", _build)["flowkv_score_stream"]
-    kern[(math.ceil(m / config.tokens), G)](A, v, op, out, m, A.stride(0), A.stride(1), v.stride(0), v.stride(1),
-                                            op.stride(0), op.stride(1), R=r, W=w, W_PAD=pow2_pad(w), D=d, D_PAD=dp,
-                                            P=P, P_PAD=pow2_pad(P), S=op.shape[1] // dp, BT=config.tokens, BE=be,
-                                            PREC="tf32" if prec == "split" else prec, LOW=kind == "bf16x3",
-                                            STAGES=config.num_stages, num_warps=config.num_warps)
-    return out
