@@ -7,8 +7,9 @@ generated tokens go to a small dense tail:
               tail_k (S, capacity, d) for decoded tokens (every segment keeps all of them)
 
 A segment is one KV head of one sequence (S = G for one sequence, B·G for a batch: `fastdecode.StaticRaggedCache`
-uses this same layout). This module owns the layout: the one lengths → offsets (`offsets_of`), the one packing from
-a keep mask (`pack_layer`, `RaggedLayer.keep_rows`), the one byte accounting (`kept_bytes`, `allocated_bytes`) and
+uses this same layout). This module owns the layout: the one lengths → offsets (`offsets_of`), the one gather of kept
+rows (`take_rows`: packing a layer from a keep mask or its kept positions, `pack_layer` / `pack_positions`, and
+re-packing a packed one, `RaggedLayer.keep_positions`), the one byte accounting (`kept_bytes`, `allocated_bytes`) and
 the one constructor from a policy result (`RaggedCache.from_prefill`). Allocated bytes = kept bytes + the offsets
 (8·(S+1) bytes a layer) + the tail; no padding to the longest head. Keys keep the RoPE phases of their original
 positions; new tokens continue at positions n, n + 1, ... `RaggedCache.attend` is the clear PyTorch reference for
@@ -17,8 +18,9 @@ decode attention over it; the fast kernels (`kernels.split_kv`, `fastdecode`) ar
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
@@ -26,12 +28,33 @@ from .capture import Prefill
 from .selection import PolicyResult, true_positions
 
 
-def offsets_of(lengths: torch.Tensor) -> torch.Tensor:
-    """Segment lengths (S,) → offsets (S + 1,) int64 on the CPU: segment s owns packed rows offsets[s]:offsets[s+1]."""
-    lengths = torch.as_tensor(lengths).reshape(-1).to("cpu", torch.long)
-    off = torch.zeros(lengths.numel() + 1, dtype=torch.long)
-    off[1:] = torch.cumsum(lengths, 0)
-    return off
+def host_lengths(lengths: torch.Tensor | Sequence[int]) -> list[int]:
+    """Segment lengths as Python ints: from ints, or from a tensor of any shape (flattened; one on a device is read
+    back, which waits for it: callers that must not wait pass lengths they already hold on the host)."""
+    return lengths.flatten().tolist() if torch.is_tensor(lengths) else [int(x) for x in lengths]
+
+
+def offsets_of(lengths: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    """Segment lengths (S,) → offsets (S + 1,) int64 on the CPU: segment s owns packed rows offsets[s]:offsets[s+1].
+    Summed in Python and made in one op: a layer's offsets are host bookkeeping (`host_lengths` for the forms)."""
+    return torch.tensor(list(accumulate(host_lengths(lengths), initial=0)), dtype=torch.long)
+
+
+def take_rows(pos: torch.Tensor, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The rows (N, d) of each x at positions pos (N,): the one gather of packing and re-packing. x is a packed
+    (N', d) (pos: its rows) or a layer's (G, n, d) (pos: flat g·n + j). A layer whose (g, j) lie flat in memory (a
+    chunked prefill's K/V) is gathered through its (G·n, d) view; another (an unchunked prefill's K/V, a transposed
+    projection, which flattening would copy whole) by (g, j) = divmod(pos, n), computed once for every such x."""
+    gj = None
+    out = []
+    for x in xs:
+        if x.dim() == 2 or x.stride(0) == x.shape[1] * x.stride(1):
+            out.append(x.flatten(0, -2).index_select(0, pos))
+            continue
+        if gj is None:
+            gj = pos // x.shape[1], pos % x.shape[1]
+        out.append(x[gj])
+    return tuple(out)
 
 
 def check_keep_mask(keep: torch.Tensor, shape: tuple[int, ...], what: str = "keep") -> None:
@@ -56,11 +79,10 @@ class RaggedLayer:
     def lengths(self) -> torch.Tensor:
         return self.offsets[1:] - self.offsets[:-1]
 
-    def keep_rows(self, rows: torch.Tensor, lengths: torch.Tensor) -> None:
-        """Keep only the packed rows where rows (N,) is True; lengths (S,) are the segments' new lengths, on the
-        host (so nothing waits for the device: their sum is how many rows stay)."""
-        pos = true_positions(rows, int(lengths.sum()))
-        self.k, self.v = self.k.index_select(0, pos), self.v.index_select(0, pos)
+    def keep_positions(self, pos: torch.Tensor, lengths: torch.Tensor | Sequence[int]) -> None:
+        """Keep only the packed rows at positions pos (increasing, on the rows' device; `selection.true_positions`
+        of a row mask gives them without a host read); lengths (S,) are the segments' new lengths, on the host."""
+        self.k, self.v = take_rows(pos, self.k, self.v)
         self.offsets = offsets_of(lengths)
 
     def with_tail(self, capacity: int) -> RaggedLayer:
@@ -72,23 +94,29 @@ class RaggedLayer:
 
 
 def pack_layer(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None = None, capacity: int = 0,
-               lengths: torch.Tensor | None = None) -> RaggedLayer:
+               lengths: torch.Tensor | Sequence[int] | None = None) -> RaggedLayer:
     """Pack one layer's kept entries: k, v (G, n, d), keep (G, n) bool (None keeps everything, as a view when
     k/v are contiguous) → RaggedLayer with a tail of `capacity` tokens. lengths: keep's (G,) counts per head on the
     host when the caller has them (then nothing waits for the device); else they are read back once."""
     G, n, d = k.shape
     if keep is None:
-        kp, vp = k.reshape(G * n, d), v.reshape(G * n, d)
-        lengths = torch.full((G,), n, dtype=torch.long)
-    else:
-        check_keep_mask(keep, (G, n))
-        keep = keep.to(k.device)
-        lengths = keep.sum(-1).cpu() if lengths is None else torch.as_tensor(lengths)
-        pos = true_positions(keep.reshape(-1), int(lengths.sum()))  # flat g·n + j of the kept entries, head-major
-        g, j = pos // n, pos % n
-        kp, vp = k[g, j], v[g, j]  # (N, d)
-    return RaggedLayer(kp.contiguous(), vp.contiguous(), offsets_of(lengths), k.new_empty(G, capacity, d),
-                       v.new_empty(G, capacity, d))
+        return RaggedLayer(k.reshape(G * n, d).contiguous(), v.reshape(G * n, d).contiguous(), offsets_of([n] * G),
+                           k.new_empty(G, capacity, d), v.new_empty(G, capacity, d))
+    check_keep_mask(keep, (G, n))
+    keep = keep.to(k.device)
+    lengths = host_lengths(keep.sum(-1) if lengths is None else lengths)
+    pos = true_positions(keep.reshape(-1), sum(lengths))  # flat g·n + j of the kept entries, head-major
+    return pack_positions(k, v, pos, lengths, capacity)
+
+
+def pack_positions(k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, lengths: torch.Tensor | Sequence[int],
+                   capacity: int = 0) -> RaggedLayer:
+    """Pack the entries of one layer k, v (G, n, d) at flat positions pos (N,) = g·n + j, increasing (head-major:
+    `true_positions` of its (G, n) keep mask), with lengths (G,) per head on the host: `pack_layer` for a caller
+    that has the positions already (the layer-wise compressor keeps them to re-pack later)."""
+    G, _, d = k.shape
+    kp, vp = take_rows(pos, k, v)
+    return RaggedLayer(kp, vp, offsets_of(lengths), k.new_empty(G, capacity, d), v.new_empty(G, capacity, d))
 
 
 def kept_bytes(layers: Iterable) -> int:

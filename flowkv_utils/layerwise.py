@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.profiler import record_function
 
-from .cache import RaggedCache, RaggedLayer, pack_layer
+from .cache import RaggedCache, RaggedLayer, pack_layer, pack_positions
 from .capture import LayerCapture, Prefill
 from .models import shape_of
 from .policies import REGISTRY, Policy, get_policy, prefill_options
@@ -53,6 +53,7 @@ def _sync(device: torch.device) -> None:
 
 
 DEFAULT_SLACK = 0.25  # FlowKV global's re-packing slack (`LayerwiseCompressor`): at most 1/(1 − 0.25) ≈ 1.33× held
+WINDOW_ROW = -(1 << 62)  # cascade id of a packed window row: negative whatever layer offset is added (`kept_at`: kept)
 
 
 class LayerwiseCompressor:
@@ -123,10 +124,14 @@ class LayerwiseCompressor:
                          for name, p in self.policies.items() if p.scope == "model" and not self._keeps_all(name)}
         self.seconds = {name: 0.0 for name in self.names}  # scoring + selection, summed over layers
         self.layers: list[RaggedLayer | None] = [None] * L
-        self.prefix_keep: dict[int, torch.Tensor] = {}  # main policy: current (G, n) keep of each packed layer
-        self.packed_prefix: dict[int, int] = {}  # main policy: prefix entries (window excluded) each layer holds
+        self.prefix_keep: dict[int, torch.Tensor] = {}  # layer-scope main policy: the (G, n) keep of each packed layer
+        # model-wide main policy, until the last layer: (N,) cascade id of each packed row (WINDOW_ROW: a window row),
+        # which `_evict` re-packs by; and the (G·n,) ids of a layer's flat positions less its offset (`_flat_ids`)
+        self.rows: dict[int, torch.Tensor] = {}
+        self._ids: torch.Tensor | None = None
+        self._lengths: dict[int, list[int]] = {}  # main policy: (G,) lengths (window included) each packed layer holds
         self.slack = slack
-        self.repacks = 0  # re-packs of already packed layers (`_evict` calls): what the slack trades memory for
+        self.repacks = 0  # re-packs of already packed layers: what the slack trades memory for
         self._counts: dict[str, torch.Tensor] = {name: torch.zeros(L, G, dtype=torch.long) for name in self.names}
         self._unread: dict[str, dict[int, torch.Tensor]] = {name: {} for name in self.names}  # (G,) on the device
         self.keep_scores = keep_scores
@@ -154,7 +159,7 @@ class LayerwiseCompressor:
             elif name != self.main:
                 self._unread[name][li] = keep.sum(-1)  # read with every other layer's when `counts` is asked for
             elif self.policies[name].scope != "model":  # a model-wide policy's were read by `_compact`
-                self._counts[name][li] = keep.sum(-1).cpu()  # the layer's one host read: packing needs the lengths
+                self._lengths[li] = keep.sum(-1).tolist()  # the layer's one host read: packing needs the lengths
             if name == self.main:
                 keep_main = keep
         with record_function("flowkv pack layer"):
@@ -197,48 +202,82 @@ class LayerwiseCompressor:
         `ShardedPolicy` checks one-shot; a bug if not). Collective."""
         from .sharded_policies import gathered_sum
 
-        got = int(gathered_sum(self._counts[self.main].sum().view(1), self.tp))
+        got = int(gathered_sum(torch.tensor([sum(map(sum, self._lengths.values()))]), self.tp))
         if got != self.budget.total:
             raise RuntimeError(f"{self.main} layer by layer on {self.tp.world_size} ranks kept {got} entries, budget "
                                f"total is {self.budget.total}")
 
-    def _compact(self, casc: GlobalCascade, li: int) -> None:
-        """After layer li's merge: read the kept counts per head of layer li and of every packed layer at once (the
-        layer's one host read; layer li's are what `_pack` packs it with), then re-pack the packed layers that lost
-        entries to the cascade: every one on the last layer, else only those whose dead entries exceed `slack` ×
-        their packed prefix. The re-packs need no further read: their sizes are these counts."""
+    @property
+    def packed_prefix(self) -> dict[int, int]:
+        """{layer: prefix entries (window excluded) it holds} of the applied policy's packed layers."""
         w = self.policies[self.main].kept_window
-        packed = list(self.prefix_keep)
-        per_head = casc.kept_per_head()
-        alive = torch.stack([per_head[lj] for lj in (*packed, li)]).cpu()  # (packed + 1, G) prefix entries kept
-        self._counts[self.main][li] = alive[-1] + w
+        return {li: sum(c) - w * len(c) for li, c in self._lengths.items()}
+
+    def _compact(self, casc: GlobalCascade, li: int) -> None:
+        """After layer li's merge: read the kept counts per head of every layer at once (`kept_table`: the layer's one
+        host read; layer li's are what `_pack` packs it with), then re-pack the packed layers that lost entries to the
+        cascade: every one on the last layer, else only those whose dead entries exceed `slack` × their packed prefix.
+        What is due, and every size, follows in Python ints from this one table: the re-packs need no further read."""
+        w = self.policies[self.main].kept_window
+        kept = dict(zip(casc.offset, casc.kept_table().cpu().tolist(), strict=True))  # layer → (G,) prefix kept
+        self._lengths[li] = [c + w for c in kept[li]]
         final = li == self.shape.layers - 1
-        for lj, a in zip(packed, alive[:-1], strict=True):
-            dead = self.packed_prefix[lj] - int(a.sum())
-            if dead > 0 and (final or dead > self.slack * self.packed_prefix[lj]):
-                self._evict(lj, casc.keep_mask(lj), a + w)
+        due = []
+        for lj in self.rows:
+            held = sum(self._lengths[lj]) - w * len(kept[lj])
+            dead = held - sum(kept[lj])
+            if dead > 0 and (final or dead > self.slack * held):
+                due.append(lj)
+        if due:
+            self._evict(casc, due, {lj: [c + w for c in kept[lj]] for lj in due}, final)
+        if final:
+            self.rows.clear()  # nothing re-packs after the last layer
 
     def _pack(self, li: int, cap: LayerCapture, keep: torch.Tensor | None) -> None:
         """Pack layer li (everything when keep is None: a view of the dense layer, no copy when contiguous) with its
-        counts per head, already on the host (`__call__`, `_compact`)."""
-        lengths = self._counts[self.main][li]
-        self.layers[li] = pack_layer(cap.k, cap.v, keep, lengths=lengths)
-        if keep is not None:
-            self.prefix_keep[li] = keep.to(cap.k.device)
-            self.packed_prefix[li] = int(lengths.sum()) - self.policies[self.main].kept_window * len(keep)
+        counts per head, already on the host (`__call__`, `_compact`). A model-wide policy's packed rows get their
+        cascade ids (`rows`, from the same positions), by which `_evict` re-packs the layer; a layer-scope policy's
+        keep is kept for `keep_mask`."""
+        if keep is None:
+            self.layers[li] = pack_layer(cap.k, cap.v)
+            return
+        keep, lengths = keep.to(cap.k.device), self._lengths[li]
+        pos = true_positions(keep.reshape(-1), sum(lengths))  # flat g·n + j of the kept entries, head-major
+        self.layers[li] = pack_positions(cap.k, cap.v, pos, lengths)
+        if self.main not in self.cascades:
+            self.prefix_keep[li] = keep
+        elif li < self.shape.layers - 1:
+            self.rows[li] = self._flat_ids(keep.device).index_select(0, pos).add_(self.cascades[self.main].offset[li])
 
-    def _evict(self, lj: int, keep_prefix: torch.Tensor, lengths: torch.Tensor) -> None:
-        """Re-pack an already packed layer to the prefix entries (G, m) still kept, a subset of those packed, with
-        `lengths` (G,) per head (window included) on the host: nothing waits for the device."""
-        old = self.prefix_keep[lj]  # (G, n) window included
-        new = old.clone()
-        new[:, : keep_prefix.shape[1]] &= keep_prefix.to(old.device)
-        packed = true_positions(old.reshape(-1), int(self.layers[lj].offsets[-1]))  # (g, j) of each packed row
-        self.layers[lj].keep_rows(new.reshape(-1)[packed], lengths)  # which packed rows survive
-        self.prefix_keep[lj] = new
-        self.packed_prefix[lj] = int(lengths.sum()) - self.policies[self.main].kept_window * len(lengths)
-        self._counts[self.main][lj] = lengths
-        self.repacks += 1
+    def _flat_ids(self, dev: torch.device) -> torch.Tensor:
+        """(G·n,) for each flat position g·n + j of a layer: its entry's id in the main cascade less the layer's
+        offset, g·m + j (the layer's scores are (G, m), m = n − window), or WINDOW_ROW for a window entry (j ≥ m).
+        The same for every layer: made once."""
+        if self._ids is None:
+            m = self.n - self.policies[self.main].kept_window
+            j = torch.arange(self.n, device=dev)
+            ids = torch.arange(self.shape.kv_heads, device=dev).view(-1, 1) * m + j
+            self._ids = torch.where(j < m, ids, WINDOW_ROW).view(-1)
+        return self._ids
+
+    def _evict(self, casc: GlobalCascade, due: list[int], lengths: dict[int, list[int]], final: bool) -> None:
+        """Re-pack the packed layers `due` to the entries the cascade still keeps, with their new `lengths` (G,) per
+        head (window included) on the host, in one batch: their rows' cascade ids together, one `kept_at` and one
+        `true_positions` over them all (the count is the new lengths' sum), then per layer its slice of those
+        positions, its K/V gathers and (unless final: nothing re-packs again) its rows' ids. Nothing waits for the
+        device."""
+        ids = torch.cat([self.rows[lj] for lj in due])
+        new = [sum(lengths[lj]) for lj in due]
+        pos = true_positions(casc.kept_at(ids), sum(new))  # the rows that stay, as positions in ids
+        start = end = 0  # where the layer's rows start in ids, and its rows that stay in pos
+        for lj, c in zip(due, new, strict=True):
+            mine = pos[end: end + c]
+            self.layers[lj].keep_positions(mine - start, lengths[lj])
+            if not final:
+                self.rows[lj] = ids.index_select(0, mine)  # a fresh tensor: no view keeps the batch's ids alive
+            start, end = start + sum(self._lengths[lj]), end + c
+            self._lengths[lj] = lengths[lj]
+        self.repacks += len(due)
 
     # -- results -------------------------------------------------------------------------------------------
     @property
@@ -246,6 +285,8 @@ class LayerwiseCompressor:
         """{policy: (L, G) kept tokens per head, window included, on the CPU}. The applied policy's are read while
         packing (it needs them); the other policies' stay on the device until asked for here, then every layer's
         are read at once. Model-wide policies not applied: final after `finish_counts`."""
+        if self._lengths:  # the applied policy's, Python ints that sized its packing: written in one op
+            self._counts[self.main][list(self._lengths)] = torch.tensor(list(self._lengths.values()))
         unread = [(name, li, c) for name, rows in self._unread.items() for li, c in rows.items()]
         if unread:
             values = torch.stack([c for _, _, c in unread]).cpu()  # one host read for every layer and policy
@@ -262,16 +303,18 @@ class LayerwiseCompressor:
         for name, casc in self.cascades.items():
             if name == self.main:
                 continue
-            w = self.policies[name].kept_window
-            per_head = casc.kept_per_head()
-            final = torch.stack(list(per_head.values())).cpu() + w
-            for li, c in zip(per_head, final, strict=True):
-                counts[name][li] = c
+            counts[name][list(casc.offset)] = casc.kept_table().cpu() + self.policies[name].kept_window
 
     def keep_mask(self) -> torch.Tensor:
-        """(L, G, n) bool: what the applied policy kept (FullKV: everything)."""
+        """(L, G, n) bool: what the applied policy kept (FullKV: everything). A model-wide policy's is its cascade's
+        selection, window appended: what the packed layers hold once the last layer has run (before, with slack,
+        they may still hold entries the cascade has dropped)."""
         L, G = self.shape.layers, self.shape.kv_heads
         out = torch.ones(L, G, self.n, dtype=torch.bool)
+        casc = self.cascades.get(self.main)
+        if casc is not None and casc.offset:
+            m = self.n - self.policies[self.main].kept_window
+            out[list(casc.offset), :, :m] = torch.stack(list(casc.keep_masks().values())).cpu()
         for li, k in self.prefix_keep.items():
             out[li] = k.cpu()
         return out

@@ -112,9 +112,9 @@ def true_positions(mask: torch.Tensor, count: int) -> torch.Tensor:
     `mask.nonzero()` gives, without its host read (nonzero, and boolean-mask indexing, wait for the device to learn
     how many there are; here the caller knows). A wrong count gives wrong positions: pass one known exactly."""
     dev = mask.device
-    slots = torch.where(mask, mask.cumsum(0) - 1, count)  # the i-th True entry goes to slot i, the rest to slot count
+    slots = mask.cumsum(0).mul_(mask)  # the i-th True entry (from 1) goes to slot i, the rest to slot 0
     out = torch.empty(count + 1, dtype=torch.long, device=dev)
-    return out.scatter_(0, slots, torch.arange(mask.numel(), device=dev))[:count]
+    return out.scatter_(0, slots, torch.arange(mask.numel(), device=dev))[1:]
 
 
 def best_in_order(vals: torch.Tensor, k: int) -> torch.Tensor:
@@ -130,7 +130,7 @@ def best_in_order(vals: torch.Tensor, k: int) -> torch.Tensor:
         return torch.arange(n, device=dev)
     t = kth_largest(vals, kk)
     above, tie = vals > t, vals == t
-    keep = above | (tie & (tie.cumsum(0) <= kk - above.sum()))  # then the earliest ties, up to kk in all
+    keep = torch.where(tie, tie.cumsum(0) <= kk - above.sum(), above)  # then the earliest ties, up to kk in all
     return true_positions(keep, kk)
 
 
@@ -140,9 +140,11 @@ class GlobalCascade:
     selection equals the one-shot `topk_flat` over all layers exactly (tested), while only ≈ k + one layer is held.
 
     Use: c = GlobalCascade(k); per layer `c.add(layer, scores (G, m))`; then `c.keep_mask(layer)` → (G, m) bool,
-    what is still kept of that layer (entries only ever leave), and `c.kept_per_head()` / `c.kept_counts()` → kept
-    entries per head / per layer. Everything stays on the scores' device and `add` never waits for it (every size it
-    needs follows from the shapes), so a caller decides itself when to read counts back and re-pack its cache."""
+    what is still kept of that layer (entries only ever leave), `c.kept_per_head()` / `c.kept_counts()` → kept
+    entries per head / per layer, `c.kept_table()` → the per-head counts of every layer in one tensor, and
+    `c.kept_at(ids)` → whether given entries (flat ids) are still kept. Everything stays on the scores' device and
+    `add` never waits for it (every size it needs follows from the shapes), so a caller decides itself when to read
+    counts back and re-pack its cache."""
 
     def __init__(self, k: int):
         self.k = int(k)
@@ -150,7 +152,7 @@ class GlobalCascade:
         self.ids: torch.Tensor | None = None  # (≤ k,) their flat ids
         self.alive: torch.Tensor | None = None  # (entries seen,) bool: still selected
         self.shapes: dict[int, tuple[int, int]] = {}
-        self.offset: dict[int, int] = {}
+        self.offset: dict[int, int] = {}  # layer → flat id of its entry (0, 0): layers lie back to back, in add order
         self._next = 0
 
     def add(self, layer: int, scores: torch.Tensor) -> None:
@@ -161,15 +163,12 @@ class GlobalCascade:
         ids = torch.arange(self._next, self._next + G * m, device=dev)
         self._next += G * m
         vals = scores.detach().float().reshape(-1)
-        alive = torch.zeros(G * m, dtype=torch.bool, device=dev)  # set below for what is selected
         if self.vals is not None:  # kept ids are increasing and below the new ones: flat order is kept
             vals, ids = torch.cat([self.vals, vals]), torch.cat([self.ids, ids])
-            alive = torch.cat([self.alive, alive])
         top = self._best(vals, ids)
-        alive[ids] = False
-        self.vals, self.ids = vals[top], ids[top]
-        alive[self.ids] = True
-        self.alive = alive
+        self.vals, self.ids = vals.index_select(0, top), ids.index_select(0, top)
+        # an entry not held now is never selected again: alive is exactly the held ids (no update of the old one)
+        self.alive = torch.zeros(self._next, dtype=torch.bool, device=dev).index_fill_(0, self.ids, True)
 
     def _best(self, vals: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Positions, in flat order, of the k best of the held entries (vals, ids increasing), ties to the earlier
@@ -186,14 +185,28 @@ class GlobalCascade:
     def keep_masks(self) -> dict[int, torch.Tensor]:
         return {layer: self.keep_mask(layer) for layer in self.shapes}
 
+    def kept_at(self, ids: torch.Tensor) -> torch.Tensor:
+        """Whether the entries of flat ids (1-D int64, on the cascade's device) are still selected; a negative id
+        (an entry the cascade does not rank, e.g. a layer-wise compressor's window row) reads True. One gather over
+        the ids given, whatever the entries seen: a caller re-packing what it holds asks about those rows only."""
+        return self.alive.index_select(0, ids.clamp(min=0)) | (ids < 0)
+
+    def kept_table(self) -> torch.Tensor:
+        """(layers, G) entries still selected per head of every layer, rows in add order, on the device (reading it
+        synchronises): one reduction, for layers of one shape (G, m) (every model's: the layer-wise compressor's,
+        `ShardedCascade`'s); layers of different shapes are an error (use `kept_per_head`)."""
+        shapes = set(self.shapes.values())
+        if len(shapes) != 1:
+            raise ValueError(f"kept_table: the layers have shapes {sorted(shapes)}; one table needs one (G, m) "
+                             "(kept_per_head counts layers of any shape)")
+        G, m = shapes.pop()
+        return self.alive.view(len(self.offset), G, m).sum(-1)
+
     def kept_per_head(self) -> dict[int, torch.Tensor]:
         """Entries still selected per head of every layer, (G,) tensors on the device (reading them synchronises).
-        Layers lie back to back in `alive` in the order added, so layers of one shape (every model here) are counted
-        in one reduction, not one per layer."""
+        Layers of one shape (every model here) are counted in one reduction (`kept_table`), not one per layer."""
         if len(set(self.shapes.values())) == 1:
-            G, m = next(iter(self.shapes.values()))
-            sums = self.alive.view(len(self.offset), G, m).sum(-1)  # (layers, G)
-            return {layer: sums[i] for i, layer in enumerate(self.offset)}
+            return dict(zip(self.offset, self.kept_table().unbind(0), strict=True))
         return {layer: self.alive[o: o + self.shapes[layer][0] * self.shapes[layer][1]].view(self.shapes[layer]).sum(-1)
                 for layer, o in self.offset.items()}
 

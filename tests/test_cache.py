@@ -8,12 +8,13 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from flowkv_utils.cache import RaggedCache
+from flowkv_utils.cache import RaggedCache, offsets_of, pack_layer, pack_positions, take_rows
 from flowkv_utils.capture import prefill
 from flowkv_utils.generate import decode, generate, teacher_forced_logits
 from flowkv_utils.models import random_model
 from flowkv_utils.policies import REGISTRY, get_policy, prefill_options
 from flowkv_utils.policies.smoothevict import merge_values
+from flowkv_utils.selection import true_positions
 
 # (family, layers, heads, kv_heads, head_dim, seed): GQA, MHA + q/k norms, biases with r = 3, MQA
 FAMILIES = [("llama", 2, 4, 2, 8, 1), ("mistral", 3, 4, 1, 8, 2), ("qwen2", 2, 6, 2, 8, 3), ("qwen3", 2, 4, 4, 8, 4)]
@@ -131,6 +132,46 @@ def test_ragged_bytes_are_the_kept_bytes(name):
         assert torch.equal(lay.lengths, res.keep[li].sum(-1))
 
 
+@pytest.mark.parametrize("layout", ["head-major", "token-major"])
+def test_packing_from_a_mask_its_positions_or_a_repack_gathers_the_same_rows(layout):
+    """A layer packed from its keep mask, from the mask's positions, or packed first from a superset and then
+    re-packed to the mask (`keep_positions`), holds the kept rows of each head in order, bit for bit, whether its
+    (g, j) lie flat in memory (a chunked prefill's K/V) or not (an unchunked prefill's: a transposed projection,
+    gathered without copying the layer)."""
+    g = torch.Generator().manual_seed(0)
+    G, n, d = 3, 40, 8
+    k, v = (torch.randn(n, G, d, generator=g).transpose(0, 1) for _ in range(2))  # (G, n, d), token-major storage
+    if layout == "head-major":
+        k, v = k.contiguous(), v.contiguous()
+    assert k.is_contiguous() == (layout == "head-major")
+    keep = torch.rand(G, n, generator=g) < 0.4
+    more = keep | (torch.rand(G, n, generator=g) < 0.3)
+    lengths = keep.sum(-1)
+    want_k = torch.cat([k[h][keep[h]] for h in range(G)])
+    want_v = torch.cat([v[h][keep[h]] for h in range(G)])
+    from_mask = pack_layer(k, v, keep, capacity=2)
+    from_pos = pack_positions(k, v, true_positions(keep.reshape(-1), int(lengths.sum())), lengths.tolist(), 2)
+    repacked = pack_layer(k, v, more)
+    rows = keep[more]  # which of the superset's packed rows (head-major, in order) the mask keeps
+    repacked.keep_positions(true_positions(rows, int(rows.sum())), lengths)
+    for lay in (from_mask, from_pos, repacked):
+        assert torch.equal(lay.k, want_k) and torch.equal(lay.v, want_v)
+        assert torch.equal(lay.offsets, offsets_of(lengths)) and torch.equal(lay.lengths, lengths)
+    assert from_mask.tail_k.shape == from_pos.tail_v.shape == (G, 2, d)
+    pos = torch.tensor([5, 0, 7])
+    assert all(torch.equal(a, b) for a, b in zip(take_rows(pos, want_k, k), (want_k[pos], k.reshape(-1, d)[pos]),
+                                                 strict=True))
+
+
+def test_offsets_from_lengths_of_every_form():
+    """`offsets_of`: the same int64 CPU offsets from a tensor (any shape: flattened) or from Python ints."""
+    want = torch.tensor([0, 3, 3, 7, 8])
+    for lengths in ([3, 0, 4, 1], (3, 0, 4, 1), torch.tensor([3, 0, 4, 1]), torch.tensor([[3, 0], [4, 1]])):
+        got = offsets_of(lengths)
+        assert got.dtype == torch.long and got.device.type == "cpu" and torch.equal(got, want)
+    assert torch.equal(offsets_of([]), torch.zeros(1, dtype=torch.long))
+
+
 def test_rope_positions_continue_at_n():
     """The cache starts at position n; decoding T tokens moves it to n + T; the key of the first new token is the
     key a longer prefill computes at position n."""
@@ -175,7 +216,6 @@ def test_bad_token_ids_and_keep_masks_are_clear_errors():
     pf = prefill(model, torch.tensor([[1, 2, 3, 4]]), window=1)
     with pytest.raises(ValueError, match="token id -1 is out of range"):
         decode(model, RaggedCache.from_prefill(pf), torch.tensor([[-1]]))
-    from flowkv_utils.cache import pack_layer
     c = pf.layers[0]
     with pytest.raises(TypeError, match="dtype torch.int64; a keep mask must be a torch.bool tensor of shape"):
         pack_layer(c.k, c.v, torch.ones(1, 4, dtype=torch.long))

@@ -12,6 +12,7 @@ from torch.overrides import TorchFunctionMode
 from flowkv_utils import capture, models, policies
 from flowkv_utils.cache import RaggedCache
 from flowkv_utils.layerwise import LayerwiseCompressor, streaming_policies
+from flowkv_utils.selection import with_window
 
 W = 8
 
@@ -68,6 +69,56 @@ def test_global_slack_bounds_held_entries_and_ends_exact(setup, slack):
     assert held[-1] == k and all(h <= k / (1 - slack) + 1e-9 for h in held)
     with pytest.raises(ValueError, match="slack"):
         LayerwiseCompressor(m, ids, "flowkv_global", 30, window=W, slack=1.0)
+
+
+def held_mask(lay, k: torch.Tensor) -> torch.Tensor:
+    """(G, n) bool: which of the dense keys k (G, n, d) a packed layer holds, found by matching its rows (random
+    keys: every row matches one entry); each head's rows must be its entries in token order."""
+    G, n, _ = k.shape
+    out = torch.zeros(G, n, dtype=torch.bool)
+    for g in range(G):
+        a, b = int(lay.offsets[g]), int(lay.offsets[g + 1])
+        match = (lay.k[a:b, None] == k[g][None]).all(-1)  # (rows, n)
+        assert (match.sum(-1) == 1).all()
+        j = match.float().argmax(-1)
+        assert (j[1:] > j[:-1]).all()
+        out[g, j] = True
+    return out
+
+
+@pytest.mark.parametrize("slack", [0.0, 0.3])
+@pytest.mark.parametrize("chunk", [None, 32])
+def test_global_layers_hold_the_cascades_entries_bit_for_bit(setup, slack, chunk):
+    """After every layer, each packed layer of FlowKV global holds the prefill's K and V rows, bit for bit, of what
+    it held before less what the cascade dropped when it was re-packed (the layers due re-pack as one batch): at
+    slack 0 exactly what the cascade still selects, otherwise a superset of it of at most 1/(1 − slack) of it; after
+    the last layer the cache is the one-shot selection's, bit for bit (same chunking, same K/V)."""
+    m, ids, _ = setup
+    pf = capture.prefill(m, ids, window=W, chunk=chunk)
+    res = policies.get_policy("flowkv_global", window=W)(pf, 30)
+    comp = LayerwiseCompressor(m, ids, "flowkv_global", 30, window=W, slack=slack)
+    casc = comp.cascades["flowkv_global"]
+    before = {}
+
+    def hook(li, cap):
+        out = comp(li, cap)
+        for lj in range(li + 1):
+            k, v = pf.layers[lj].k, pf.layers[lj].v
+            lay, now = comp.layers[lj], with_window(casc.keep_mask(lj), W)
+            held = held_mask(lay, k)
+            assert torch.equal(lay.k, k[held]) and torch.equal(lay.v, v[held])
+            assert torch.equal(lay.lengths, held.sum(-1))
+            assert not (now & ~held).any() and not (held & ~before.get(lj, held)).any()
+            assert torch.equal(held, now) if slack == 0.0 else (held & ~now).sum() <= slack * (held[:, :-W]).sum()
+            before[lj] = held
+        return out
+
+    capture.prefill(m, ids, window=W, chunk=chunk, on_layer=hook)
+    assert torch.equal(comp.keep_mask(), res.keep) and comp.repacks > 0
+    ref = RaggedCache.from_prefill(pf, res, 8)
+    for a, b in zip(comp.cache(8).layers, ref.layers, strict=True):
+        assert torch.equal(a.offsets, b.offsets) and torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
+    assert not comp.rows  # the rows' cascade ids are dropped after the last layer: nothing re-packs again
 
 
 def test_repacks_fall_as_the_slack_grows(setup):

@@ -372,7 +372,8 @@ def test_true_positions_is_nonzero(bits):
 
 def test_cascade_counts_per_head_sum_to_its_masks():
     """`kept_per_head` counts each layer's kept mask per head (one reduction for layers of one shape, one per
-    layer otherwise), and `kept_counts` is their sum."""
+    layer otherwise), `kept_counts` is their sum, and `kept_table` is the per-head counts of layers of one shape
+    stacked in add order (layers of different shapes: an error naming them)."""
     g = torch.Generator().manual_seed(0)
     for shapes in ([(2, 7)] * 4, [(2, 7), (3, 5), (2, 7)]):
         c = GlobalCascade(9)
@@ -382,6 +383,25 @@ def test_cascade_counts_per_head_sum_to_its_masks():
         assert list(heads) == list(masks) == list(range(len(shapes)))
         for li, mask in masks.items():
             assert torch.equal(heads[li], mask.sum(-1)) and int(totals[li]) == int(mask.sum())
+        if len(set(shapes)) == 1:
+            assert torch.equal(c.kept_table(), torch.stack([mask.sum(-1) for mask in masks.values()]))
+        else:
+            with pytest.raises(ValueError, match=r"kept_table: the layers have shapes \[\(2, 7\), \(3, 5\)\]"):
+                c.kept_table()
+
+
+def test_cascade_kept_at_reads_its_masks_by_flat_id():
+    """`kept_at(ids)`: entry offset[ℓ] + g·m + j is kept exactly when keep_mask(ℓ)[g, j] is, after every add
+    (entries only leave), and a negative id reads True; the held entries are exactly the alive ones."""
+    g = torch.Generator().manual_seed(1)
+    c = GlobalCascade(11)
+    for li in range(5):
+        c.add(li, torch.randint(0, 4, (2, 6), generator=g).float())  # many ties
+        flat = torch.cat([mask.reshape(-1) for mask in c.keep_masks().values()])
+        ids = torch.randperm(flat.numel(), generator=g)
+        assert torch.equal(c.kept_at(ids), flat[ids]) and torch.equal(c.ids, flat.nonzero().view(-1))
+        assert torch.equal(c.kept_at(torch.tensor([-1, 0, -(1 << 62)])), torch.tensor([True, bool(flat[0]), True]))
+        assert c.kept_at(torch.empty(0, dtype=torch.long)).shape == (0,)
 
 
 def test_divided_is_the_division_by_the_host_value():
