@@ -280,3 +280,19 @@ def test_matmul_rate_is_positive_and_recorded_by_every_gpu_sweep(tmp_path):
                             parts=("decode",), device="cpu").close()
     c = bench.load_results(tmp_path)["compute"]
     assert len(c) == 1 and c.TFLOPs.iloc[0] > 0
+
+
+def test_prefill_warmup_records_only_the_last_prefill():
+    """`prefill_context(warmup=1)` runs the same compressing prefill twice and records the second alone, saying so;
+    its cache and counts are the ones a single prefill gives."""
+    from flowkv_utils.bench.prefill import prefill_context
+    tiny = bench.shape_model("tiny", "cpu", 512, torch.float32)
+    rec = bench.recorder(None, "pytest", echo=False)
+    one = prefill_context(rec, tiny, 256, weights=bench.RANDOM_WEIGHTS, budget=0.25, chunk=None)
+    two = prefill_context(rec, tiny, 256, weights=bench.RANDOM_WEIGHTS, budget=0.25, chunk=None, warmup=1)
+    rows = rec.rows["prefill"]
+    assert len(rows) == 2 and "untimed" not in rows[0]["note"] and "after 1 untimed prefill" in rows[1]["note"]
+    assert len(rec.rows["scoring"]) == 2 * len(one.names)
+    assert torch.equal(one.counts["flowkv_global"], two.counts["flowkv_global"])
+    for a, b in zip(one.cache(4).layers, two.cache(4).layers, strict=True):
+        assert torch.equal(a.offsets, b.offsets) and torch.equal(a.k, b.k) and torch.equal(a.v, b.v)

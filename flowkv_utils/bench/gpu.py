@@ -261,9 +261,10 @@ def gpu_sweep(out: Path | str, *, shape: str = "llama3-8b", contexts: tuple[int,
 
 
 def _prefill_or_oom(rec: Recorder, model, n: int, *, policy: str, budget=None, chunk: int, **kw):
-    """`prefill_context`, or a prefill row with status 'oom' (and None) when the device runs out of memory."""
+    """`prefill_context` after one untimed prefill of the same length (steady state), or a prefill row with status
+    'oom' (and None) when the device runs out of memory."""
     try:
-        return prefill_context(rec, model, n, weights=RANDOM_WEIGHTS, policy=policy, chunk=chunk,
+        return prefill_context(rec, model, n, weights=RANDOM_WEIGHTS, policy=policy, chunk=chunk, warmup=1,
                                **({} if budget is None else {"budget": budget}), **kw)
     except torch.OutOfMemoryError as e:
         rec.add("prefill", **model_cols(model, RANDOM_WEIGHTS), policy=policy, budget=budget, context=n,

@@ -136,16 +136,14 @@ def scoring_prefills(rec: Recorder, shape: str = "llama3-8b", contexts: tuple[in
                      budget: float = 0.05, slacks: tuple[float, ...] = (0.0,), device: str = "cuda",
                      chunk: int = 8192, score_config: ScoreConfig = DEFAULT_SCORE_CONFIG) -> Recorder:
     """Whole-model prefills of a random-weight model of `shape` compressing with FlowKV (global) layer by layer,
-    once per re-packing slack: the scoring rows (every policy's share of prefill) and peak memory of each."""
+    once per re-packing slack, each after an untimed one of the same length and slack (steady state, as `bench
+    gpu`): the scoring rows (every policy's share of prefill) and peak memory of each."""
     dev = torch.device(device)
     model = shape_model(shape, dev, max(contexts), torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    warm = min(8192, min(contexts))  # first calls pay for library initialisation: not recorded
-    prefill_context(Recorder(None, rec.meta, rec.schemas, echo=False), model, warm, weights=RANDOM_WEIGHTS,
-                    budget=budget, chunk=chunk, score_config=score_config)
     for n in contexts:
         for slack in slacks:
             prefill_context(rec, model, n, weights=RANDOM_WEIGHTS, budget=budget, chunk=chunk, slack=slack,
-                            keep_scores=False, score_config=score_config)
+                            keep_scores=False, score_config=score_config, warmup=1)
             free_memory()
     del model
     free_memory()
