@@ -1,4 +1,6 @@
 # CUDA: where GlobalCascade.add's ≈1.4 ms per layer goes (32 layers × (8, 32768) scores, k = 411238)
+# A record of the tree it ran on (2a754aa plus the kth_largest change, `parts.csv`'s git column): GlobalCascade.prefilter
+# is gone since 42a0280, so at a later commit this script would time the same path twice.
 import torch, time
 from torch.profiler import profile, ProfilerActivity
 from flowkv_utils import selection as S
