@@ -219,17 +219,18 @@ class LayerwiseCompressor:
         cascade: every one on the last layer, else only those whose dead entries exceed `slack` × their packed prefix.
         What is due, and every size, follows in Python ints from this one table: the re-packs need no further read."""
         w = self.policies[self.main].kept_window
-        kept = dict(zip(casc.offset, casc.kept_table().cpu().tolist(), strict=True))  # layer → (G,) prefix kept
-        self._lengths[li] = [c + w for c in kept[li]]
+        table = casc.kept_table().cpu().tolist()  # (layers, G) prefix entries kept
+        lengths = {lj: [c + w for c in row] for lj, row in zip(casc.offset, table, strict=True)}  # window included
+        self._lengths[li] = lengths[li]
         final = li == self.shape.layers - 1
+        held = self.packed_prefix
         due = []
         for lj in self.rows:
-            held = sum(self._lengths[lj]) - w * len(kept[lj])
-            dead = held - sum(kept[lj])
-            if dead > 0 and (final or dead > self.slack * held):
+            dead = sum(self._lengths[lj]) - sum(lengths[lj])
+            if dead > 0 and (final or dead > self.slack * held[lj]):
                 due.append(lj)
         if due:
-            self._evict(casc, due, {lj: [c + w for c in kept[lj]] for lj in due}, final)
+            self._evict(casc, due, lengths, final)
         if final:
             self.rows.clear()  # nothing re-packs after the last layer
 
@@ -261,8 +262,8 @@ class LayerwiseCompressor:
         return self._ids
 
     def _evict(self, casc: GlobalCascade, due: list[int], lengths: dict[int, list[int]], final: bool) -> None:
-        """Re-pack the packed layers `due` to the entries the cascade still keeps, with their new `lengths` (G,) per
-        head (window included) on the host, in one batch: their rows' cascade ids together, one `kept_at` and one
+        """Re-pack the packed layers `due` to the entries the cascade still keeps, with their new lengths per head
+        (`lengths`: layer → (G,) ints, window included, from the layer's one read; due layers at least), in one batch: their rows' cascade ids together, one `kept_at` and one
         `true_positions` over them all (the count is the new lengths' sum), then per layer its slice of those
         positions, its K/V gathers and (unless final: nothing re-packs again) its rows' ids. Nothing waits for the
         device."""

@@ -99,7 +99,7 @@ def _parts_at(rec: Recorder, shape: str, n: int, gram: torch.Tensor, budget: flo
         c = GlobalCascade(k_total)
         for li in range(L):
             c.add(li, s * (0.5 + scales[li]))
-            torch.stack(list(c.kept_counts().values())).tolist()
+            c.kept_table().cpu().tolist()  # the compressor's one read per layer (`LayerwiseCompressor._compact`)
     t = median_ms(cascade, dev, max(1, reps // 2))
     rec.add("parts", shape=shape, part="global cascade add + counts", context=n, budget=budget,
             ms_per_layer=t / L, ms_per_model=t, variant=False, on_path=True,
