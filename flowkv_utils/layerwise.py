@@ -12,22 +12,30 @@ pass `**comp.prefill_options` to the prefill; they are dropped with the layer's 
 parallelism (`tp=`, the model a rank's shard) each rank compresses its own KV heads with the cross-rank agreement of
 `sharded_policies` (model-wide policies: `ShardedCascade`): the ranks' keep-sets together are the unsharded ones.
 
-Host reads: each one makes Python wait until the device has run everything queued, so the hook reads the device
-once per layer, for the applied policy's kept counts per head (packing a variable number of rows needs them; for
-FlowKV global read together with every earlier layer's, which decide the re-packing). Every size the packing then
-needs follows from these counts, and the other policies' counts stay on the device until `counts` is read (one
-read for the whole prefill).
+Host reads: each one makes Python wait until the device has run everything queued, and the GPU then idles while
+Python launches what follows. The hook reads the device once per layer, for the applied policy's kept counts per
+head (packing a variable number of rows needs them; for FlowKV global together with every earlier layer's, which
+decide the re-packing), and with `overlap` (the default) that read does not wait: the counts go to pinned host
+memory behind the layer's selection, and the layer is packed (and the layers its counts say are due re-packed) at
+the start of the next layer's hook, by when the device has long passed that point while the next layer's forward
+is still queued. So Python keeps ahead of the GPU and the hook costs the GPU work it launches, not its Python; the
+price is one layer's dense K/V held one layer longer. Every size the packing needs follows from these counts, and
+the other policies' counts stay on the device until `counts` is read (one read for the whole prefill). `seconds`
+times each policy's scoring + selection without synchronising: on CUDA as spans of the GPU's timeline (events),
+i.e. what each adds to the prefill; on the CPU as wall time.
 
     comp = LayerwiseCompressor(model, ids, "flowkv_global", 0.05, also=("snapkv", "flowkv"))
     pf = prefill(model, ids, window=32, chunk=8192, on_layer=comp, keep_kv=False, **comp.prefill_options)
     cache = comp.cache(capacity=64)          # RaggedCache of the kept entries
-    comp.seconds                             # scoring + selection time per policy (synchronised)
+    comp.seconds                             # scoring + selection time per policy (GPU timeline on CUDA)
 """
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch.profiler import record_function
@@ -47,9 +55,59 @@ def streaming_policies() -> list[str]:
     return [name for name, cls in REGISTRY.items() if cls.streams]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+class Spans:
+    """Time per name, summed over spans, without synchronising: on CUDA each span is a pair of events on the current
+    stream, so its time is the stretch of the GPU's timeline between them (the work launched inside, plus any wait
+    for Python to launch it); on the CPU, where every op runs as it is called, wall time. `seconds()` waits for the
+    recorded events (call it after the work is done)."""
+
+    def __init__(self, names: tuple[str, ...]):
+        self._cpu = {name: 0.0 for name in names}
+        self._events: dict[str, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = {name: [] for name in names}
+
+    @contextmanager
+    def __call__(self, name: str, device: torch.device) -> Iterator[None]:
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._events[name].append((start, end))
+            return
+        t0 = time.perf_counter()
+        yield
+        self._cpu[name] += time.perf_counter() - t0
+
+    def seconds(self) -> dict[str, float]:
+        out = dict(self._cpu)
+        for name, pairs in self._events.items():
+            if pairs:
+                pairs[-1][1].synchronize()  # events of one stream complete in order
+                out[name] += sum(a.elapsed_time(b) for a, b in pairs) / 1e3
+        return out
+
+
+class _Held(NamedTuple):
+    """A layer whose packing waits for its kept counts (`LayerwiseCompressor`, overlap): its dense K/V, the applied
+    policy's (G, n) keep, and the counts on their way to the host (pinned memory, `ready` recorded behind them)."""
+    li: int
+    k: torch.Tensor
+    v: torch.Tensor
+    keep: torch.Tensor
+    counts: torch.Tensor
+    ready: torch.cuda.Event | None
+
+
+def _read_later(x: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """Start copying x to the host without waiting: (host tensor, event to wait on before reading it; None on the
+    CPU, where the copy is done)."""
+    if not x.is_cuda:
+        return x.clone(), None
+    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    host.copy_(x, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
 
 
 DEFAULT_SLACK = 0.25  # FlowKV global's re-packing slack (`LayerwiseCompressor`): at most 1/(1 − 0.25) ≈ 1.33× held
@@ -67,7 +125,9 @@ class LayerwiseCompressor:
     (model-wide policy applied): an earlier layer is re-packed only once the cascade has evicted more than this
     fraction of the prefix entries it holds (so it holds at most 1/(1 − slack) of what it keeps: default 0.25,
     ≤ 1.33×, for far fewer copies than re-packing at every eviction, slack 0). The last layer re-packs
-    everything, so the final cache is the same for every slack; `repacks` counts the re-packs.
+    everything, so the final cache is the same for every slack; `repacks` counts the re-packs. overlap (default
+    True): pack each layer at the start of the next layer's hook, from counts read without waiting (module
+    docstring); False packs it in its own hook after a read that waits (one dense layer less held; the same cache).
 
     tp (`tensor_parallel.TensorParallel`): model is that rank's shard (`shard_model`, `random_shard`; its G/N KV
     heads) and every rank runs the prefill with its own compressor together: each layer's selection is the
@@ -78,7 +138,8 @@ class LayerwiseCompressor:
 
     def __init__(self, model, input_ids: torch.Tensor, policy: str, budget: int | float | str, window: int = 32,
                  also: tuple[str, ...] = (), keep_scores: bool = False, slack: float = DEFAULT_SLACK,
-                 policy_params: dict[str, dict] | None = None, tp: TensorParallel | None = None):
+                 policy_params: dict[str, dict] | None = None, tp: TensorParallel | None = None,
+                 overlap: bool = True):
         allowed = streaming_policies()
         for name in (policy, *also):
             if name not in allowed:
@@ -122,7 +183,10 @@ class LayerwiseCompressor:
         self.cascades = {name: (GlobalCascade(p.selectable(self.budgets[name])) if tp is None
                                 else self.sharded[name].cascade(self.budgets[name]))
                          for name, p in self.policies.items() if p.scope == "model" and not self._keeps_all(name)}
-        self.seconds = {name: 0.0 for name in self.names}  # scoring + selection, summed over layers
+        self._spans = Spans(self.names)  # scoring + selection per policy, summed over layers (`seconds`)
+        self.overlap = overlap
+        self._held: _Held | None = None  # the layer waiting for its counts (overlap)
+        self.waits = 0  # CUDA: packings whose counts had not reached the host yet (overlap: the last layer's only)
         self.layers: list[RaggedLayer | None] = [None] * L
         self.prefix_keep: dict[int, torch.Tensor] = {}  # layer-scope main policy: the (G, n) keep of each packed layer
         # model-wide main policy, until the last layer: (N,) cascade id of each packed row (WINDOW_ROW: a window row),
@@ -145,25 +209,26 @@ class LayerwiseCompressor:
     def __call__(self, li: int, cap: LayerCapture) -> LayerCapture:
         self.pf.layers[li] = cap
         dev = cap.k.device
+        self._settle()  # the previous layer, whose counts have reached the host by now (overlap)
         keep_main = None
         for name in self.names:
-            _sync(dev)
-            t0 = time.perf_counter()
-            with record_function(f"flowkv select {name}"):  # named ranges for `bench scoring --profile`
+            with self._spans(name, dev), record_function(f"flowkv select {name}"):  # ranges: `bench scoring --profile`
                 keep = self._select(name, li)  # (G, n) bool, or None: everything
-            _sync(dev)
-            self.seconds[name] += time.perf_counter() - t0
             self.pf.forget(li)  # each policy pays its own window attention
             if keep is None:
                 self._counts[name][li] = self.n
             elif name != self.main:
                 self._unread[name][li] = keep.sum(-1)  # read with every other layer's when `counts` is asked for
-            elif self.policies[name].scope != "model":  # a model-wide policy's were read by `_compact`
-                self._lengths[li] = keep.sum(-1).tolist()  # the layer's one host read: packing needs the lengths
             if name == self.main:
                 keep_main = keep
-        with record_function("flowkv pack layer"):
-            self._pack(li, cap, keep_main)
+        if keep_main is None:
+            self.layers[li] = pack_layer(cap.k, cap.v)  # everything: nothing to count
+        else:  # a model-wide policy's counts: every layer's (they decide the re-packing), else the layer's (G,)
+            casc = self.cascades.get(self.main)
+            counts, ready = _read_later(keep_main.sum(-1) if casc is None else casc.kept_table())
+            self._held = _Held(li, cap.k, cap.v, keep_main, counts, ready)
+            if not self.overlap or li == self.shape.layers - 1:
+                self._settle()
         if self.tp is not None and li == self.shape.layers - 1 and not self._keeps_all(self.main):
             self._check_total()
         self.pf.layers[li] = None
@@ -171,6 +236,26 @@ class LayerwiseCompressor:
         empty = cap.k.new_empty(G, 0, d)  # fresh: a [:, :0] view would keep the layer's whole K alive
         return LayerCapture(q=cap.q, k=empty, v=cap.v.new_empty(G, 0, d), attn_out=cap.attn_out, resid=cap.resid,
                             scaling=cap.scaling)
+
+    def _settle(self) -> None:
+        """Pack the held layer with its counts (waiting for them if they are not on the host yet: with overlap they
+        are, one hook later) and, for a model-wide policy, re-pack the earlier layers they say are due. The
+        cascade's `alive` is still the held layer's: the next layer's merge has not been launched."""
+        held, self._held = self._held, None
+        if held is None:
+            return
+        if held.ready is not None:
+            self.waits += not held.ready.query()
+            held.ready.synchronize()
+        table = held.counts.tolist()
+        casc = self.cascades.get(self.main)
+        if casc is None:
+            self._lengths[held.li] = table
+        else:
+            with self._spans(self.main, held.k.device), record_function("flowkv re-pack earlier layers"):
+                self._compact(casc, held.li, table)
+        with record_function("flowkv pack layer"):
+            self._pack(held.li, held.k, held.v, held.keep)
 
     def _select(self, name: str, li: int) -> torch.Tensor | None:
         """This layer's (G, n) keep of one policy, through the policy's own pieces (None: keeps everything)."""
@@ -187,11 +272,7 @@ class LayerwiseCompressor:
             casc = self.cascades[name]
             with record_function("flowkv cascade add"):
                 casc.add(li, floor_first(s, p.model_floor(self.budgets[name])))
-            keep = with_window(casc.keep_mask(li), w)
-            if name == self.main:  # evict from the layers already packed
-                with record_function("flowkv re-pack earlier layers"):
-                    self._compact(casc, li)
-            return keep
+            return with_window(casc.keep_mask(li), w)  # the main policy's re-packs follow its counts (`_settle`)
         s = p.layer_scores(pf, li)
         if self.keep_scores:
             self.scores[name].append(s)
@@ -213,13 +294,13 @@ class LayerwiseCompressor:
         w = self.policies[self.main].kept_window
         return {li: sum(c) - w * len(c) for li, c in self._lengths.items()}
 
-    def _compact(self, casc: GlobalCascade, li: int) -> None:
-        """After layer li's merge: read the kept counts per head of every layer at once (`kept_table`: the layer's one
-        host read; layer li's are what `_pack` packs it with), then re-pack the packed layers that lost entries to the
-        cascade: every one on the last layer, else only those whose dead entries exceed `slack` × their packed prefix.
-        What is due, and every size, follows in Python ints from this one table: the re-packs need no further read."""
+    def _compact(self, casc: GlobalCascade, li: int, table: list[list[int]]) -> None:
+        """After layer li's merge, with the kept counts per head of every layer (`table`, the (layers, G) host copy of
+        `kept_table`: the layer's one read; layer li's are what `_pack` packs it with): re-pack the packed layers that
+        lost entries to the cascade: every one on the last layer, else only those whose dead entries exceed `slack`
+        × their packed prefix. What is due, and every size, follows in Python ints from this one table: the re-packs
+        need no further read."""
         w = self.policies[self.main].kept_window
-        table = casc.kept_table().cpu().tolist()  # (layers, G) prefix entries kept
         lengths = {lj: [c + w for c in row] for lj, row in zip(casc.offset, table, strict=True)}  # window included
         self._lengths[li] = lengths[li]
         final = li == self.shape.layers - 1
@@ -234,17 +315,13 @@ class LayerwiseCompressor:
         if final:
             self.rows.clear()  # nothing re-packs after the last layer
 
-    def _pack(self, li: int, cap: LayerCapture, keep: torch.Tensor | None) -> None:
-        """Pack layer li (everything when keep is None: a view of the dense layer, no copy when contiguous) with its
-        counts per head, already on the host (`__call__`, `_compact`). A model-wide policy's packed rows get their
-        cascade ids (`rows`, from the same positions), by which `_evict` re-packs the layer; a layer-scope policy's
-        keep is kept for `keep_mask`."""
-        if keep is None:
-            self.layers[li] = pack_layer(cap.k, cap.v)
-            return
-        keep, lengths = keep.to(cap.k.device), self._lengths[li]
+    def _pack(self, li: int, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor) -> None:
+        """Pack layer li's dense K/V (G, n, d) to its keep (G, n) with its counts per head, already on the host
+        (`_settle`, `_compact`). A model-wide policy's packed rows get their cascade ids (`rows`, from the same
+        positions), by which `_evict` re-packs the layer; a layer-scope policy's keep is kept for `keep_mask`."""
+        keep, lengths = keep.to(k.device), self._lengths[li]
         pos = true_positions(keep.reshape(-1), sum(lengths))  # flat g·n + j of the kept entries, head-major
-        self.layers[li] = pack_positions(cap.k, cap.v, pos, lengths)
+        self.layers[li] = pack_positions(k, v, pos, lengths)
         if self.main not in self.cascades:
             self.prefix_keep[li] = keep
         elif li < self.shape.layers - 1:
@@ -281,6 +358,12 @@ class LayerwiseCompressor:
         self.repacks += len(due)
 
     # -- results -------------------------------------------------------------------------------------------
+    @property
+    def seconds(self) -> dict[str, float]:
+        """{policy: scoring + selection summed over layers} (the applied model-wide policy's includes its re-packs):
+        spans of the GPU's timeline on CUDA (`Spans`; waits for the events), wall time on the CPU."""
+        return self._spans.seconds()
+
     @property
     def counts(self) -> dict[str, torch.Tensor]:
         """{policy: (L, G) kept tokens per head, window included, on the CPU}. The applied policy's are read while

@@ -81,6 +81,31 @@ def test_layerwise_compressor_on_cuda_equals_one_shot(name):
 
 
 @gpu
+@pytest.mark.parametrize("name", ["flowkv_global", "flowkv", "snapkv"])
+def test_no_hook_synchronises_on_cuda(name):
+    """No op inside the layer-wise compressor's hook synchronises with the GPU (`torch.cuda.set_sync_debug_mode`
+    raises on every one): the applied policy's counts travel to pinned memory and are waited for by event, one
+    layer later (overlap), so Python keeps ahead of the GPU. `seconds` then times every policy from events."""
+    m = random_model("llama", layers=4, heads=8, kv_heads=2, head_dim=16, vocab=256, seed=0).to("cuda")
+    ids = _ids(256)
+    want = get_policy(name, window=16)(prefill(m, ids, window=16), 0.05)
+    comp = LayerwiseCompressor(m, ids.cuda(), name, 0.05, window=16, also=("snapkv", "flowkv", "flowkv_global"),
+                               slack=0.0)
+
+    def hook(li, cap):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return comp(li, cap)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    prefill(m, ids, window=16, on_layer=hook, keep_kv=False)
+    assert torch.equal(comp.keep_mask().cpu(), want.keep.cpu())
+    assert comp.repacks > 0 or name != "flowkv_global"
+    assert set(comp.seconds) == set(comp.names) and all(s > 0 for s in comp.seconds.values())
+
+
+@gpu
 def test_small_sweep_on_cuda(tmp_path):
     m = _model("cuda")
     insts = [TaskInstance("tiny", f"i{i}", _ids(80, i), ["7"], 4, "contains") for i in range(2)]

@@ -1,5 +1,5 @@
 """Compression during prefill (`layerwise.py`) selects exactly what the one-shot policies select, packs the same
-K/V, and never keeps a layer's dense K/V after its hook."""
+K/V, and holds a layer's dense K/V no longer than the next layer's hook."""
 
 from __future__ import annotations
 
@@ -86,35 +86,43 @@ def held_mask(lay, k: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@pytest.mark.parametrize("overlap", [True, False])
 @pytest.mark.parametrize("slack", [0.0, 0.3])
 @pytest.mark.parametrize("chunk", [None, 32])
-def test_global_layers_hold_the_cascades_entries_bit_for_bit(setup, slack, chunk):
+def test_global_layers_hold_the_cascades_entries_bit_for_bit(setup, slack, chunk, overlap):
     """After every layer, each packed layer of FlowKV global holds the prefill's K and V rows, bit for bit, of what
     it held before less what the cascade dropped when it was re-packed (the layers due re-pack as one batch): at
-    slack 0 exactly what the cascade still selects, otherwise a superset of it of at most 1/(1 − slack) of it; after
-    the last layer the cache is the one-shot selection's, bit for bit (same chunking, same K/V)."""
+    slack 0 exactly what the cascade selected after the merge its packing followed (with overlap the previous
+    layer's, without the layer's own), otherwise a superset of it of at most 1/(1 − slack) of it; after the last
+    layer the cache is the one-shot selection's, bit for bit (same chunking, same K/V), and nothing is held back."""
     m, ids, _ = setup
     pf = capture.prefill(m, ids, window=W, chunk=chunk)
     res = policies.get_policy("flowkv_global", window=W)(pf, 30)
-    comp = LayerwiseCompressor(m, ids, "flowkv_global", 30, window=W, slack=slack)
+    comp = LayerwiseCompressor(m, ids, "flowkv_global", 30, window=W, slack=slack, overlap=overlap)
     casc = comp.cascades["flowkv_global"]
     before = {}
+    last = len(pf.layers) - 1
 
     def hook(li, cap):
+        selected = casc.keep_masks()  # after the previous layer's merge
         out = comp(li, cap)
-        for lj in range(li + 1):
+        if not overlap or li == last:
+            selected = casc.keep_masks()
+        assert all(comp.layers[lj] is None for lj in range(li + 1) if lj not in selected)  # packed: merged first
+        for lj in selected:
             k, v = pf.layers[lj].k, pf.layers[lj].v
-            lay, now = comp.layers[lj], with_window(casc.keep_mask(lj), W)
+            lay, now = comp.layers[lj], with_window(selected[lj], W)
             held = held_mask(lay, k)
             assert torch.equal(lay.k, k[held]) and torch.equal(lay.v, v[held])
             assert torch.equal(lay.lengths, held.sum(-1))
             assert not (now & ~held).any() and not (held & ~before.get(lj, held)).any()
             assert torch.equal(held, now) if slack == 0.0 else (held & ~now).sum() <= slack * (held[:, :-W]).sum()
             before[lj] = held
+        assert (comp.layers[li] is None) == (overlap and li < last)  # held back until the next layer's hook
         return out
 
     capture.prefill(m, ids, window=W, chunk=chunk, on_layer=hook)
-    assert torch.equal(comp.keep_mask(), res.keep) and comp.repacks > 0
+    assert torch.equal(comp.keep_mask(), res.keep) and comp.repacks > 0 and comp._held is None
     ref = RaggedCache.from_prefill(pf, res, 8)
     for a, b in zip(comp.cache(8).layers, ref.layers, strict=True):
         assert torch.equal(a.offsets, b.offsets) and torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
@@ -211,14 +219,19 @@ class DeviceReads(TorchFunctionMode):
         return out
 
 
+@pytest.mark.parametrize("overlap", [True, False])
 @pytest.mark.parametrize("name", ["flowkv_global", "flowkv"])
-def test_the_hook_reads_the_device_once_per_layer(name):
+def test_the_hook_reads_the_device_once_per_layer(name, overlap):
     """Each host read stalls Python until the GPU has drained its queue: the applied policy's path reads once per
     layer (its kept counts per head, for FlowKV global with every packed layer's, which size the re-packs), with
-    re-packs, and the counts of the policies timed alongside are read once at the end."""
+    re-packs, and the counts of the policies timed alongside are read once at the end. With overlap, layer ℓ's
+    counts are copied to the host in hook ℓ without waiting (on CUDA, to pinned memory behind an event) and used in
+    hook ℓ + 1, so only the last hook, which packs its own layer at once, reads the device
+    (tests/test_gpu.py: on CUDA no hook synchronises)."""
     m = models.random_model("llama", layers=6, heads=8, kv_heads=2, head_dim=16, hidden=64, vocab=100)
     ids = torch.randint(0, 100, (1, 400), generator=torch.Generator().manual_seed(1))
-    comp = LayerwiseCompressor(m, ids, name, 0.05, window=W, also=("snapkv", "flowkv", "flowkv_global"), slack=0.0)
+    comp = LayerwiseCompressor(m, ids, name, 0.05, window=W, also=("snapkv", "flowkv", "flowkv_global"), slack=0.0,
+                               overlap=overlap)
     reads = []
 
     def hook(li, cap):
@@ -228,4 +241,4 @@ def test_the_hook_reads_the_device_once_per_layer(name):
         return out
 
     capture.prefill(m, ids, window=W, on_layer=hook)
-    assert reads == [1] * 6 and (comp.repacks > 0 or name != "flowkv_global")
+    assert reads == ([0] * 5 + [1] if overlap else [1] * 6) and (comp.repacks > 0 or name != "flowkv_global")

@@ -191,7 +191,7 @@ def profile_prefill(path, shape: str = "llama3-8b", n: int = 32768, budget: floa
              f"prefill (hooks excluded) {quiet.rows['prefill'][-1]['prefill_s']:.3f} s; scoring + selection, s: "
              + ", ".join(f"{k} {v:.4f}" for k, v in comp.seconds.items()),
              f"re-packs of earlier layers: {comp.repacks} (slack {comp.slack})",
-             "", "named ranges (ms summed over layers; host time includes the synchronisation around each selection;"
+             "", "named ranges (ms summed over layers; host: Python inside the range, which does not wait for the GPU;"
              " device: the kernels inside the range):"]
     lines += [f"  {key:<40} host {host:9.2f} ms  device {dev_ms:9.2f} ms  ({calls} calls)"
               for key, (host, dev_ms, calls) in sorted(range_times(ranges).items(), key=lambda kv: -kv[1][0])]
