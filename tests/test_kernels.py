@@ -307,3 +307,40 @@ def test_fused_combine_gives_the_two_kernel_result_bit_for_bit_on_gpu(lengths): 
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(one.out, ref) and int(one.done.abs().sum()) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_programmatic_dependent_launch_gives_the_same_bits_on_gpu():  # pragma: no cover - CPU CI
+    """SplitKVConfig.pdl (Hopper): each kernel starts while the one before it still runs and waits inside for its
+    writes. In a CUDA graph of 6 calls that share one workspace, each after a copy that writes its q, every output
+    is the plain launch's, bit for bit (a read of q, or of the workspace, before the previous kernel finished would
+    change them)."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    lay = ragged_layer([20000, 0, 1, 4097, 160, 3000, 7, 900], d=128, dtype=torch.bfloat16, seed=4)
+    k, v, tk, tv = (x.cuda() for x in (lay.k, lay.v, lay.tail_k, lay.tail_v))
+    items = kernels.work_items(lay.offsets, 256, "cuda")
+    tables = kernels.triton_tables(items, k, v, tk, tv)
+    G, r = 8, 4
+    qs = torch.randn(6, G, r, 128, device="cuda", dtype=torch.bfloat16)
+    q = torch.empty_like(qs[0])
+    nt = torch.tensor([5], device="cuda")
+    ws = kernels.make_workspace(items, G, r, 128, q.dtype, "cuda")
+    plain, pdl = kernels.DEFAULT_CONFIG, kernels.DEFAULT_CONFIG.replace(pdl=True)
+    want = []
+    for x in qs:
+        q.copy_(x)
+        want.append(kernels.split_kv_triton(q, tables, nt, 128 ** -0.5, ws, plain).clone())
+    kernels.split_kv_triton(q, tables, nt, 128 ** -0.5, ws, pdl)  # compile outside the graph
+    torch.cuda.synchronize()
+    outs = torch.empty(6, G, r, 128, device="cuda", dtype=torch.bfloat16)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(6):
+            q.copy_(qs[i])
+            outs[i].copy_(kernels.split_kv_triton(q, tables, nt, 128 ** -0.5, ws, pdl))
+    for _ in range(20):
+        outs.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(outs[i], want[i]) for i in range(6))

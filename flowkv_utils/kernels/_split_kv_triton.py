@@ -35,15 +35,21 @@ def _merge_row(M_IN, L_IN, ACC_IN, a, c, row, R: tl.constexpr, D: tl.constexpr, 
 @triton.jit
 def split_kernel(Q, K, V, NTAIL, TAB, M_OUT, L_OUT, ACC_OUT, n_all, qk_scale, CNT, SEG_FIRST, SEG_COUNT, OUT,
                  R: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-                 BLOCK: tl.constexpr, ALIGN: tl.constexpr, FUSE: tl.constexpr, BLOCK_I: tl.constexpr):
+                 BLOCK: tl.constexpr, ALIGN: tl.constexpr, FUSE: tl.constexpr, BLOCK_I: tl.constexpr,
+                 PDL: tl.constexpr):
     # TAB rows (each n_all long): segment, K element offset, V element offset, prefix length, is-tail flag.
     # Every offset is a multiple of ALIGN elements (TritonTables.align): telling the compiler so lets it issue
     # vector loads; a pointer offset read from memory otherwise has unknown alignment (scalar loads).
     pid = tl.program_id(0)
-    seg = tl.load(TAB + pid)
+    seg = tl.load(TAB + pid)  # the tables are written once after prefill: read before the wait below
     kb = K + tl.multiple_of(tl.load(TAB + n_all + pid), ALIGN)  # first key of the item (prefix or tail)
     vb = V + tl.multiple_of(tl.load(TAB + 2 * n_all + pid), ALIGN)
-    n = tl.load(TAB + 3 * n_all + pid) + tl.load(TAB + 4 * n_all + pid) * tl.load(NTAIL)  # keys in the item
+    n = tl.load(TAB + 3 * n_all + pid)
+    tail = tl.load(TAB + 4 * n_all + pid)
+    if PDL:  # launched while the previous kernel runs: wait for its writes (q, the tail, the workspace)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()  # the combine kernel may be scheduled now (it waits for this one)
+    n += tail * tl.load(NTAIL)  # keys in the item
     rows = tl.arange(0, R_PAD)
     cols = tl.arange(0, D_PAD)
     rmask = rows < R
@@ -84,10 +90,12 @@ def split_kernel(Q, K, V, NTAIL, TAB, M_OUT, L_OUT, ACC_OUT, n_all, qk_scale, CN
 
 @triton.jit
 def combine_kernel(M_IN, L_IN, ACC_IN, SEG_FIRST, SEG_COUNT, OUT,
-                   R: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_I: tl.constexpr):
+                   R: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_I: tl.constexpr, PDL: tl.constexpr):
     # one program per (segment, query row)
     seg = tl.program_id(0)
     row = tl.program_id(1)
+    if PDL:  # launched while the split kernel runs: wait for its partial results
+        tl.extra.cuda.gdc_wait()
     cols = tl.arange(0, D_PAD)
     out = _merge_row(M_IN, L_IN, ACC_IN, tl.load(SEG_FIRST + seg), tl.load(SEG_COUNT + seg), row, R, D, D_PAD,
                      BLOCK_I, "")

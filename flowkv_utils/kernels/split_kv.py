@@ -20,6 +20,7 @@ module global. This module is a leaf: it imports nothing else of the project (th
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +35,9 @@ class SplitKVConfig:
     """Launch settings of the split-KV kernels (benchmarks/NOTES.md says how each default was chosen).
     block: keys per inner tile; waves: work items ≈ waves × multiprocessors; combine_items: items merged per step;
     fused_combine: the last item of each segment to finish merges the segment (an atomic count per segment) instead
-    of a second kernel doing it."""
+    of a second kernel doing it; pdl: programmatic dependent launch (Hopper and later; ignored before): each kernel
+    is launched while the one before it in the stream still runs and waits inside for its writes, so launch and
+    ramp-up overlap the previous kernel's tail."""
 
     block: int = 32
     num_warps: int = 4
@@ -42,6 +45,7 @@ class SplitKVConfig:
     waves: int = 4
     combine_items: int = 64
     fused_combine: bool = False
+    pdl: bool = False
 
     def replace(self, **changes) -> SplitKVConfig:
         """A copy with some settings changed; unknown names raise, naming the known ones."""
@@ -265,15 +269,24 @@ def split_kv_triton(q: torch.Tensor, tables: TritonTables, n_tail: torch.Tensor,
     kern = built("split_kv", _build)
     d_pad = pow2_pad(d)
     n_all = tables.tab.shape[1]
+    pdl = config.pdl and _has_pdl(q.device)
     kern["split"][(n_all,)](q, tables.k_base, tables.v_base, n_tail, tables.tab, ws.m, ws.lsum, ws.acc, n_all,
                             scaling * LOG2E, ws.done, tables.seg_first, tables.seg_count, ws.out, R=r,
                             R_PAD=pow2_pad(r), D=d, D_PAD=d_pad, BLOCK=config.block, ALIGN=tables.align,
-                            FUSE=config.fused_combine, BLOCK_I=config.combine_items,
-                            num_warps=config.num_warps, num_stages=config.num_stages)
+                            FUSE=config.fused_combine, BLOCK_I=config.combine_items, PDL=pdl,
+                            num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl)
     if not config.fused_combine:
         kern["combine"][(S, r)](ws.m, ws.lsum, ws.acc, tables.seg_first, tables.seg_count, ws.out,
-                                R=r, D=d, D_PAD=d_pad, BLOCK_I=config.combine_items, num_warps=4)
+                                R=r, D=d, D_PAD=d_pad, BLOCK_I=config.combine_items, PDL=pdl, num_warps=4,
+                                launch_pdl=pdl)
     return ws.out
+
+
+def _has_pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch needs compute capability 9.0 (Hopper) or later, and a real GPU (not Triton's
+    interpreter)."""
+    return (device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 def split_kv(q, k, v, items, tail_k, tail_v, n_tail, scaling, impl: str = "auto",
