@@ -186,7 +186,9 @@ class LayerwiseCompressor:
         self._spans = Spans(self.names)  # scoring + selection per policy, summed over layers (`seconds`)
         self.overlap = overlap
         self._held: _Held | None = None  # the layer waiting for its counts (overlap)
-        self.waits = 0  # CUDA: packings whose counts had not reached the host yet (overlap: the last layer's only)
+        # CUDA: packings at which Python waited for the counts. With overlap that is every layer while Python runs a
+        # layer ahead, and costs nothing: the GPU still has the next layer's forward queued behind the event
+        self.waits = 0
         self.layers: list[RaggedLayer | None] = [None] * L
         self.prefix_keep: dict[int, torch.Tensor] = {}  # layer-scope main policy: the (G, n) keep of each packed layer
         # model-wide main policy, until the last layer: (N,) cascade id of each packed row (WINDOW_ROW: a window row),

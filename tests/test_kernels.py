@@ -310,12 +310,14 @@ def test_fused_combine_gives_the_two_kernel_result_bit_for_bit_on_gpu(lengths): 
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_programmatic_dependent_launch_gives_the_same_bits_on_gpu():  # pragma: no cover - CPU CI
+@pytest.mark.parametrize("changes", [{"pdl": True}, {"combine_cols": 32}, {"pdl": True, "combine_cols": 32}])
+def test_programmatic_dependent_launch_gives_the_same_bits_on_gpu(changes):  # pragma: no cover - CPU CI
     """SplitKVConfig.pdl (Hopper): each kernel starts while the one before it still runs and waits inside for its
-    writes. In a CUDA graph of 6 calls that share one workspace, each after a copy that writes its q, every output
+    writes; combine_cols spreads a segment's merge over programs of a few columns each (the same arithmetic per
+    column). In a CUDA graph of 6 calls that share one workspace, each after a copy that writes its q, every output
     is the plain launch's, bit for bit (a read of q, or of the workspace, before the previous kernel finished would
     change them)."""
-    if torch.cuda.get_device_capability()[0] < 9:
+    if changes.get("pdl") and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs compute capability 9.0")
     lay = ragged_layer([20000, 0, 1, 4097, 160, 3000, 7, 900], d=128, dtype=torch.bfloat16, seed=4)
     k, v, tk, tv = (x.cuda() for x in (lay.k, lay.v, lay.tail_k, lay.tail_v))
@@ -326,7 +328,8 @@ def test_programmatic_dependent_launch_gives_the_same_bits_on_gpu():  # pragma: 
     q = torch.empty_like(qs[0])
     nt = torch.tensor([5], device="cuda")
     ws = kernels.make_workspace(items, G, r, 128, q.dtype, "cuda")
-    plain, pdl = kernels.DEFAULT_CONFIG, kernels.DEFAULT_CONFIG.replace(pdl=True)
+    plain = kernels.DEFAULT_CONFIG.replace(pdl=False, combine_cols=128)
+    pdl = kernels.DEFAULT_CONFIG.replace(**changes)
     want = []
     for x in qs:
         q.copy_(x)

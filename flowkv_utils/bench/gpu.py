@@ -62,8 +62,9 @@ from .timing import (
 TUNE = [{}, {"block": 64}, {"block": 16}, {"num_warps": 2}, {"num_warps": 8}, {"num_stages": 2}, {"num_stages": 4},
         {"waves": 8}, {"waves": 16}, {"waves": 2}, {"block": 64, "num_stages": 4}, {"block": 64, "num_warps": 8},
         {"block": 128, "num_warps": 8, "num_stages": 2}, {"fused_combine": True}, {"fused_combine": True, "waves": 8},
-        {"fused_combine": True, "waves": 2}, {"combine_items": 128}, {"pdl": True}, {"pdl": True, "waves": 2},
-        {"pdl": True, "waves": 8}, {"pdl": True, "combine_items": 128}, {"pdl": True, "block": 64, "num_stages": 4}]
+        {"fused_combine": True, "waves": 2}, {"pdl": False}, {"combine_items": 64}, {"pdl": False, "combine_items": 64},
+        {"waves": 2, "combine_items": 64}, {"combine_cols": 32}, {"combine_cols": 64}, {"combine_cols": 32, "combine_items": 256},
+        {"combine_cols": 16, "combine_items": 256}, {"combine_cols": 32, "waves": 2}]
 
 
 def kernel_speed(rec: Recorder, bw: dict, device="cuda", n: int = 204800, budget: float = 0.05, G: int = 8,
@@ -105,8 +106,7 @@ def kernel_speed(rec: Recorder, bw: dict, device="cuda", n: int = 204800, budget
             us = graph_us([partial(split_kv_triton, q, tab, nt, d ** -0.5, ws, cfg) for tab in tabs], reps)
             totals[vi] += us
             impl = (f"triton waves={cfg.waves}" + (" fused-combine" if cfg.fused_combine else "")
-                    + (" pdl" if cfg.pdl else "") + (f" combine-items={cfg.combine_items}"
-                                                     if cfg.combine_items != DEFAULT_CONFIG.combine_items else ""))
+                    + ("" if cfg.pdl else " no-pdl") + f" combine={cfg.combine_items}x{cfg.combine_cols}")
             rows.append((vi, dict(config=f"{name} G={G} r={r} d={d}", lengths=lengths, impl=impl, split=split,
                                   block=cfg.block, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                                   waves=cfg.waves, kv_bytes=kv_bytes, us=us, GBps=kv_bytes / us / 1e3,

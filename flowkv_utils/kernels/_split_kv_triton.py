@@ -7,14 +7,14 @@ import triton.language as tl
 
 
 @triton.jit
-def _merge_row(M_IN, L_IN, ACC_IN, a, c, row, R: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+def _merge_row(M_IN, L_IN, ACC_IN, a, c, row, cols, R: tl.constexpr, D: tl.constexpr, DC: tl.constexpr,
                BLOCK_I: tl.constexpr, CACHE: tl.constexpr):
-    # merge query row `row` of a segment's c ≥ 1 items (a: its first, int64) BLOCK_I at a time (online rescaling)
-    cols = tl.arange(0, D_PAD)
+    # merge columns `cols` (DC of them) of query row `row` of a segment's c ≥ 1 items (a: its first, int64),
+    # BLOCK_I items at a time (online rescaling)
     cmask = cols < D
     m = tl.full([1], float("-inf"), tl.float32)
     l_ = tl.zeros([1], tl.float32)
-    acc = tl.zeros([D_PAD], tl.float32)
+    acc = tl.zeros([DC], tl.float32)
     for i0 in range(0, c, BLOCK_I):
         it = i0 + tl.arange(0, BLOCK_I)
         imask = it < c
@@ -40,16 +40,15 @@ def split_kernel(Q, K, V, NTAIL, TAB, M_OUT, L_OUT, ACC_OUT, n_all, qk_scale, CN
     # TAB rows (each n_all long): segment, K element offset, V element offset, prefix length, is-tail flag.
     # Every offset is a multiple of ALIGN elements (TritonTables.align): telling the compiler so lets it issue
     # vector loads; a pointer offset read from memory otherwise has unknown alignment (scalar loads).
+    if PDL:  # launched while the previous kernel runs: wait for its writes (q, the tail, the workspace, and the
+        # tables, which block-sparse decoding rewrites every step), then let the combine kernel be scheduled
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
-    seg = tl.load(TAB + pid)  # the tables are written once after prefill: read before the wait below
+    seg = tl.load(TAB + pid)
     kb = K + tl.multiple_of(tl.load(TAB + n_all + pid), ALIGN)  # first key of the item (prefix or tail)
     vb = V + tl.multiple_of(tl.load(TAB + 2 * n_all + pid), ALIGN)
-    n = tl.load(TAB + 3 * n_all + pid)
-    tail = tl.load(TAB + 4 * n_all + pid)
-    if PDL:  # launched while the previous kernel runs: wait for its writes (q, the tail, the workspace)
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()  # the combine kernel may be scheduled now (it waits for this one)
-    n += tail * tl.load(NTAIL)  # keys in the item
+    n = tl.load(TAB + 3 * n_all + pid) + tl.load(TAB + 4 * n_all + pid) * tl.load(NTAIL)  # keys in the item
     rows = tl.arange(0, R_PAD)
     cols = tl.arange(0, D_PAD)
     rmask = rows < R
@@ -84,19 +83,19 @@ def split_kernel(Q, K, V, NTAIL, TAB, M_OUT, L_OUT, ACC_OUT, n_all, qk_scale, CN
         if done == c - 1:
             a = tl.load(SEG_FIRST + seg)
             for row in tl.static_range(R):
-                out = _merge_row(M_OUT, L_OUT, ACC_OUT, a, c, row, R, D, D_PAD, BLOCK_I, ".cg")  # .cg: not via L1
+                out = _merge_row(M_OUT, L_OUT, ACC_OUT, a, c, row, cols, R, D, D_PAD, BLOCK_I, ".cg")  # .cg: not L1
                 tl.store(OUT + (seg.to(tl.int64) * R + row) * D + cols, out.to(OUT.dtype.element_ty), mask=cmask)
             tl.atomic_xchg(CNT + seg, 0)  # ready for the next call (CUDA graph replays)
 
 @triton.jit
 def combine_kernel(M_IN, L_IN, ACC_IN, SEG_FIRST, SEG_COUNT, OUT,
-                   R: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_I: tl.constexpr, PDL: tl.constexpr):
-    # one program per (segment, query row)
+                   R: tl.constexpr, D: tl.constexpr, DC: tl.constexpr, BLOCK_I: tl.constexpr, PDL: tl.constexpr):
+    # one program per (segment, query row, DC output columns)
     seg = tl.program_id(0)
     row = tl.program_id(1)
+    cols = tl.program_id(2) * DC + tl.arange(0, DC)
     if PDL:  # launched while the split kernel runs: wait for its partial results
         tl.extra.cuda.gdc_wait()
-    cols = tl.arange(0, D_PAD)
-    out = _merge_row(M_IN, L_IN, ACC_IN, tl.load(SEG_FIRST + seg), tl.load(SEG_COUNT + seg), row, R, D, D_PAD,
+    out = _merge_row(M_IN, L_IN, ACC_IN, tl.load(SEG_FIRST + seg), tl.load(SEG_COUNT + seg), row, cols, R, D, DC,
                      BLOCK_I, "")
     tl.store(OUT + (seg.to(tl.int64) * R + row) * D + cols, out.to(OUT.dtype.element_ty), mask=cols < D)

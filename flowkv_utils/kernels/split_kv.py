@@ -34,7 +34,8 @@ LOG2E = 1.4426950408889634
 class SplitKVConfig:
     """Launch settings of the split-KV kernels (benchmarks/NOTES.md says how each default was chosen).
     block: keys per inner tile; waves: work items ≈ waves × multiprocessors; combine_items: items merged per step;
-    fused_combine: the last item of each segment to finish merges the segment (an atomic count per segment) instead
+    combine_cols: output columns per program of the combine kernel (a power of two; the head dim, padded, at most),
+    so a segment's merge is spread over several programs; fused_combine: the last item of each segment to finish merges the segment (an atomic count per segment) instead
     of a second kernel doing it; pdl: programmatic dependent launch (Hopper and later; ignored before): each kernel
     is launched while the one before it in the stream still runs and waits inside for its writes, so launch and
     ramp-up overlap the previous kernel's tail."""
@@ -43,9 +44,16 @@ class SplitKVConfig:
     num_warps: int = 4
     num_stages: int = 3
     waves: int = 4
-    combine_items: int = 64
+    combine_items: int = 128
+    combine_cols: int = 128
     fused_combine: bool = False
-    pdl: bool = False
+    pdl: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("block", "combine_items", "combine_cols"):
+            x = getattr(self, name)
+            if not (isinstance(x, int) and x >= 1 and x & (x - 1) == 0):
+                raise ValueError(f"SplitKVConfig: {name}={x!r}; allowed: a power of two (a Triton tile side)")
 
     def replace(self, **changes) -> SplitKVConfig:
         """A copy with some settings changed; unknown names raise, naming the known ones."""
@@ -276,9 +284,10 @@ def split_kv_triton(q: torch.Tensor, tables: TritonTables, n_tail: torch.Tensor,
                             FUSE=config.fused_combine, BLOCK_I=config.combine_items, PDL=pdl,
                             num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl)
     if not config.fused_combine:
-        kern["combine"][(S, r)](ws.m, ws.lsum, ws.acc, tables.seg_first, tables.seg_count, ws.out,
-                                R=r, D=d, D_PAD=d_pad, BLOCK_I=config.combine_items, PDL=pdl, num_warps=4,
-                                launch_pdl=pdl)
+        dc = min(d_pad, config.combine_cols)
+        kern["combine"][(S, r, d_pad // dc)](ws.m, ws.lsum, ws.acc, tables.seg_first, tables.seg_count, ws.out,
+                                             R=r, D=d, DC=dc, BLOCK_I=config.combine_items, PDL=pdl, num_warps=4,
+                                             launch_pdl=pdl)
     return ws.out
 
 
