@@ -62,9 +62,9 @@ from .timing import (
 TUNE = [{}, {"block": 64}, {"block": 16}, {"num_warps": 2}, {"num_warps": 8}, {"num_stages": 2}, {"num_stages": 4},
         {"waves": 8}, {"waves": 16}, {"waves": 2}, {"block": 64, "num_stages": 4}, {"block": 64, "num_warps": 8},
         {"block": 128, "num_warps": 8, "num_stages": 2}, {"fused_combine": True}, {"fused_combine": True, "waves": 8},
-        {"fused_combine": True, "waves": 2}, {"pdl": False}, {"combine_items": 64}, {"pdl": False, "combine_items": 64},
-        {"waves": 2, "combine_items": 64}, {"combine_cols": 32}, {"combine_cols": 64}, {"combine_cols": 32, "combine_items": 256},
-        {"combine_cols": 16, "combine_items": 256}, {"combine_cols": 32, "waves": 2}]
+        {"fused_combine": True, "waves": 2}, {"pdl": False}, {"pdl": False, "combine_items": 64, "combine_cols": 128},
+        {"combine_items": 128, "combine_cols": 128}, {"combine_items": 128, "combine_cols": 64}, {"combine_cols": 16},
+        {"combine_items": 128}]
 
 
 def kernel_speed(rec: Recorder, bw: dict, device="cuda", n: int = 204800, budget: float = 0.05, G: int = 8,

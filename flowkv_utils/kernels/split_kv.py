@@ -44,8 +44,8 @@ class SplitKVConfig:
     num_warps: int = 4
     num_stages: int = 3
     waves: int = 4
-    combine_items: int = 128
-    combine_cols: int = 128
+    combine_items: int = 256
+    combine_cols: int = 32
     fused_combine: bool = False
     pdl: bool = True
 
