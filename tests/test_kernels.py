@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from flowkv_utils import capture, fastdecode, generate, kernels, policies
 from flowkv_utils.cache import RaggedCache, RaggedLayer
-from flowkv_utils.kernels.split_kv import offset_alignment
+from flowkv_utils.kernels.split_kv import combine_tile, offset_alignment
 
 
 def ragged_layer(lengths, d=16, cap=8, dtype=torch.float32, seed=0):
@@ -137,6 +137,22 @@ def test_triton_tables_alignment_divides_every_offset(lengths, d, cap, split, pa
     assert 1 <= a <= 16 and a & (a - 1) == 0
     assert bool((t.tab[1] % a == 0).all()) and bool((t.tab[2] % a == 0).all())
     assert offset_alignment(0, 0) == 16 and offset_alignment(96, 40) == 8 and offset_alignment(128, 3) == 1
+
+
+def test_combine_tile_fits_the_longest_segment_and_keeps_its_area():
+    """The combine's tile: no more items than the longest segment has (a power of two ≥ 16), at most
+    combine_items, and as many columns as keep the tile at combine_items × combine_cols (≤ the head dim)."""
+    cfg = kernels.DEFAULT_CONFIG.replace(combine_items=256, combine_cols=32)
+    assert combine_tile(cfg, 1000, 128) == (256, 32)  # a long segment: narrow programs
+    assert combine_tile(cfg, 68, 128) == (128, 64)
+    assert combine_tile(cfg, 2, 128) == (16, 128)  # a batch of short segments: one program per query row
+    assert combine_tile(cfg, 2, 64) == (16, 64)
+    for items in (1, 3, 17, 70, 200, 300, 5000):
+        bi, dc = combine_tile(cfg, items, 128)
+        assert bi <= 256 and (bi >= items or bi == 256) and bi * dc <= 256 * 32 and dc <= 128
+        t = kernels.triton_tables(kernels.work_items(torch.tensor([0, 10 * items]), 10), torch.zeros(10 * items, 8),
+                                  torch.zeros(10 * items, 8), torch.zeros(1, 4, 8), torch.zeros(1, 4, 8))
+        assert t.max_items == items + 1  # the segment's prefix items and its tail item
 
 
 @pytest.mark.skipif(os.environ.get("FLOWKV_TRITON_INTERPRET") != "1",

@@ -203,6 +203,7 @@ class TritonTables:
     k_base: torch.Tensor
     v_base: torch.Tensor
     align: int = 1
+    max_items: int = 1  # most items of one segment (its tail item included): the combine's tile needs no more
 
 
 def triton_tables(items: WorkItems, k: torch.Tensor, v: torch.Tensor, tail_k: torch.Tensor,
@@ -235,7 +236,7 @@ def triton_tables(items: WorkItems, k: torch.Tensor, v: torch.Tensor, tail_k: to
     tab[4, pos_t] = 1
     dev = k_base.device
     return TritonTables(tab.to(dev), first.to(dev), (counts + 1).to(dev), k_base, v_base,
-                        offset_alignment(d, cap * d, dk, dv))
+                        offset_alignment(d, cap * d, dk, dv), int(counts.max()) + 1 if S else 1)
 
 
 def offset_alignment(*offsets: int, most: int = 16) -> int:
@@ -278,17 +279,26 @@ def split_kv_triton(q: torch.Tensor, tables: TritonTables, n_tail: torch.Tensor,
     d_pad = pow2_pad(d)
     n_all = tables.tab.shape[1]
     pdl = config.pdl and _has_pdl(q.device)
+    bi, dc = combine_tile(config, tables.max_items, d_pad)
     kern["split"][(n_all,)](q, tables.k_base, tables.v_base, n_tail, tables.tab, ws.m, ws.lsum, ws.acc, n_all,
                             scaling * LOG2E, ws.done, tables.seg_first, tables.seg_count, ws.out, R=r,
                             R_PAD=pow2_pad(r), D=d, D_PAD=d_pad, BLOCK=config.block, ALIGN=tables.align,
-                            FUSE=config.fused_combine, BLOCK_I=config.combine_items, PDL=pdl,
+                            FUSE=config.fused_combine, BLOCK_I=bi, PDL=pdl,
                             num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl)
     if not config.fused_combine:
-        dc = min(d_pad, config.combine_cols)
         kern["combine"][(S, r, d_pad // dc)](ws.m, ws.lsum, ws.acc, tables.seg_first, tables.seg_count, ws.out,
-                                             R=r, D=d, DC=dc, BLOCK_I=config.combine_items, PDL=pdl, num_warps=4,
-                                             launch_pdl=pdl)
+                                             R=r, D=d, DC=dc, BLOCK_I=bi, PDL=pdl, num_warps=4, launch_pdl=pdl)
     return ws.out
+
+
+def combine_tile(config: SplitKVConfig, max_items: int, d_pad: int) -> tuple[int, int]:
+    """(items, columns) of one combine program's tile: at most config.combine_items items, no more than a segment
+    has (`TritonTables.max_items`, rounded up to a power of two), and as many columns as keep the tile within
+    combine_items × combine_cols elements (at most the padded head dim). So a long segment's merge is spread over
+    narrow programs and a batch of short segments (one or two items each) gets few wide ones."""
+    bi = min(config.combine_items, pow2_pad(max(1, max_items)))
+    dc = min(d_pad, max(config.combine_cols, config.combine_items * config.combine_cols // bi))
+    return bi, dc
 
 
 def _has_pdl(device: torch.device) -> bool:
