@@ -20,10 +20,10 @@ Cast a model before quantising it: `model.to(dtype)` afterwards would cast the F
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
+
+from .kernels._triton import cuda_capability
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448.0
@@ -79,11 +79,6 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
 
 
 # --------------------------------------------------------------------------------------------------- the matmul
-@functools.cache
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
-
-
 def _why_not_scaled_mm(x: torch.Tensor, wq: torch.Tensor | None = None) -> str | None:
     """Why the `torch._scaled_mm` path cannot run on x (and weight wq), or None when it can."""
     if not hasattr(torch, "_scaled_mm"):
@@ -92,7 +87,7 @@ def _why_not_scaled_mm(x: torch.Tensor, wq: torch.Tensor | None = None) -> str |
         return f"x is on {x.device}{' (ROCm)' if torch.version.hip else ''}: FP8 matmuls need an NVIDIA GPU"
     if x.dtype != torch.bfloat16:
         return f"x has dtype {x.dtype}: the FP8 path takes torch.bfloat16 activations"
-    cap = _capability(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    cap = cuda_capability(x.device)
     if cap < (8, 9):
         return f"device {x.device} has compute capability {cap}: FP8 tensor cores need ≥ (8, 9) (Ada, Hopper)"
     if x.numel() == 0:

@@ -4,6 +4,7 @@ Importing anything in `kernels/` never needs triton (CPU machines have none); th
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 
@@ -26,6 +27,16 @@ def use_triton(impl: str, tensor: torch.Tensor) -> bool:
     if impl not in ("auto", "triton", "torch"):
         raise ValueError(f"impl={impl!r}: allowed are 'auto', 'triton', 'torch'")
     return impl == "triton" or (impl == "auto" and tensor.is_cuda and triton_available())
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    """The compute capability of a CUDA device, asked of the driver once per device (calls sit on decode paths)."""
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 def built(name: str, build: Callable[[], dict]) -> dict:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._triton import built, pow2_pad, replace_fields, use_triton
+from ._triton import built, cuda_capability, pow2_pad, replace_fields, use_triton
 
 LOG2E = 1.4426950408889634
 
@@ -35,8 +35,8 @@ class SplitKVConfig:
     """Launch settings of the split-KV kernels (benchmarks/NOTES.md says how each default was chosen).
     block: keys per inner tile; waves: work items ≈ waves × multiprocessors; combine_items: items merged per step;
     combine_cols: output columns per program of the combine kernel (a power of two; the head dim, padded, at most),
-    so a segment's merge is spread over several programs; fused_combine: the last item of each segment to finish merges the segment (an atomic count per segment) instead
-    of a second kernel doing it; pdl: programmatic dependent launch (Hopper and later; ignored before): each kernel
+    so a segment's merge is spread over several programs; fused_combine: the last item of each segment to finish
+    merges the segment (an atomic count per segment) instead of a second kernel doing it; pdl: programmatic dependent launch (Hopper and later; ignored before): each kernel
     is launched while the one before it in the stream still runs and waits inside for its writes, so launch and
     ramp-up overlap the previous kernel's tail."""
 
@@ -305,7 +305,7 @@ def _has_pdl(device: torch.device) -> bool:
     """Programmatic dependent launch needs compute capability 9.0 (Hopper) or later, and a real GPU (not Triton's
     interpreter)."""
     return (device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
-            and torch.cuda.get_device_capability(device)[0] >= 9)
+            and cuda_capability(device)[0] >= 9)
 
 
 def split_kv(q, k, v, items, tail_k, tail_v, n_tail, scaling, impl: str = "auto",
